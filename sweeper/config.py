@@ -1,0 +1,330 @@
+"""sweeper's configuration: a typed schema, config.yaml and ``key=value`` overrides.
+
+OmegaConf merges the three once, at start-up, and validates types against :class:`ConfigSchema`;
+:func:`load_settings` then checks the policy is safe and hands back a frozen :class:`Settings`.
+Nothing past this module ever sees OmegaConf. Every problem is a :class:`ConfigError` naming
+the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from sweeper.errors import ConfigError
+
+__all__ = [
+    "FILE_KEY",
+    "ConfigSchema",
+    "ObserverKind",
+    "Settings",
+    "default_state_dir",
+    "load_settings",
+    "settings_from_schema",
+]
+
+# The key a ConfigError names when the trouble is the file itself (missing, unreadable, bad YAML).
+FILE_KEY = "<file>"
+
+STATE_DIR_RESOLVER = "sweeper.state_dir"
+
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+class ObserverKind(Enum):
+    """How the daemon learns that files changed.
+
+    Members are lower case because OmegaConf matches YAML values against member *names*.
+    """
+
+    auto = "auto"  # inotify where the kernel offers it, polling otherwise
+    inotify = "inotify"
+    polling = "polling"  # for network filesystems, where inotify misses other hosts' writes
+
+
+@dataclass
+class ConfigSchema:
+    """What OmegaConf validates config.yaml and overrides against: types only, not policy.
+
+    Mutable and list-typed because OmegaConf builds it; core code gets :class:`Settings` instead.
+    Every field here must appear, commented, in the bundled config.yaml (a test checks).
+    """
+
+    roots: list[str] = field(default_factory=lambda: ["results/checkpoints"])
+    patterns: list[str] = field(default_factory=lambda: ["*.pt", "*.pth", "*.ckpt"])
+    keep_full: int = 2
+    ledger: str = "${" + STATE_DIR_RESOLVER + ":}/ledger.jsonl"
+    min_age_seconds: int = 600
+    settle_seconds: float = 30.0
+    rescan_seconds: float = 600.0
+    observer: ObserverKind = ObserverKind.auto
+    workers: int = 1
+    queue_size: int = 10_000
+    nice: int = 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration core code runs on.
+
+    Constructing one (including through ``dataclasses.replace``) re-checks every policy rule, so
+    no unsafe Settings can exist. Seconds are plain numbers; ``ledger`` is absolute.
+    """
+
+    roots: tuple[str, ...]
+    patterns: tuple[str, ...]
+    keep_full: int
+    ledger: Path
+    min_age_seconds: int
+    settle_seconds: float
+    rescan_seconds: float
+    observer: ObserverKind
+    workers: int
+    queue_size: int
+    nice: int
+
+    def __post_init__(self) -> None:
+        if not self.roots:
+            raise ConfigError("roots", "no folders to sweep; give at least one")
+        for root in self.roots:
+            _check_root(root)
+        if not self.patterns:
+            raise ConfigError("patterns", "no checkpoint file name patterns; give at least one")
+        for pattern in self.patterns:
+            _check_pattern(pattern)
+        # Keeping zero full checkpoints would delete the one a run needs to resume: fail closed.
+        _check_at_least("keep_full", self.keep_full, 1)
+        if "\0" in str(self.ledger):
+            raise ConfigError("ledger", f"{str(self.ledger)!r} contains a NUL byte")
+        if not self.ledger.is_absolute():
+            raise ConfigError("ledger", f"{str(self.ledger)!r} is not an absolute path")
+        _check_at_least("min_age_seconds", self.min_age_seconds, 0)
+        _check_positive_seconds("settle_seconds", self.settle_seconds)
+        _check_positive_seconds("rescan_seconds", self.rescan_seconds)
+        _check_at_least("workers", self.workers, 1)
+        _check_at_least("queue_size", self.queue_size, 1)
+        # Negative niceness needs privilege and would compete with the training jobs we serve.
+        if not 0 <= self.nice <= 19:
+            raise ConfigError("nice", f"{self.nice} is outside 0..19")
+
+
+def load_settings(
+    config_path: Path | None,
+    overrides: Sequence[str] = (),
+    *,
+    roots: Sequence[str] = (),
+) -> Settings:
+    """Merge the schema defaults, the YAML file at ``config_path`` and ``key=value`` overrides.
+
+    ``config_path`` None means schema defaults only. ``overrides`` use OmegaConf's dotlist syntax
+    (``keep_full=3``, ``roots=[/a,/b]``) and are applied in order. ``roots``, when non-empty,
+    replaces the configured roots; they are taken literally, never as OmegaConf syntax.
+    Interpolations in sweeper's own config (``${oc.env:...}``) are resolved here.
+
+    Raises ConfigError naming the key (or :data:`FILE_KEY` for a file problem).
+    """
+    if isinstance(overrides, str) or isinstance(roots, str):
+        raise TypeError("overrides and roots must be sequences of strings, not one string")
+    _register_resolvers()
+    merged = OmegaConf.structured(ConfigSchema)
+    if config_path is not None:
+        loaded = _read_file(config_path)
+        # One key at a time, so that an error OmegaConf reports without a key still names one.
+        for key in loaded:
+            if not isinstance(key, str):  # "1: x" must fail, not vanish from a masked copy
+                raise ConfigError(str(key), "unknown key (keys are names, not numbers or booleans)")
+            merged = _merge(merged, OmegaConf.masked_copy(loaded, [key]), key)
+    for override in overrides:
+        key = _override_key(override)
+        merged = _merge(merged, _parse_override(override, key), key)
+    schema = _to_schema(merged)
+    if not roots:
+        return settings_from_schema(schema)
+    schema.roots = list(roots)
+    try:
+        return settings_from_schema(schema)
+    except ConfigError as exc:
+        if exc.key != "roots":
+            raise
+        raise ConfigError("roots", f"{exc.reason} (given on the command line)") from exc
+
+
+def settings_from_schema(schema: ConfigSchema) -> Settings:
+    """Check a schema instance's policy and freeze it; relative ``ledger`` is made absolute."""
+    if not schema.ledger:
+        raise ConfigError("ledger", "an empty path is not a file")
+    if "\0" in schema.ledger:
+        raise ConfigError("ledger", f"{schema.ledger!r} contains a NUL byte")
+    return Settings(
+        roots=tuple(schema.roots),
+        patterns=tuple(schema.patterns),
+        keep_full=schema.keep_full,
+        ledger=Path(os.path.abspath(os.path.expanduser(schema.ledger))),
+        min_age_seconds=schema.min_age_seconds,
+        settle_seconds=schema.settle_seconds,
+        rescan_seconds=schema.rescan_seconds,
+        observer=schema.observer,
+        workers=schema.workers,
+        queue_size=schema.queue_size,
+        nice=schema.nice,
+    )
+
+
+def default_state_dir() -> str:
+    """The folder that holds the ledger unless config says otherwise.
+
+    systemd's ``StateDirectory=`` exports $STATE_DIRECTORY, a colon-separated list when a unit
+    names several folders; the first is sweeper's. Outside systemd: $XDG_STATE_HOME/sweeper, else
+    ~/.local/state/sweeper. Config uses it as ``${sweeper.state_dir:}``.
+    """
+    state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_directory:
+        return state_directory
+    # The XDG spec says a relative $XDG_STATE_HOME is invalid and must be ignored.
+    xdg_state_home = os.environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(xdg_state_home):
+        return os.path.join(xdg_state_home, "sweeper")
+    home = os.path.expanduser("~")
+    if home == "~":
+        raise ValueError(
+            "no $STATE_DIRECTORY, $XDG_STATE_HOME or home directory; set ledger explicitly"
+        )
+    return os.path.join(home, ".local", "state", "sweeper")
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver(STATE_DIR_RESOLVER):
+        OmegaConf.register_resolver(
+            STATE_DIR_RESOLVER, default_state_dir, annotation_validation="error"
+        )
+
+
+def _read_file(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as exc:
+        raise ConfigError(FILE_KEY, f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(FILE_KEY, f"{path} is not UTF-8 text: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(FILE_KEY, f"{path} is not valid YAML: {_one_line(exc)}") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(FILE_KEY, f"{path}: {_first_line(exc)}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(FILE_KEY, f"{path} must map keys to values, not hold a list")
+    return loaded
+
+
+def _override_key(override: str) -> str:
+    key, equals, _ = override.partition("=")
+    if not equals or not key.strip():
+        raise ConfigError(override, "an override must look like KEY=VALUE")
+    return key
+
+
+def _parse_override(override: str, key: str) -> DictConfig:
+    try:
+        return OmegaConf.from_dotlist([override])
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value in {override!r}: {_one_line(exc)}") from exc
+    except OmegaConfBaseException as exc:
+        raise _error_from_omegaconf(exc, key) from exc
+
+
+def _merge(merged: DictConfig, update: DictConfig, key: str) -> DictConfig:
+    try:
+        result = OmegaConf.merge(merged, update)
+    except OmegaConfBaseException as exc:
+        raise _error_from_omegaconf(exc, key) from exc
+    except TypeError as exc:
+        # OmegaConf's "Cannot merge incompatible container types" names no key.
+        raise ConfigError(key, f"wrong kind of value ({exc})") from exc
+    assert isinstance(result, DictConfig)
+    return result
+
+
+def _to_schema(merged: DictConfig) -> ConfigSchema:
+    try:
+        schema = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _error_from_omegaconf(exc, FILE_KEY) from exc
+    assert isinstance(schema, ConfigSchema)
+    return schema
+
+
+def _error_from_omegaconf(exc: OmegaConfBaseException, fallback_key: str) -> ConfigError:
+    full_key = getattr(exc, "full_key", None)
+    key = str(full_key) if full_key else fallback_key
+    if isinstance(exc, ConfigKeyError):
+        known = ", ".join(ConfigSchema.__dataclass_fields__)
+        return ConfigError(key, f"unknown key (known keys: {known})")
+    return ConfigError(key, _first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0] if lines and lines[0] else type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _check_root(root: str) -> None:
+    _check_is_string("roots", root)
+    if not root:
+        raise ConfigError("roots", "an empty string is not a folder")
+    if "\0" in root:
+        raise ConfigError("roots", f"{root!r} contains a NUL byte")
+    # Judge relative roots by where they land: "." run from / is the whole filesystem too.
+    if os.path.isabs(root):
+        absolute = root
+    else:
+        try:
+            absolute = os.path.join(os.getcwd(), root)
+        except OSError as exc:
+            raise ConfigError("roots", f"{root!r} is relative to a missing directory") from exc
+    # Split rather than compare with "/": normpath keeps a leading "//", and "/.." is "/".
+    components = [part for part in os.path.normpath(absolute).split("/") if part]
+    if not components:
+        raise ConfigError("roots", f"{root!r} is the whole filesystem ('/')")
+    if _GLOB_CHARACTERS.intersection(components[0]):
+        raise ConfigError(
+            "roots",
+            f"{root!r} starts with the glob {'/' + components[0]!r}, "
+            "which could cover the whole filesystem",
+        )
+
+
+def _check_pattern(pattern: str) -> None:
+    _check_is_string("patterns", pattern)
+    if not pattern:
+        raise ConfigError("patterns", "an empty pattern matches no file")
+    if "\0" in pattern:
+        raise ConfigError("patterns", f"{pattern!r} contains a NUL byte")
+    if "/" in pattern:
+        raise ConfigError("patterns", f"{pattern!r} contains '/'; patterns match file names only")
+
+
+def _check_is_string(key: str, value: object) -> None:
+    # OmegaConf 2.4 lets a nested list or mapping into a list[str] field.
+    if not isinstance(value, str):
+        raise ConfigError(key, f"{value!r} is a {type(value).__name__}, not a string")
+
+
+def _check_at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(key, f"{value} is below the minimum of {minimum}")
+
+
+def _check_positive_seconds(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(key, f"{value} is not a positive number of seconds")

@@ -1,0 +1,677 @@
+"""The append-only JSON-lines ledger of what sweeper did and how many bytes it reclaimed.
+
+One record per line, each line written with a single ``os.write`` on an ``O_APPEND`` descriptor
+and fsynced before the writer moves on, so the ledger can be trusted as the proof that an
+inference copy was written before its source was deleted.  Writers serialise on a private lock
+file (``<ledger>.lock``) so a one-shot sweep and the daemon never interleave lines; the daemon's
+"only one instance per state directory" lock is a different file (``<ledger>.pid``) so sweeps
+still work while the daemon runs.
+
+Paths are held in memory as ``os.fsdecode`` strings (surrogateescape).  On disk (pure-ASCII JSON)
+they are stored as clean text (undecodable bytes shown as ``\\xNN``) plus, only when the name is
+not valid UTF-8, the exact bytes in base64 under ``<field>_b64``; so every line stays strict JSON
+and every name is recoverable.
+
+Bytes are raw ints here; formatting sizes for people is the presenter's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any, Final, Literal
+
+from sweeper.errors import AlreadyRunning, FileRefused
+
+logger = logging.getLogger(__name__)
+
+#: Written into every line as ``"v"``; readers skip lines of a format they do not know.
+FORMAT_VERSION: Final = 1
+
+LOCK_SUFFIX: Final = ".lock"
+INSTANCE_LOCK_SUFFIX: Final = ".pid"
+
+_FILE_MODE: Final = 0o600
+_DIR_MODE: Final = 0o700
+# O_NONBLOCK so that a FIFO planted where the ledger should be cannot hang the open; it has no
+# effect on regular files, and anything that is not a regular file is refused right after opening.
+_OPEN_SAFE: Final = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_PATH_FIELDS: Final = ("path", "output", "root")
+
+
+class Action:
+    """The action names sweeper writes.
+
+    Plain strings rather than an enum: a reader keeps records whose action it does not know, so a
+    newer sweeper can add actions without breaking an older ``sweeper report``.
+    """
+
+    EXTRACT: Final = "extract"
+    DELETE_INTENT: Final = "delete-intent"
+    DELETE: Final = "delete"
+    FAIL: Final = "fail"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The training metric a checkpoint was judged by (e.g. ``val_loss`` 0.231); may be NaN."""
+
+    name: str
+    value: float
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    """One line of the ledger.
+
+    ``reclaimed_bytes`` is the net number of bytes this record freed (``bytes_deleted -
+    bytes_written`` for a completed action; negative for a copy written without deleting anything).
+    Only outcome records carry it: intent records (``delete-intent``) have ``None``, so a crash
+    between intent and outcome neither loses nor double-counts space.  Totals count only records
+    whose ``reclaimed_bytes`` is not ``None``.
+    """
+
+    time: datetime
+    host: str
+    action: str
+    path: str
+    owner: str
+    uid: int
+    epoch: int | None
+    metric: Metric | None
+    reason: str
+    output: str | None
+    bytes_deleted: int
+    bytes_written: int
+    reclaimed_bytes: int | None
+    run_id: str
+    root: str
+
+    def __post_init__(self) -> None:
+        if self.time.utcoffset() is None:
+            raise ValueError(f"ledger record time must be timezone-aware, got {self.time!r}")
+        if self.time.tzinfo is not timezone.utc:
+            object.__setattr__(self, "time", self.time.astimezone(timezone.utc))
+        for name in ("uid", "bytes_deleted", "bytes_written"):
+            _require_int(name, getattr(self, name), minimum=0)
+        if self.epoch is not None:
+            _require_int("epoch", self.epoch, minimum=None)
+        if self.reclaimed_bytes is not None:
+            _require_int("reclaimed_bytes", self.reclaimed_bytes, minimum=None)
+
+    @property
+    def is_outcome(self) -> bool:
+        """True when the record counts towards reclaimed-space totals."""
+        return self.reclaimed_bytes is not None
+
+
+def new_record(
+    *,
+    now: datetime,
+    action: str,
+    path: str,
+    owner: str,
+    uid: int,
+    reason: str,
+    run_id: str,
+    root: str,
+    epoch: int | None = None,
+    metric: Metric | None = None,
+    output: str | None = None,
+    bytes_deleted: int = 0,
+    bytes_written: int = 0,
+    reclaimed_bytes: int | None = None,
+    host: str | None = None,
+) -> LedgerRecord:
+    """Build a record stamped with ``now`` (converted to UTC) and this machine's host name.
+
+    The caller passes ``now`` so nothing here reads the clock.  ``host`` defaults to
+    ``socket.gethostname()``.
+    """
+    return LedgerRecord(
+        time=now,
+        host=socket.gethostname() if host is None else host,
+        action=action,
+        path=path,
+        owner=owner,
+        uid=uid,
+        epoch=epoch,
+        metric=metric,
+        reason=reason,
+        output=output,
+        bytes_deleted=bytes_deleted,
+        bytes_written=bytes_written,
+        reclaimed_bytes=reclaimed_bytes,
+        run_id=run_id,
+        root=root,
+    )
+
+
+def user_name(uid: int) -> str:
+    """The login name for ``uid``, or the uid as a string when the user no longer exists."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def _require_int(name: str, value: object, *, minimum: int | None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"ledger record {name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"ledger record {name} must be >= {minimum}, got {value}")
+
+
+def _clean_text(text: str) -> str:
+    """``text`` with no lone surrogates, so strict UTF-8 and strict JSON parsers accept it.
+
+    Bytes smuggled in by surrogateescape come out as ``\\xNN``, as ``os.fsencode`` shows them.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        # A surrogate surrogateescape did not produce: nothing to recover, just keep it visible.
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _raw_path_bytes(path: str) -> bytes | None:
+    """The exact bytes of ``path`` when they are not valid UTF-8, else None."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return os.fsencode(path)
+        except UnicodeEncodeError:
+            return None
+    return None
+
+
+def _format_time(time: datetime) -> str:
+    return time.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: str) -> datetime:
+    # datetime.fromisoformat accepts a trailing "Z" only from Python 3.11 on.
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    if parsed.utcoffset() is None:
+        raise ValueError(f"time {text!r} has no UTC offset")
+    return parsed.astimezone(timezone.utc)
+
+
+def _metric_value_to_json(value: float) -> float | str:
+    # Strict JSON has no NaN/Infinity, and a diverged run's loss is exactly where NaN turns up.
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _metric_value_from_json(value: object) -> float:
+    if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
+        return float(value.replace("Infinity", "inf"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"metric value {value!r} is not a number")
+
+
+def encode_record(record: LedgerRecord) -> bytes:
+    """The record as one ledger line: strict JSON, UTF-8, ending in exactly one newline."""
+    obj: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "time": _format_time(record.time),
+        "host": _clean_text(record.host),
+        "action": _clean_text(record.action),
+        "run_id": _clean_text(record.run_id),
+        "root": None,
+        "path": None,
+        "output": None,
+        "owner": _clean_text(record.owner),
+        "uid": record.uid,
+        "epoch": record.epoch,
+        "metric": None,
+        "reason": _clean_text(record.reason),
+        "bytes_deleted": record.bytes_deleted,
+        "bytes_written": record.bytes_written,
+        "reclaimed_bytes": record.reclaimed_bytes,
+    }
+    for field in _PATH_FIELDS:
+        value: str | None = getattr(record, field)
+        if value is None:
+            continue
+        obj[field] = _clean_text(value)
+        raw = _raw_path_bytes(value)
+        if raw is not None:
+            obj[field + "_b64"] = base64.b64encode(raw).decode("ascii")
+    if record.metric is not None:
+        obj["metric"] = {
+            "name": _clean_text(record.metric.name),
+            "value": _metric_value_to_json(record.metric.value),
+        }
+    # ensure_ascii: pure-ASCII lines, so no tool splits a record at U+2028 or NEL in a file name.
+    line = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return line.encode("ascii") + b"\n"
+
+
+def _get(
+    obj: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False
+) -> Any:
+    if key not in obj:
+        raise ValueError(f"missing field {key!r}")
+    value = obj[key]
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise ValueError(f"field {key!r} has unexpected value {value!r}")
+    return value
+
+
+def _decode_path(obj: dict[str, Any], field: str, optional: bool) -> str | None:
+    text: str | None = _get(obj, field, str, optional=optional)
+    encoded = obj.get(field + "_b64")
+    if text is None or encoded is None:
+        return text
+    if not isinstance(encoded, str):
+        raise ValueError(f"field {field + '_b64'!r} has unexpected value {encoded!r}")
+    try:
+        return os.fsdecode(base64.b64decode(encoded, validate=True))
+    except binascii.Error as error:
+        raise ValueError(f"field {field + '_b64'!r} is not base64: {error}") from None
+
+
+def decode_record(line: bytes) -> LedgerRecord:
+    """Parse one ledger line (newline optional); ValueError or TypeError if it is not one."""
+    obj = json.loads(line.decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("line is not a JSON object")
+    version = obj.get("v", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown ledger format version {version!r}")
+    metric_obj = _get(obj, "metric", dict, optional=True)
+    metric = None
+    if metric_obj is not None:
+        metric = Metric(
+            name=_get(metric_obj, "name", str),
+            value=_metric_value_from_json(metric_obj.get("value")),
+        )
+    root = _decode_path(obj, "root", optional=False)
+    path = _decode_path(obj, "path", optional=False)
+    assert root is not None and path is not None  # optional=False guarantees it
+    return LedgerRecord(
+        time=_parse_time(_get(obj, "time", str)),
+        host=_get(obj, "host", str),
+        action=_get(obj, "action", str),
+        path=path,
+        owner=_get(obj, "owner", str),
+        uid=_get(obj, "uid", int),
+        epoch=_get(obj, "epoch", int, optional=True),
+        metric=metric,
+        reason=_get(obj, "reason", str),
+        output=_decode_path(obj, "output", optional=True),
+        bytes_deleted=_get(obj, "bytes_deleted", int),
+        bytes_written=_get(obj, "bytes_written", int),
+        reclaimed_bytes=_get(obj, "reclaimed_bytes", int, optional=True),
+        run_id=_get(obj, "run_id", str),
+        root=root,
+    )
+
+
+# --- files and locks ------------------------------------------------------------------------------
+
+
+def lock_path_for(ledger_path: str | os.PathLike[str]) -> str:
+    """The writers' lock file that goes with ``ledger_path``."""
+    return os.fspath(ledger_path) + LOCK_SUFFIX
+
+
+def instance_lock_path_for(ledger_path: str | os.PathLike[str]) -> str:
+    """The daemon's one-instance lock file that goes with ``ledger_path``."""
+    return os.fspath(ledger_path) + INSTANCE_LOCK_SUFFIX
+
+
+def _open_private(path: str, flags: int, *, create: bool) -> int:
+    """Open ``path`` refusing symlinks and non-regular files; create it 0o600 if ``create``."""
+    if create:
+        flags |= os.O_CREAT
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, mode=_DIR_MODE, exist_ok=True)
+    try:
+        fd = os.open(path, flags | _OPEN_SAFE, _FILE_MODE)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FileRefused(path, "is a symlink; sweeper refuses to follow it") from None
+        if error.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO or socket, or a directory
+            raise FileRefused(path, "is not a regular file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileRefused(path, "is not a regular file")
+        # Back to blocking so flock(LOCK_EX) waits as intended.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all_at_once(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    if written != len(data):
+        # Only a full disk or a signal gets here; the reader reports the partial line as torn.
+        raise OSError(errno.EIO, f"short write to ledger: {written} of {len(data)} bytes")
+
+
+class Ledger:
+    """An open ledger whose writer lock is held until ``close()`` (or the end of the ``with``).
+
+    Use ``with Ledger.open(path) as ledger: ledger.append(record)`` for a batch; ``append_record``
+    for one record.
+    """
+
+    def __init__(self, path: str, fd: int, lock_fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._lock_fd: int | None = lock_fd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Ledger:
+        """Take the writer lock (waiting for other writers), then open the ledger for appending.
+
+        Creates the ledger and its lock file (mode 0o600, directory 0o700) when missing; raises
+        ``FileRefused`` when either is a symlink or not a regular file.
+        """
+        path = os.fspath(path)
+        lock_fd = _open_private(lock_path_for(path), os.O_RDWR, create=True)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            fd = cls._open_for_append(path)
+        except BaseException:
+            os.close(lock_fd)  # closing releases the flock
+            raise
+        return cls(path, fd, lock_fd)
+
+    @staticmethod
+    def _open_for_append(path: str) -> int:
+        flags = os.O_APPEND | os.O_WRONLY
+        try:
+            fd = _open_private(path, flags | os.O_EXCL, create=True)
+        except FileExistsError:
+            fd = _open_private(path, flags, create=False)
+        else:
+            _fsync_directory(path)  # the new ledger's name must survive a crash too
+            return fd
+        try:
+            _terminate_torn_line(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def append(self, record: LedgerRecord) -> None:
+        """Append one record with a single write, then fsync it."""
+        if self._fd is None:
+            raise ValueError(f"ledger {self.path} is closed")
+        _write_all_at_once(self._fd, encode_record(record))
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the ledger and release the writer lock; safe to call twice."""
+        fd, lock_fd = self._fd, self._lock_fd
+        self._fd = self._lock_fd = None
+        try:
+            if fd is not None:
+                os.close(fd)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _terminate_torn_line(path: str, append_fd: int) -> None:
+    """End a line left torn by a crash, so the next record does not fuse with it.
+
+    The torn fragment then reads as one corrupt line (reported, skipped) instead of taking a good
+    record down with it.  Called with the writer lock held.
+    """
+    size = os.fstat(append_fd).st_size
+    if size == 0:
+        return
+    read_fd = _open_private(path, os.O_RDONLY, create=False)
+    try:
+        if not os.path.samestat(os.fstat(read_fd), os.fstat(append_fd)):
+            raise FileRefused(path, "was replaced while being opened")
+        last = os.pread(read_fd, 1, size - 1)
+    finally:
+        os.close(read_fd)
+    if last != b"\n":
+        logger.warning("ledger %s: last line was torn (crash mid-append?); ending it", path)
+        _write_all_at_once(append_fd, b"\n")
+        os.fsync(append_fd)
+
+
+def append_record(path: str | os.PathLike[str], record: LedgerRecord) -> None:
+    """Append one record under the writer lock (single write, fsynced)."""
+    with Ledger.open(path) as ledger:
+        ledger.append(record)
+
+
+class InstanceLock:
+    """Proof that this process is the only sweeper daemon on a state directory; see
+    ``acquire_instance_lock``."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock; safe to call twice.  The file stays (unlinking it would race)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> InstanceLock:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def acquire_instance_lock(ledger_path: str | os.PathLike[str]) -> InstanceLock:
+    """Take the non-blocking one-instance lock ``<ledger>.pid`` and write our pid into it.
+
+    Raises ``AlreadyRunning`` naming the lock file (and the holder's pid when readable) if another
+    process holds it.  Independent of the writer lock, so one-shot sweeps still run alongside.
+    """
+    path = instance_lock_path_for(ledger_path)
+    fd = _open_private(path, os.O_RDWR, create=True)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f" by pid {holder}" if holder.isdigit() else ""
+            raise AlreadyRunning(
+                f"another sweeper is already running on this state directory: "
+                f"{_clean_text(path)} is locked{who}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return InstanceLock(path, fd)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerRead:
+    """The records that parsed, in file order, and one warning per line that did not."""
+
+    records: tuple[LedgerRecord, ...]
+    warnings: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def _shared_lock_if_possible(ledger_path: str) -> Iterator[None]:
+    """Hold the writer lock shared while reading, so an append in flight is not seen as torn.
+
+    Best effort: a reader that may not open the lock file (another user's private state) reads
+    without it, and a torn last line is reported rather than fatal anyway.
+    """
+    try:
+        fd = _open_private(lock_path_for(ledger_path), os.O_RDONLY, create=False)
+    except (FileNotFoundError, PermissionError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_ledger(path: str | os.PathLike[str]) -> LedgerRead:
+    """Read every record; a missing ledger is empty, bad lines become warnings and are skipped.
+
+    A torn last line (crash mid-append) and corrupt lines elsewhere are reported by file and line
+    number.  Raises ``FileRefused`` when the ledger is a symlink or not a regular file.
+    """
+    path = os.fspath(path)
+    shown = _clean_text(path)
+    with _shared_lock_if_possible(path):
+        try:
+            fd = _open_private(path, os.O_RDONLY, create=False)
+        except FileNotFoundError:
+            return LedgerRead(records=(), warnings=())
+        with os.fdopen(fd, "rb") as file:
+            lines = file.read().split(b"\n")
+    # The text after the last newline is b"" for a well-formed ledger, else a line missing its end.
+    unterminated = lines.pop()
+    records: list[LedgerRecord] = []
+    warnings: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # the newline a writer adds after a torn line, or hand-edited blank lines
+        try:
+            records.append(decode_record(line))
+        except (ValueError, TypeError) as error:
+            warnings.append(f"{shown}: line {number}: corrupt record skipped ({error})")
+    if unterminated.strip():
+        number = len(lines) + 1
+        try:
+            records.append(decode_record(unterminated))
+        except (ValueError, TypeError):
+            warnings.append(f"{shown}: line {number}: torn last line skipped (crash mid-append?)")
+        else:
+            warnings.append(f"{shown}: line {number}: last line has no newline (kept)")
+    return LedgerRead(records=tuple(records), warnings=tuple(warnings))
+
+
+# --- totals ---------------------------------------------------------------------------------------
+
+GroupBy = Literal["root", "owner", "day"]
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Totals over the outcome records sharing ``key``; bytes are raw ints.
+
+    ``key`` is the root path, the owner's user name, the UTC day as ``YYYY-MM-DD``, or ``"total"``
+    when not grouping.  Root paths are as in memory (surrogateescape), so the presenter must make
+    them printable.
+    """
+
+    key: str
+    count: int
+    reclaimed_bytes: int
+    bytes_deleted: int
+    bytes_written: int
+
+
+def _group_key(record: LedgerRecord, by: GroupBy | None) -> str:
+    if by is None:
+        return "total"
+    if by == "root":
+        return record.root
+    if by == "owner":
+        return record.owner
+    return record.time.date().isoformat()  # record times are UTC
+
+
+def summarise(
+    records: Iterable[LedgerRecord],
+    since: datetime | None = None,
+    by: GroupBy | None = None,
+) -> tuple[SummaryRow, ...]:
+    """Totals of the outcome records (``reclaimed_bytes`` not None) at or after ``since``.
+
+    One row per key, sorted by key (days sort chronologically); without ``by``, a single
+    ``"total"`` row, present even when nothing counted.  Intent records never count.
+    """
+    if since is not None and since.utcoffset() is None:
+        raise ValueError(f"since must be timezone-aware, got {since!r}")
+    if by not in (None, "root", "owner", "day"):
+        raise ValueError(f"cannot group ledger totals by {by!r}")
+    totals: dict[str, tuple[int, int, int, int]] = {}
+    if by is None:
+        totals["total"] = (0, 0, 0, 0)
+    for record in records:
+        if record.reclaimed_bytes is None:
+            continue
+        if since is not None and record.time < since:
+            continue
+        key = _group_key(record, by)
+        count, reclaimed, deleted, written = totals.get(key, (0, 0, 0, 0))
+        totals[key] = (
+            count + 1,
+            reclaimed + record.reclaimed_bytes,
+            deleted + record.bytes_deleted,
+            written + record.bytes_written,
+        )
+    return tuple(
+        SummaryRow(key, count, reclaimed, deleted, written)
+        for key, (count, reclaimed, deleted, written) in sorted(totals.items())
+    )
