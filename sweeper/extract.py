@@ -1,0 +1,255 @@
+"""Extraction on disk: open safely, write atomically, verify, and only then replace or delete.
+
+Everything here works relative to directory descriptors so that the sweep and the daemon, which
+walk user-controlled trees, can never be redirected by a symlink swapped in mid-run.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sweeper import torchzip
+from sweeper.errors import FileRefused
+from sweeper.torchzip import Checkpoint, Mode
+
+log = logging.getLogger(__name__)
+
+TEMP_MARK = ".sweeper-tmp-"
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFLNK: "a symlink",
+}
+
+
+def output_name(source_name: str, mode: Mode) -> str:
+    """``best_model.pt`` -> ``best_model_inference.pt`` (or ``_weights.pt``), as the seed guide's
+    extract_weights.py names them; the source's extension is kept."""
+    stem, dot, suffix = source_name.rpartition(".")
+    if not dot or not stem:
+        stem, suffix = source_name, "pt"
+    return f"{stem}_{mode.value}.{suffix}"
+
+
+def is_sweeper_output(name: str) -> bool:
+    stem = name.rpartition(".")[0]
+    return stem.endswith(("_inference", "_weights"))
+
+
+def is_sweeper_temp(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def _temp_name(target: str) -> str:
+    return f".{target[:180]}{TEMP_MARK}{secrets.token_hex(6)}"
+
+
+def describe_mode(st_mode: int) -> str:
+    return _FILE_TYPES.get(stat.S_IFMT(st_mode), "not a regular file")
+
+
+def open_regular(name: str, dir_fd: int | None, display: str) -> tuple[int, os.stat_result]:
+    """Open ``name`` for reading without following a symlink, blocking on a FIFO, or accepting
+    anything but a regular file; returns the descriptor and its ``fstat``."""
+    try:
+        fd = os.open(name, _OPEN_FILE, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FileRefused(display, "is a symlink; sweeper never follows symlinks") from None
+        if error.errno == errno.ENXIO:  # a socket
+            raise FileRefused(display, "not a regular file (a socket)") from None
+        raise FileRefused(display, f"cannot open: {error.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise FileRefused(display, f"not a regular file ({describe_mode(info.st_mode)})")
+    return fd, info
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one extraction did; bytes are apparent file sizes."""
+
+    source: str
+    output: str
+    mode: Mode
+    bytes_in: int
+    bytes_out: int
+    bytes_deleted: int
+    seconds: float
+    epoch: int | None
+    metrics: tuple[tuple[str, float], ...]
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        """Net bytes freed: negative when a copy was written and nothing deleted."""
+        return self.bytes_deleted - self.bytes_out
+
+
+@dataclass(frozen=True)
+class Located:
+    """A file named relative to an open directory, and the path used to talk about it."""
+
+    dir_fd: int
+    name: str
+    display: str
+
+
+def extract(
+    source: Located,
+    target: Located,
+    mode: Mode,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    expected: tuple[int, int] | None = None,
+    delete_source: bool = False,
+) -> ExtractResult:
+    """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
+
+    The output appears only complete and verified (every record's CRC and every tensor's dtype,
+    shape, stride, offset and storage sharing checked against the source).  With
+    ``delete_source`` the source is unlinked only after that, and only if the name still
+    refers to the very file that was read.  ``expected`` is the (device, inode) the caller
+    listed; a different file under that name is refused.  Any failure leaves no temp file and
+    the source untouched.
+    """
+    started = time.monotonic()
+    fd, info = open_regular(source.name, source.dir_fd, source.display)
+    try:
+        if expected is not None and (info.st_dev, info.st_ino) != expected:
+            raise FileRefused(source.display, "changed since it was scanned; skipped")
+        checkpoint = torchzip.open_checkpoint(fd, source.display)
+        plan = torchzip.plan_output(checkpoint, mode)
+        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop)
+        deleted = 0
+        if delete_source:
+            delete_if_same(source, info)
+            deleted = info.st_size
+    finally:
+        os.close(fd)
+    return ExtractResult(
+        source.display,
+        target.display,
+        mode,
+        info.st_size,
+        plan.total_size,
+        deleted,
+        time.monotonic() - started,
+        checkpoint.epoch,
+        checkpoint.metrics,
+    )
+
+
+def _write_verified(
+    source_fd: int,
+    checkpoint: Checkpoint,
+    plan: torchzip.OutputPlan,
+    mode: Mode,
+    source_info: os.stat_result,
+    target: Located,
+    should_stop: Callable[[], bool],
+) -> None:
+    temp = _temp_name(target.name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        out = os.open(temp, flags, 0o600, dir_fd=target.dir_fd)
+    except OSError as error:
+        raise FileRefused(target.display, f"cannot create output: {error.strerror}") from None
+    try:
+        try:
+            _reserve(out, plan.total_size)
+            torchzip.write_output(source_fd, checkpoint, plan, out, should_stop)
+            _copy_ownership(out, source_info, target.display)
+            os.fsync(out)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FileRefused(
+                    target.display,
+                    f"disk full: no room for the {plan.total_size}-byte output; nothing written",
+                ) from None
+            raise FileRefused(target.display, f"write failed: {error.strerror}") from None
+        torchzip.verify_output(out, plan, checkpoint, mode, target.display)
+        _refuse_non_file_target(target)
+        os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+    except BaseException:
+        _remove_quietly(temp, target.dir_fd)
+        raise
+    finally:
+        os.close(out)
+    os.fsync(target.dir_fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Claim the space up front so a full disk fails before any byte is written."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def _copy_ownership(fd: int, source: os.stat_result, display: str) -> None:
+    """The output belongs to whoever owned the source, with its permission bits (setuid, setgid
+    and sticky dropped: a checkpoint never needs them)."""
+    try:
+        os.fchown(fd, source.st_uid, source.st_gid)
+    except PermissionError:
+        log.warning("%s: cannot give the output the source's owner; it stays yours", display)
+    os.fchmod(fd, stat.S_IMODE(source.st_mode) & 0o777)
+
+
+def _refuse_non_file_target(target: Located) -> None:
+    try:
+        existing = os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(existing.st_mode):
+        raise FileRefused(target.display, "output path is a directory")
+
+
+def _remove_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def delete_if_same(source: Located, info: os.stat_result) -> None:
+    """Unlink ``source`` if its name still refers to the file described by ``info`` and it has
+    exactly one link, then fsync the directory.  Callers have already proven the file
+    replaceable (its inference copy is written and verified)."""
+    try:
+        now = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileRefused(source.display, "vanished before it could be deleted") from None
+    if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(now.st_mode):
+        raise FileRefused(source.display, "replaced since it was read; not deleted")
+    if now.st_nlink != 1:
+        raise FileRefused(source.display, f"has {now.st_nlink} hard links; not deleted")
+    if now.st_size != info.st_size or now.st_mtime_ns != info.st_mtime_ns:
+        raise FileRefused(source.display, "modified since it was read; not deleted")
+    os.unlink(source.name, dir_fd=source.dir_fd)
+    os.fsync(source.dir_fd)
+
+
+def remove_stale_temps(dir_fd: int, older_than: float, now: float) -> list[str]:
+    """Remove sweeper's own temp files left by a crash (only names carrying TEMP_MARK)."""
+    removed = []
+    for entry in os.scandir(dir_fd):
+        if not is_sweeper_temp(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if now - entry.stat(follow_symlinks=False).st_mtime >= older_than:
+            _remove_quietly(entry.name, dir_fd)
+            removed.append(entry.name)
+    return removed

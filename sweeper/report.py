@@ -1,0 +1,121 @@
+"""The presenter: turns sweeper's values into text for people and JSON for programs.
+
+Only this module formats sizes for humans (binary units, labelled); JSON keeps raw integers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from sweeper.extract import ExtractResult
+from sweeper.torchzip import Checkpoint, Kind, Mode
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(count: int) -> str:
+    """1288490188 -> '1.2 GiB' (binary units); negative sizes keep their sign."""
+    sign = "-" if count < 0 else ""
+    value = float(abs(count))
+    for unit in _UNITS:
+        if value < 1024 or unit == _UNITS[-1]:
+            if unit == "B":
+                return f"{sign}{int(value)} B"
+            return f"{sign}{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def to_json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=True, sort_keys=False)
+
+
+def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
+    """Aligned columns; column indexes in ``right`` are right-aligned (numbers)."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def extract_json(result: ExtractResult) -> dict[str, object]:
+    return {
+        "source": result.source,
+        "output": result.output,
+        "mode": result.mode.value,
+        "bytes_in": result.bytes_in,
+        "bytes_out": result.bytes_out,
+        "bytes_deleted": result.bytes_deleted,
+        "bytes_reclaimed": result.reclaimed_bytes,
+        "deleted_original": result.bytes_deleted > 0,
+        "seconds": round(result.seconds, 6),
+        "epoch": result.epoch,
+        "metrics": dict(result.metrics),
+    }
+
+
+def extract_text(result: ExtractResult) -> str:
+    verb = "deleted the original, " if result.bytes_deleted else ""
+    return (
+        f"wrote {result.output} ({human_size(result.bytes_out)} of {human_size(result.bytes_in)}); "
+        f"{verb}net {human_size(result.reclaimed_bytes)} reclaimed in {result.seconds:.2f} s"
+    )
+
+
+def inspect_json(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> dict[str, object]:
+    return {
+        "path": checkpoint.path,
+        "kind": checkpoint.kind.name.lower(),
+        "description": checkpoint.kind.value,
+        "intact": True,
+        "integrity": "archive complete; directory consistent; data.pkl CRC verified",
+        "file_bytes": checkpoint.file_size,
+        "epoch": checkpoint.epoch,
+        "step": checkpoint.step,
+        "metrics": dict(checkpoint.metrics),
+        "keys": [
+            {"key": k.key, "role": k.role, "tensor_bytes": k.tensor_bytes, "tensors": k.tensors}
+            for k in checkpoint.keys
+        ],
+        "extraction": {
+            mode.value: {
+                "bytes_written": size,
+                "bytes_reclaimed_if_original_deleted": checkpoint.file_size - size,
+            }
+            for mode, size in outputs.items()
+        },
+    }
+
+
+def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> str:
+    lines = [
+        f"{checkpoint.path}: {checkpoint.kind.value}, {human_size(checkpoint.file_size)}",
+        "  integrity: archive complete, directory consistent, data.pkl CRC verified",
+    ]
+    if checkpoint.epoch is not None or checkpoint.step is not None:
+        lines.append(f"  epoch: {checkpoint.epoch}  step: {checkpoint.step}")
+    if checkpoint.metrics:
+        lines.append("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in checkpoint.metrics))
+    if checkpoint.keys:
+        rows = [["key", "role", "tensors", "bytes"]]
+        rows += [
+            [k.key, k.role, str(k.tensors), human_size(k.tensor_bytes)] for k in checkpoint.keys
+        ]
+        lines += ["  " + line for line in table(rows, frozenset({2, 3})).splitlines()]
+    if checkpoint.kind is Kind.FULL:
+        for mode, size in outputs.items():
+            lines.append(
+                f"  {'inference copy' if mode is Mode.INFERENCE else 'weights only'}: "
+                f"writes {human_size(size)} ({size} B), "
+                f"reclaims {human_size(checkpoint.file_size - size)} "
+                f"({checkpoint.file_size - size} B) if the original is deleted"
+            )
+    return "\n".join(lines)
