@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from sweeper import __version__, report, torchzip
 from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError

@@ -6,6 +6,7 @@ walk user-controlled trees, can never be redirected by a symlink swapped in mid-
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -219,10 +220,8 @@ def _refuse_non_file_target(target: Located) -> None:
 
 
 def _remove_quietly(name: str, dir_fd: int) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
 
 
 def delete_if_same(source: Located, info: os.stat_result) -> None:
