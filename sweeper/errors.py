@@ -19,7 +19,7 @@ class ConfigError(SweeperError):
 
 
 class FileRefused(SweeperError):
-    """A file cannot be used (not a checkpoint, corrupt, unsafe, ...): nothing was written or deleted."""
+    """A file cannot be used (not a checkpoint, corrupt, unsafe): nothing written or deleted."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         super().__init__(f"{os.fspath(path)}: {reason}")
