@@ -398,6 +398,8 @@ class Ledger:
         self.path = path
         self._fd: int | None = fd
         self._lock_fd: int | None = lock_fd
+        # Set when a write failed part-way, so the next record starts on a line of its own.
+        self._torn = False
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Ledger:
@@ -437,7 +439,15 @@ class Ledger:
         """Append one record with a single write, then fsync it."""
         if self._fd is None:
             raise ValueError(f"ledger {self.path} is closed")
-        _write_all_at_once(self._fd, encode_record(record))
+        line = encode_record(record)
+        try:
+            if self._torn:
+                _write_all_at_once(self._fd, b"\n")
+                self._torn = False
+            _write_all_at_once(self._fd, line)
+        except OSError:
+            self._torn = True
+            raise
         os.fsync(self._fd)
 
     def close(self) -> None:
@@ -555,20 +565,25 @@ class LedgerRead:
 
 
 @contextlib.contextmanager
-def _shared_lock_if_possible(ledger_path: str) -> Iterator[None]:
-    """Hold the writer lock shared while reading, so an append in flight is not seen as torn.
+def _shared_lock_if_free(ledger_path: str) -> Iterator[bool]:
+    """Hold the writer lock shared while reading if no writer holds it; yield whether one does.
 
-    Best effort: a reader that may not open the lock file (another user's private state) reads
-    without it, and a torn last line is reported rather than fatal anyway.
+    Never waits: a sweep may keep the ledger open for as long as its batch runs, and a reader in
+    the same process as an open ``Ledger`` would otherwise wait for itself.  A reader that may not
+    open the lock file (another user's private state) reads without it.
     """
     try:
         fd = _open_private(lock_path_for(ledger_path), os.O_RDONLY, create=False)
     except (FileNotFoundError, PermissionError):
-        yield
+        yield False
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield True
+        else:
+            yield False
     finally:
         os.close(fd)
 
@@ -577,11 +592,12 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerRead:
     """Read every record; a missing ledger is empty, bad lines become warnings and are skipped.
 
     A torn last line (crash mid-append) and corrupt lines elsewhere are reported by file and line
-    number.  Raises ``FileRefused`` when the ledger is a symlink or not a regular file.
+    number.  Never waits for writers.  Raises ``FileRefused`` when the ledger is a symlink or not a
+    regular file.
     """
     path = os.fspath(path)
     shown = _clean_text(path)
-    with _shared_lock_if_possible(path):
+    with _shared_lock_if_free(path) as writer_active:
         try:
             fd = _open_private(path, os.O_RDONLY, create=False)
         except FileNotFoundError:
@@ -604,7 +620,8 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerRead:
         try:
             records.append(decode_record(unterminated))
         except (ValueError, TypeError):
-            warnings.append(f"{shown}: line {number}: torn last line skipped (crash mid-append?)")
+            cause = "a writer was appending" if writer_active else "crash mid-append?"
+            warnings.append(f"{shown}: line {number}: torn last line skipped ({cause})")
         else:
             warnings.append(f"{shown}: line {number}: last line has no newline (kept)")
     return LedgerRead(records=tuple(records), warnings=tuple(warnings))

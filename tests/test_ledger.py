@@ -556,3 +556,26 @@ def test_reading_while_this_process_holds_the_ledger_open_does_not_wait(tmp_path
         result = read_ledger(ledger_path)
     assert [record.epoch for record in result.records] == [1]
     assert result.warnings == ()
+
+
+def test_a_short_write_does_not_fuse_the_next_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger_path = tmp_path / "ledger.jsonl"
+    real_write = os.write
+
+    def disk_full_once(fd: int, data: Any) -> int:
+        monkeypatch.setattr(os, "write", real_write)
+        return real_write(fd, bytes(data)[:25])
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.append(make_record(epoch=1))
+        monkeypatch.setattr(os, "write", disk_full_once)
+        with pytest.raises(OSError, match="short write"):
+            ledger.append(make_record(epoch=2))
+        ledger.append(make_record(epoch=3))
+
+    result = read_ledger(ledger_path)
+    assert [record.epoch for record in result.records] == [1, 3]
+    assert len(result.warnings) == 1
+    assert "line 2" in result.warnings[0]
