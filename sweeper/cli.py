@@ -9,13 +9,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import time
+import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
 
 from sweeper import __version__, report, torchzip
+from sweeper.config import Settings, load_settings
 from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
+from sweeper.execute import execute_plan
 from sweeper.extract import Located, extract, open_regular, output_name
+from sweeper.inventory import scan
+from sweeper.ledger import Ledger, read_ledger, summarise
 from sweeper.logs import configure_logging
+from sweeper.plan import SweepPlan, plan_sweep
+from sweeper.signals import StopFlag, install_stop_handlers
 from sweeper.torchzip import Mode
 
 log = logging.getLogger("sweeper")
@@ -84,8 +96,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             failed += 1
             log.error("%s", error)
             if args.json:
-                print(report.to_json({"path": path, "kind": "invalid", "intact": False,
-                                      "error": error.reason}))  # fmt: skip
+                print(
+                    report.to_json(
+                        {"path": path, "kind": "invalid", "intact": False, "error": error.reason}
+                    )
+                )
             continue
         print(report.to_json(data) if args.json else text)
     return EXIT_FAILED if failed else EXIT_OK
@@ -107,6 +122,104 @@ def _inspect_one(path: str) -> tuple[str, dict[str, object]]:
     return report.inspect_text(checkpoint, outputs), report.inspect_json(checkpoint, outputs)
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Config file, then KEY=VALUE overrides, then the dedicated flags; ROOTs replace roots."""
+    overrides = [a for a in args.items if _OVERRIDE.match(a)]
+    roots = [a for a in args.items if not _OVERRIDE.match(a)]
+    if getattr(args, "keep_full", None) is not None:
+        overrides.append(f"keep_full={args.keep_full}")
+    if getattr(args, "ledger", None) is not None:
+        overrides.append(f"ledger={args.ledger!r}")
+    config = Path(args.config) if args.config else None
+    return load_settings(config, overrides, roots=roots)
+
+
+class _Progress:
+    """Progress on stderr, only when stderr is a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.enabled = stream.isatty()
+
+    def scanned(self, files: int) -> None:
+        if self.enabled:
+            self._stream.write(f"\rscanned {files} files")
+            self._stream.flush()
+
+    def executed(self, done: int, total: int) -> None:
+        if self.enabled:
+            self._stream.write(f"\rprocessed {done}/{total}")
+            self._stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    progress = _Progress(sys.stderr)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+
+    def plan_now() -> SweepPlan:
+        inventory = scan(settings.roots, settings.patterns, progress=progress.scanned)
+        progress.clear()
+        return plan_sweep(
+            inventory,
+            keep_full=settings.keep_full,
+            min_age_seconds=settings.min_age_seconds,
+            now_ns=time.time_ns(),
+        )
+
+    if args.dry_run:
+        plan = plan_now()
+        print(report.to_json(report.plan_json(plan)) if args.json else report.plan_text(plan))
+        return EXIT_INTERRUPTED if stop() else EXIT_OK
+    # The ledger's writer lock is held from scan to the last action: two sweeps (or a sweep and
+    # the daemon) never act on the same tree at once, and the second sees the first's results.
+    with Ledger.open(settings.ledger) as ledger:
+        plan = plan_now()
+        result = execute_plan(
+            plan, ledger, run_id=uuid.uuid4().hex[:12], should_stop=stop, progress=progress.executed
+        )
+        progress.clear()
+    text = report.sweep_json(plan, result) if args.json else None
+    print(report.to_json(text) if text is not None else report.sweep_text(plan, result))
+    if result.interrupted or stop():
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if result.failures else EXIT_OK
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    if args.ledger is not None:
+        path = Path(args.ledger)
+    else:
+        path = load_settings(Path(args.config) if args.config else None, []).ledger
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigError("--since", f"not an ISO date: {args.since!r}") from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=timezone.utc)
+    read = read_ledger(path)
+    for warning in read.warnings:
+        log.warning("%s", warning)
+    rows = summarise(read.records, since=since, by=args.by)
+    print(
+        report.to_json(report.ledger_json(rows, args.by))
+        if args.json
+        else report.ledger_text(rows, args.by)
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sweeper",
@@ -119,10 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="write the inference copy of one full checkpoint")
     p.add_argument("src", metavar="SRC", help="full training checkpoint")
     p.add_argument("-o", "--output", metavar="OUT", help="output path (default: beside SRC)")
-    p.add_argument("--weights-only", action="store_true",
-                   help="write only the model state dict, to <stem>_weights.pt")  # fmt: skip
-    p.add_argument("--delete-original", action="store_true",
-                   help="delete SRC once the output is written, durable and verified")  # fmt: skip
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="write only the model state dict, to <stem>_weights.pt",
+    )
+    p.add_argument(
+        "--delete-original",
+        action="store_true",
+        help="delete SRC once the output is written, durable and verified",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_extract)
 
@@ -130,6 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("sweep", help="extract, keep the newest full checkpoints, delete older")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="ROOT|KEY=VALUE",
+        help="folders to sweep (replace config roots) and config overrides",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--keep-full", type=int, metavar="N", help="full checkpoints kept per run")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("ledger", help="totals of reclaimed space from the ledger")
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--since", metavar="DATE", help="only records at or after DATE (ISO 8601)")
+    p.add_argument("--by", choices=("root", "owner", "day"), help="group totals")
+    p.set_defaults(func=cmd_ledger)
     return parser
 
 
@@ -154,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except BrokenPipeError:
         sys.stderr.close()
+        return EXIT_FAILED
+    except OSError as error:
+        log.error("%s", error)
         return EXIT_FAILED
 
 

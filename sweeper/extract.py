@@ -99,6 +99,20 @@ class ExtractResult:
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """The file a plan was made for: a different inode, size or mtime is a different file."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class Located:
     """A file named relative to an open directory, and the path used to talk about it."""
 
@@ -113,7 +127,7 @@ def extract(
     mode: Mode,
     *,
     should_stop: Callable[[], bool] = lambda: False,
-    expected: tuple[int, int] | None = None,
+    expected: FileIdentity | None = None,
     delete_source: bool = False,
 ) -> ExtractResult:
     """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
@@ -121,21 +135,21 @@ def extract(
     The output appears only complete and verified (every record's CRC and every tensor's dtype,
     shape, stride, offset and storage sharing checked against the source).  With
     ``delete_source`` the source is unlinked only after that, and only if the name still
-    refers to the very file that was read.  ``expected`` is the (device, inode) the caller
-    listed; a different file under that name is refused.  Any failure leaves no temp file and
-    the source untouched.
+    refers to the very file that was read.  ``expected`` is the file the caller listed; a
+    different (or since modified) file under that name is refused.  Any failure leaves no temp
+    file and the source untouched.
     """
     started = time.monotonic()
     fd, info = open_regular(source.name, source.dir_fd, source.display)
     try:
-        if expected is not None and (info.st_dev, info.st_ino) != expected:
-            raise FileRefused(source.display, "changed since it was scanned; skipped")
+        if expected is not None and FileIdentity.of(info) != expected:
+            raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
         plan = torchzip.plan_output(checkpoint, mode)
         _write_verified(fd, checkpoint, plan, mode, info, target, should_stop)
         deleted = 0
         if delete_source:
-            delete_if_same(source, info)
+            delete_if_same(source, FileIdentity.of(info))
             deleted = info.st_size
     finally:
         os.close(fd)
@@ -224,19 +238,40 @@ def _remove_quietly(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def delete_if_same(source: Located, info: os.stat_result) -> None:
-    """Unlink ``source`` if its name still refers to the file described by ``info`` and it has
-    exactly one link, then fsync the directory.  Callers have already proven the file
-    replaceable (its inference copy is written and verified)."""
+def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity) -> None:
+    """Prove ``copy`` is exactly the inference copy extraction would write from ``source``:
+    same records and CRCs (read in full), same tensors and metadata.  Raises FileRefused."""
+    fd, info = open_regular(source.name, source.dir_fd, source.display)
+    try:
+        if FileIdentity.of(info) != expected:
+            raise FileRefused(source.display, "changed since it was scanned; not touched")
+        checkpoint = torchzip.open_checkpoint(fd, source.display)
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+        copy_fd, _ = open_regular(copy.name, copy.dir_fd, copy.display)
+        try:
+            torchzip.verify_output(copy_fd, plan, checkpoint, Mode.INFERENCE, copy.display)
+        finally:
+            os.close(copy_fd)
+    finally:
+        os.close(fd)
+
+
+def delete_if_same(source: Located, expected: FileIdentity) -> None:
+    """Unlink ``source`` if its name still refers to the very file ``expected`` describes (same
+    inode, size and mtime) with exactly one link, then fsync the directory.
+
+    Callers must already have proven the file replaceable: its inference copy written (or found)
+    and verified, and the intent recorded in the ledger.
+    """
     try:
         now = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise FileRefused(source.display, "vanished before it could be deleted") from None
-    if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(now.st_mode):
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
         raise FileRefused(source.display, "replaced since it was read; not deleted")
     if now.st_nlink != 1:
         raise FileRefused(source.display, f"has {now.st_nlink} hard links; not deleted")
-    if now.st_size != info.st_size or now.st_mtime_ns != info.st_mtime_ns:
+    if FileIdentity.of(now) != expected:
         raise FileRefused(source.display, "modified since it was read; not deleted")
     os.unlink(source.name, dir_fd=source.dir_fd)
     os.fsync(source.dir_fd)

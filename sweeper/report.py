@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from sweeper.execute import SweepReport
 from sweeper.extract import ExtractResult
+from sweeper.ledger import SummaryRow
+from sweeper.plan import PlanEntry, SweepPlan
+from sweeper.policy import Action
 from sweeper.torchzip import Checkpoint, Kind, Mode
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -119,3 +123,133 @@ def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> str:
                 f"({checkpoint.file_size - size} B) if the original is deleted"
             )
     return "\n".join(lines)
+
+
+def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
+    return {
+        "path": entry.path,
+        "root": entry.root,
+        "action": entry.action.value,
+        "reason": entry.reason,
+        "bytes": entry.size,
+        "output": entry.output,
+        "bytes_written": entry.bytes_written,
+        "bytes_deleted": entry.bytes_deleted,
+        "reclaimed_bytes": entry.reclaimed_bytes,
+        "epoch": entry.epoch,
+    }
+
+
+def plan_json(plan: SweepPlan) -> dict[str, object]:
+    return {
+        "dry_run": True,
+        "expected_reclaimed_bytes": plan.expected_reclaimed_bytes,
+        "counts": {action.value: plan.count(action) for action in Action},
+        "entries": [plan_entry_json(entry) for entry in plan.entries],
+        "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
+    }
+
+
+def plan_text(plan: SweepPlan) -> str:
+    rows = [["ACTION", "RECLAIM", "PATH", "REASON"]]
+    for entry in plan.entries:
+        rows.append(
+            [
+                entry.action.value,
+                human_size(entry.reclaimed_bytes) if entry.reclaimed_bytes else "-",
+                entry.path,
+                entry.reason,
+            ]
+        )
+    lines = [table(rows, frozenset({1}))] if plan.entries else ["no checkpoints found"]
+    lines += [f"problem: {path}: {reason}" for path, reason in plan.problems]
+    counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
+    lines.append(
+        f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
+        f"({plan.expected_reclaimed_bytes} bytes)"
+    )
+    return "\n".join(lines)
+
+
+def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
+    return {
+        "dry_run": False,
+        "expected_reclaimed_bytes": plan.expected_reclaimed_bytes,
+        "reclaimed_bytes": result.reclaimed_bytes,
+        "failures": result.failures,
+        "interrupted": result.interrupted,
+        "counts": {action.value: plan.count(action) for action in Action},
+        "outcomes": [
+            {
+                **plan_entry_json(o.entry),
+                "ok": o.ok,
+                "detail": o.detail,
+                "bytes_written": o.bytes_written,
+                "bytes_deleted": o.bytes_deleted,
+                "reclaimed_bytes": o.reclaimed_bytes,
+            }
+            for o in result.outcomes
+        ],
+        "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
+    }
+
+
+def sweep_text(plan: SweepPlan, result: SweepReport) -> str:
+    rows = [["RESULT", "RECLAIMED", "PATH", "DETAIL"]]
+    for o in result.outcomes:
+        rows.append(
+            [
+                ("ok " if o.ok else "FAIL ") + o.entry.action.value,
+                human_size(o.reclaimed_bytes),
+                o.entry.path,
+                o.detail,
+            ]
+        )
+    lines = [table(rows, frozenset({1}))] if result.outcomes else ["nothing to do"]
+    lines += [f"problem: {path}: {reason}" for path, reason in plan.problems]
+    skipped = plan.count(Action.SKIP)
+    lines.append(
+        f"swept: {len(result.outcomes) - result.failures} done, {result.failures} failed, "
+        f"{plan.count(Action.KEEP)} kept, {skipped} skipped; reclaimed "
+        f"{human_size(result.reclaimed_bytes)} ({result.reclaimed_bytes} bytes)"
+        + (" — interrupted" if result.interrupted else "")
+    )
+    return "\n".join(lines)
+
+
+def ledger_json(rows: Sequence[SummaryRow], by: str | None) -> dict[str, object]:
+    return {
+        "by": by,
+        "rows": [
+            {
+                "key": r.key,
+                "count": r.count,
+                "reclaimed_bytes": r.reclaimed_bytes,
+                "bytes_deleted": r.bytes_deleted,
+                "bytes_written": r.bytes_written,
+            }
+            for r in rows
+        ],
+        "reclaimed_bytes": sum(r.reclaimed_bytes for r in rows),
+    }
+
+
+def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
+    header = [(by or "total").upper(), "ACTIONS", "RECLAIMED", "DELETED", "WRITTEN"]
+    body = [
+        [
+            printable(r.key),
+            str(r.count),
+            human_size(r.reclaimed_bytes),
+            human_size(r.bytes_deleted),
+            human_size(r.bytes_written),
+        ]
+        for r in rows
+    ]
+    return table([header, *body], frozenset({1, 2, 3, 4})) if body else "ledger is empty"
+
+
+def printable(text: str) -> str:
+    """A path safe to print on a terminal: undecodable bytes and control characters escaped."""
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)

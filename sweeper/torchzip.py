@@ -1149,6 +1149,19 @@ def _copy_range(
         done += copied
 
 
+def archive_matches_plan(fd: int, plan: OutputPlan, path: str) -> bool:
+    """Whether an existing file's directory is exactly what ``plan`` would write (same records,
+    sizes and CRCs, so the same pickle): cheap, reads only the directory."""
+    archive = read_archive(fd, path)
+    if archive.file_size != plan.total_size or len(archive.records) != len(plan.entries):
+        return False
+    for entry in plan.entries:
+        record = archive.records.get(entry.name)
+        if record is None or (record.size, record.crc32) != (entry.size, entry.crc32):
+            return False
+    return True
+
+
 def verify_output(out_fd: int, plan: OutputPlan, source: Checkpoint, mode: Mode, path: str) -> None:
     """Prove the written archive is exactly the plan: every record's CRC matches the source's,
     and its pickle describes the same tensors (dtype, shape, stride, offset, storage sharing)

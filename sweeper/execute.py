@@ -1,0 +1,196 @@
+"""Execution: the only step of a sweep that changes disk.
+
+For every entry: extract -> verify -> ledger -> delete, in that order.  A failure on one file is
+logged, recorded in the ledger, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import groupby
+
+from sweeper.errors import FileRefused
+from sweeper.extract import (
+    FileIdentity,
+    Located,
+    delete_if_same,
+    extract,
+    remove_stale_temps,
+    verify_existing_copy,
+)
+from sweeper.inventory import FolderRef, open_folder
+from sweeper.ledger import Action as LedgerAction
+from sweeper.ledger import Ledger, Metric, new_record, user_name
+from sweeper.plan import PlanEntry, SweepPlan
+from sweeper.policy import Action
+from sweeper.torchzip import Interrupted, Mode
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Outcome:
+    entry: PlanEntry
+    ok: bool
+    detail: str
+    bytes_written: int
+    bytes_deleted: int
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        return self.bytes_deleted - self.bytes_written
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    outcomes: tuple[Outcome, ...]
+    interrupted: bool
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        return sum(outcome.reclaimed_bytes for outcome in self.outcomes)
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for outcome in self.outcomes if not outcome.ok)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class _Context:
+    ledger: Ledger
+    run_id: str
+    clock: Callable[[], datetime]
+    should_stop: Callable[[], bool]
+
+    def record(
+        self,
+        entry: PlanEntry,
+        action: str,
+        reason: str,
+        *,
+        written: int = 0,
+        deleted: int = 0,
+        outcome: bool = True,
+    ) -> None:
+        metric = Metric(*entry.metric) if entry.metric else None
+        self.ledger.append(
+            new_record(
+                now=self.clock(),
+                action=action,
+                path=entry.path,
+                owner=user_name(entry.uid),
+                uid=entry.uid,
+                reason=reason,
+                run_id=self.run_id,
+                root=entry.root,
+                epoch=entry.epoch,
+                metric=metric,
+                output=entry.output,
+                bytes_deleted=deleted,
+                bytes_written=written,
+                reclaimed_bytes=deleted - written if outcome else None,
+            )
+        )
+
+
+def execute_plan(
+    plan: SweepPlan,
+    ledger: Ledger,
+    *,
+    run_id: str,
+    clock: Callable[[], datetime] = _utc_now,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SweepReport:
+    """Carry out the plan's extract and delete entries; keep and skip entries are left alone.
+
+    Per file, in this order: extract the inference copy (or, if it already exists, re-verify it
+    in full) -> ledger record of the copy -> ledger intent to delete -> delete (only if the name
+    still refers to the scanned file) -> ledger outcome.  Callers hold ``ledger`` open, which
+    also serialises sweeps and the daemon.
+    """
+    context = _Context(ledger, run_id, clock, should_stop)
+    work = [e for e in plan.entries if e.action in (Action.EXTRACT, Action.DELETE)]
+    outcomes: list[Outcome] = []
+    interrupted = False
+    for folder, group in groupby(work, key=lambda e: e.folder):
+        if should_stop():
+            interrupted = True
+            break
+        for outcome in _execute_folder(folder, list(group), context):
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(len(outcomes), len(work))
+        if should_stop():
+            interrupted = True
+            break
+    return SweepReport(tuple(outcomes), interrupted)
+
+
+def _execute_folder(
+    folder: FolderRef, entries: list[PlanEntry], context: _Context
+) -> Iterator[Outcome]:
+    try:
+        dir_fd = open_folder(folder)
+    except (OSError, FileRefused) as error:
+        reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
+        for entry in entries:
+            yield _failed(entry, context, f"cannot open its folder safely: {reason}")
+        return
+    try:
+        for name in remove_stale_temps(dir_fd, STALE_TEMP_SECONDS, time.time()):
+            log.info("%s: removed stale temporary file", os.path.join(folder.display, name))
+        for entry in entries:
+            if context.should_stop():
+                return
+            yield _execute_entry(entry, dir_fd, context)
+    finally:
+        os.close(dir_fd)
+
+
+def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
+    assert entry.output is not None
+    source = Located(dir_fd, entry.name, entry.path)
+    copy = Located(dir_fd, os.path.basename(entry.output), entry.output)
+    identity = FileIdentity(entry.dev, entry.ino, entry.size, entry.mtime_ns)
+    written = 0
+    try:
+        if entry.action is Action.EXTRACT or entry.extract_first:
+            result = extract(
+                source, copy, Mode.INFERENCE, expected=identity, should_stop=context.should_stop
+            )
+            written = result.bytes_out
+            context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)
+            log.info("%s: wrote %s (%d bytes)", entry.path, entry.output, written)
+        else:
+            verify_existing_copy(source, copy, identity)
+        if entry.action is Action.DELETE:
+            context.record(entry, LedgerAction.DELETE_INTENT, entry.reason, outcome=False)
+            delete_if_same(source, identity)
+            context.record(entry, LedgerAction.DELETE, entry.reason, deleted=entry.size)
+            log.info("%s: deleted (%d bytes); inference copy verified", entry.path, entry.size)
+            return Outcome(entry, True, "deleted", written, entry.size)
+        return Outcome(entry, True, "extracted", written, 0)
+    except Interrupted:
+        return Outcome(entry, False, "interrupted", written, 0)
+    except FileRefused as error:
+        return _failed(entry, context, error.reason, written)
+    except OSError as error:
+        return _failed(entry, context, f"{error.strerror or error}", written)
+
+
+def _failed(entry: PlanEntry, context: _Context, reason: str, written: int = 0) -> Outcome:
+    log.error("%s: %s", entry.path, reason)
+    context.record(entry, LedgerAction.FAIL, reason)
+    return Outcome(entry, False, reason, written, 0)

@@ -1,0 +1,465 @@
+"""Scanning: an immutable inventory of the checkpoints under the roots, read without acting.
+
+A shared server is hostile ground.  The walk opens directories one component at a time relative
+to directory descriptors with ``O_NOFOLLOW``, never follows a symlink, never leaves the
+filesystem of the root it started from, and checks every file with ``fstat`` after opening it.
+Only the literal prefix of a configured root (the part before its first glob character, which an
+admin wrote) is opened by path.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import fnmatch
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from sweeper import torchzip
+from sweeper.errors import FileRefused
+from sweeper.extract import is_sweeper_output, is_sweeper_temp, open_regular, output_name
+from sweeper.torchzip import Kind, Mode
+
+log = logging.getLogger(__name__)
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_GLOB_CHARS = frozenset("*?[")
+KEEP_SUFFIX = ".keep"
+
+
+@dataclass(frozen=True)
+class FolderRef:
+    """How to reopen a folder safely: a trusted prefix, then names opened with O_NOFOLLOW."""
+
+    prefix: str
+    components: tuple[str, ...]
+    dev: int
+    ino: int
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.prefix, *self.components)
+
+    def child(self, name: str, info: os.stat_result) -> FolderRef:
+        return FolderRef(self.prefix, (*self.components, name), info.st_dev, info.st_ino)
+
+
+@dataclass(frozen=True)
+class CopyState:
+    """The inference copy beside a full checkpoint, as far as its directory tells."""
+
+    name: str
+    exists: bool
+    matches: bool  # its records (names, sizes, CRCs) are exactly what extraction would write
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One checkpoint-named file in a run folder, classified from its directory and pickle."""
+
+    name: str
+    display: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    nlink: int
+    uid: int
+    kind: Kind | None  # None when the file could not be read as a checkpoint
+    problem: str | None  # why it cannot be used, in words ("truncated archive: ...")
+    epoch: int | None = None
+    step: int | None = None
+    metric: tuple[str, float] | None = None
+    output_bytes: int | None = None  # size of its inference copy, for full checkpoints
+    copy: CopyState | None = None
+    symlink: bool = False
+    own_output: bool = False
+    pinned: str | None = None  # ".keep file", "shared flock held", "target of a symlink"
+    writing: bool = False  # a process holds it open for writing
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: str
+    folder: FolderRef
+    files: tuple[FileEntry, ...]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    runs: tuple[RunFolder, ...]
+    problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
+
+    @property
+    def file_count(self) -> int:
+        return sum(len(run.files) for run in self.runs)
+
+
+def open_folder(folder: FolderRef) -> int:
+    """Reopen a scanned folder; fails if any component became a symlink or another directory."""
+    fd = os.open(folder.prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in folder.components:
+            child = os.open(name, _OPEN_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (info.st_dev, info.st_ino) != (folder.dev, folder.ino):
+        os.close(fd)
+        raise FileRefused(folder.display, "folder was replaced since it was scanned")
+    return fd
+
+
+def split_root(pattern: str) -> tuple[str, tuple[str, ...]]:
+    """``/data/*/run/ckpt`` -> (``/data``, (``*``, ``run``, ``ckpt``)): the trusted literal
+    prefix and the components that must be matched and opened without following symlinks."""
+    parts = pattern.split("/")
+    for index, part in enumerate(parts):
+        if _GLOB_CHARS & set(part):
+            prefix = "/".join(parts[:index]) or ("/" if pattern.startswith("/") else ".")
+            return prefix, tuple(p for p in parts[index:] if p not in ("", "."))
+    return pattern, ()
+
+
+def expand_root(pattern: str) -> Iterator[FolderRef]:
+    """The folders a configured root names, globs matched one component at a time."""
+    prefix, rest = split_root(pattern)
+    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    os.close(fd)
+    level = [FolderRef(prefix, (), info.st_dev, info.st_ino)]
+    for part in rest:
+        following: list[FolderRef] = []
+        for folder in level:
+            following.extend(_matching_children(folder, part))
+        level = following
+    yield from sorted(level, key=lambda f: f.components)
+
+
+def _matching_children(folder: FolderRef, part: str) -> list[FolderRef]:
+    try:
+        fd = open_folder(folder)
+    except (OSError, FileRefused):
+        return []
+    try:
+        if _GLOB_CHARS & set(part):
+            names = [e.name for e in os.scandir(fd) if e.is_dir(follow_symlinks=False)]
+            names = sorted(n for n in names if fnmatch.fnmatchcase(n, part))
+        else:
+            names = [part]
+        found = []
+        for name in names:
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                found.append(folder.child(name, info))
+        return found
+    finally:
+        os.close(fd)
+
+
+def scan(
+    roots: Sequence[str],
+    patterns: Sequence[str],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Inventory:
+    """Walk every root and classify each checkpoint-named file; nothing is changed on disk."""
+    runs: list[RunFolder] = []
+    problems: list[tuple[str, str]] = []
+    writers = _OpenForWriting()
+    seen_folders: set[tuple[int, int]] = set()
+    files_seen = 0
+    for pattern in roots:
+        try:
+            folders = list(expand_root(pattern))
+        except OSError as error:
+            problems.append((pattern, f"cannot open root: {error.strerror}"))
+            continue
+        if not folders:
+            problems.append((pattern, "root matches no folder"))
+        for top in folders:
+            for folder, files in _walk(top, problems):
+                if (folder.dev, folder.ino) in seen_folders:
+                    continue
+                seen_folders.add((folder.dev, folder.ino))
+                entries = _classify_folder(folder, files, patterns, writers)
+                if entries:
+                    runs.append(RunFolder(pattern, folder, entries))
+                    files_seen += len(entries)
+                    if progress is not None:
+                        progress(files_seen)
+    return Inventory(tuple(runs), tuple(problems))
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A directory entry and its lstat, taken while the directory was open."""
+
+    name: str
+    info: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.info.st_mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.info.st_mode)
+
+
+def _list(fd: int) -> list[Listed]:
+    listed = []
+    for entry in os.scandir(fd):
+        try:
+            listed.append(Listed(entry.name, entry.stat(follow_symlinks=False)))
+        except OSError:
+            continue  # vanished between readdir and stat
+    listed.sort(key=lambda item: item.name)
+    return listed
+
+
+def _walk(
+    top: FolderRef, problems: list[tuple[str, str]]
+) -> Iterator[tuple[FolderRef, list[Listed]]]:
+    """Folders below ``top`` on its filesystem, with their entries; symlinks are not entered."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            fd = open_folder(folder)
+        except (OSError, FileRefused) as error:
+            reason = error.reason if isinstance(error, FileRefused) else error.strerror
+            problems.append((folder.display, f"cannot open folder: {reason}"))
+            continue
+        try:
+            entries = _list(fd)
+        finally:
+            os.close(fd)
+        children = [
+            folder.child(e.name, e.info)
+            for e in entries
+            if e.is_dir and e.info.st_dev == top.dev  # never cross into another filesystem
+        ]
+        stack.extend(reversed(children))
+        yield folder, entries
+
+
+def _classify_folder(
+    folder: FolderRef,
+    entries: list[Listed],
+    patterns: Sequence[str],
+    writers: _OpenForWriting,
+) -> tuple[FileEntry, ...]:
+    names = {entry.name for entry in entries}
+    wanted = [
+        e
+        for e in entries
+        if not is_sweeper_temp(e.name)
+        and not e.is_dir
+        and any(fnmatch.fnmatchcase(e.name, p) for p in patterns)
+    ]
+    if not wanted:
+        return ()
+    try:
+        fd = open_folder(folder)
+    except (OSError, FileRefused):
+        return ()
+    try:
+        symlink_targets = _symlink_targets(fd, wanted)
+        classified = []
+        for entry in wanted:
+            file = _classify_file(fd, folder, entry, names, writers)
+            if (file.dev, file.ino) in symlink_targets and file.pinned is None:
+                file = _replace(file, pinned="target of a symlink")
+            classified.append(file)
+        return tuple(classified)
+    finally:
+        os.close(fd)
+
+
+def _symlink_targets(fd: int, entries: list[Listed]) -> set[tuple[int, int]]:
+    """(dev, ino) of the files symlinks in this folder point at: stat only, nothing opened."""
+    targets = set()
+    for entry in entries:
+        if entry.is_symlink:
+            try:
+                info = os.stat(entry.name, dir_fd=fd, follow_symlinks=True)
+            except OSError:
+                continue
+            targets.add((info.st_dev, info.st_ino))
+    return targets
+
+
+def _replace(file: FileEntry, **changes: object) -> FileEntry:
+    import dataclasses
+
+    return dataclasses.replace(file, **changes)  # type: ignore[arg-type]
+
+
+def _classify_file(
+    dir_fd: int,
+    folder: FolderRef,
+    entry: Listed,
+    names: set[str],
+    writers: _OpenForWriting,
+) -> FileEntry:
+    display = os.path.join(folder.display, entry.name)
+    listed = entry.info
+    base = FileEntry(
+        entry.name,
+        display,
+        listed.st_dev,
+        listed.st_ino,
+        listed.st_size,
+        listed.st_mtime_ns,
+        listed.st_nlink,
+        listed.st_uid,
+        None,
+        None,
+    )
+    if entry.is_symlink:
+        return _replace(base, symlink=True, problem="a symlink: never followed")
+    pinned = f"pinned by {entry.name}{KEEP_SUFFIX}" if entry.name + KEEP_SUFFIX in names else None
+    try:
+        fd, info = open_regular(entry.name, dir_fd, display)
+    except FileRefused as error:
+        return _replace(base, problem=error.reason, pinned=pinned)
+    try:
+        if (info.st_dev, info.st_ino) != (listed.st_dev, listed.st_ino):
+            return _replace(base, problem="replaced while scanning", pinned=pinned)
+        base = _replace(base, size=info.st_size, mtime_ns=info.st_mtime_ns, nlink=info.st_nlink)
+        if pinned is None and _flock_held(fd):
+            pinned = "pinned by a shared flock"
+        writing = writers.holds(fd, info)
+        if writing:
+            return _replace(
+                base, problem="open for writing by a process", pinned=pinned, writing=True
+            )
+        return _replace(_read_checkpoint(fd, dir_fd, base, names), pinned=pinned)
+    finally:
+        os.close(fd)
+
+
+def _read_checkpoint(fd: int, dir_fd: int, base: FileEntry, names: set[str]) -> FileEntry:
+    own = is_sweeper_output(base.name)
+    try:
+        checkpoint = torchzip.open_checkpoint(fd, base.display)
+    except FileRefused as error:
+        return _replace(base, problem=error.reason, own_output=own)
+    metric = _headline_metric(checkpoint.metrics)
+    file = _replace(
+        base,
+        kind=checkpoint.kind,
+        epoch=checkpoint.epoch,
+        step=checkpoint.step,
+        metric=metric,
+        own_output=own,
+    )
+    if checkpoint.kind is not Kind.FULL or own:
+        return file
+    try:
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+    except FileRefused as error:
+        return _replace(file, problem=error.reason)
+    copy_name = output_name(base.name, Mode.INFERENCE)
+    copy = _copy_state(dir_fd, copy_name, plan, base.display) if copy_name in names else None
+    return _replace(
+        file, output_bytes=plan.total_size, copy=copy or CopyState(copy_name, False, False)
+    )
+
+
+def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:
+    for name, value in metrics:
+        if name == "best_val_acc":
+            return (name, value)
+    return metrics[0] if metrics else None
+
+
+def _copy_state(dir_fd: int, name: str, plan: torchzip.OutputPlan, display: str) -> CopyState:
+    copy_display = os.path.join(os.path.dirname(display), name)
+    try:
+        fd, _ = open_regular(name, dir_fd, copy_display)
+    except FileRefused as error:
+        return CopyState(name, True, False, error.reason)
+    try:
+        matches = torchzip.archive_matches_plan(fd, plan, copy_display)
+    except FileRefused as error:
+        return CopyState(name, True, False, error.reason)
+    finally:
+        os.close(fd)
+    return CopyState(name, True, matches, None if matches else "differs from this checkpoint")
+
+
+def _flock_held(fd: int) -> bool:
+    """True when another process holds a flock on the file (a user's pin, as systemd-tmpfiles
+    honours it).  Probing takes and drops a non-blocking exclusive lock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+class _OpenForWriting:
+    """Whether any process holds a file open for writing.
+
+    First choice is a read lease (``F_SETLEASE``), which the kernel grants only while no one has
+    the file open for writing; where leases are refused (not the owner and no CAP_LEASE, network
+    filesystems) it falls back to one scan of ``/proc/*/fdinfo`` per sweep.
+    """
+
+    def __init__(self) -> None:
+        self._proc: set[tuple[int, int]] | None = None
+
+    def holds(self, fd: int, info: os.stat_result) -> bool:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return False
+        if self._proc is None:
+            self._proc = open_for_writing_by_proc()
+        return (info.st_dev, info.st_ino) in self._proc
+
+
+def open_for_writing_by_proc() -> set[tuple[int, int]]:
+    """(dev, ino) of every file some process can see open for writing, from /proc."""
+    found: set[tuple[int, int]] = set()
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        base = f"/proc/{pid}"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"{base}/fdinfo/{fd}", encoding="ascii") as info:
+                    flags = next(
+                        (int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0
+                    )
+                if flags & (os.O_WRONLY | os.O_RDWR):
+                    target = os.stat(f"{base}/fd/{fd}")
+                    found.add((target.st_dev, target.st_ino))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
