@@ -24,8 +24,9 @@ from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperErro
 from sweeper.execute import execute_plan
 from sweeper.extract import Located, extract, open_regular, output_name
 from sweeper.inventory import scan
-from sweeper.ledger import Ledger, read_ledger, summarise
+from sweeper.ledger import AppendEach, action_lock, read_ledger, summarise
 from sweeper.logs import configure_logging
+from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.signals import StopFlag, install_stop_handlers
 from sweeper.torchzip import Mode
@@ -125,16 +126,37 @@ def _inspect_one(path: str) -> tuple[str, dict[str, object]]:
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """Config file, then KEY=VALUE overrides, then the dedicated flags; ROOTs replace roots."""
+def _config_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str], list[str]]:
+    """Config file, KEY=VALUE overrides (then the dedicated flags), and ROOTs replacing roots."""
     overrides = [a for a in args.items if _OVERRIDE.match(a)]
     roots = [a for a in args.items if not _OVERRIDE.match(a)]
     if getattr(args, "keep_full", None) is not None:
         overrides.append(f"keep_full={args.keep_full}")
     if getattr(args, "ledger", None) is not None:
-        overrides.append(f"ledger={args.ledger!r}")
-    config = Path(args.config) if args.config else None
+        overrides.append(f"ledger={_yaml_literal(args.ledger)}")
+    return (Path(args.config) if args.config else None), overrides, roots
+
+
+def _yaml_literal(text: str) -> str:
+    """``text`` as an override value OmegaConf reads back verbatim: a YAML single-quoted
+    string (no escapes but ``''``), with interpolation escaped.  ``repr`` is not YAML: it doubled
+    backslashes."""
+    unresolved = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return "'" + unresolved.replace("'", "''") + "'"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    config, overrides, roots = _config_inputs(args)
     return load_settings(config, overrides, roots=roots)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from sweeper.daemon import Watcher  # watchdog is imported only by the daemon
+
+    config, overrides, roots = _config_inputs(args)
+    watcher = Watcher(config, overrides, roots, Notifier.from_environment(os.environ))
+    watcher.install_signal_handlers()
+    return watcher.run()
 
 
 class _Progress:
@@ -180,10 +202,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         plan = plan_now()
         print(report.to_json(report.plan_json(plan)) if args.json else report.plan_text(plan))
         return EXIT_INTERRUPTED if stop() else EXIT_OK
-    # The ledger's writer lock is held from scan to the last action: two sweeps (or a sweep and
-    # the daemon) never act on the same tree at once, and the second sees the first's results.
-    with Ledger.open(settings.ledger) as ledger:
+    # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
+    # and the daemon) never act on the same tree at once, and the second sees the first's results.
+    with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
+        if not locked:
+            return EXIT_INTERRUPTED
         plan = plan_now()
+        ledger = AppendEach(str(settings.ledger))
         result = execute_plan(
             plan, ledger, run_id=uuid.uuid4().hex[:12], should_stop=stop, progress=progress.executed
         )
@@ -226,10 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep disks from filling with PyTorch training checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"sweeper {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log detail"
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="write the inference copy of one full checkpoint")
+    p = sub.add_parser(
+        "extract", parents=[common], help="write the inference copy of one full checkpoint"
+    )
     p.add_argument("src", metavar="SRC", help="full training checkpoint")
     p.add_argument("-o", "--output", metavar="OUT", help="output path (default: beside SRC)")
     p.add_argument(
@@ -245,12 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("inspect", help="what a checkpoint holds, without reading its tensors")
+    p = sub.add_parser(
+        "inspect", parents=[common], help="what a checkpoint holds, without reading its tensors"
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("sweep", help="extract, keep the newest full checkpoints, delete older")
+    p = sub.add_parser(
+        "sweep", parents=[common], help="extract, keep the newest full checkpoints, delete older"
+    )
     p.add_argument(
         "items",
         nargs="*",
@@ -264,7 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("ledger", help="totals of reclaimed space from the ledger")
+    p = sub.add_parser(
+        "watch", parents=[common], help="the daemon: extract and prune as checkpoints appear"
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="ROOT|KEY=VALUE",
+        help="folders to watch (replace config roots) and config overrides",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -276,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse hands a nargs="*" positional only its first run of words, so in
+    # `sweep ROOT --json KEY=VALUE` the KEY=VALUE comes back unparsed: give it to `items`.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        items = getattr(args, "items", None)
+        if not isinstance(items, list) or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        items.extend(extra)
     configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -25,7 +25,7 @@ from sweeper.extract import (
 )
 from sweeper.inventory import FolderRef, open_folder
 from sweeper.ledger import Action as LedgerAction
-from sweeper.ledger import Ledger, Metric, new_record, user_name
+from sweeper.ledger import Metric, RecordSink, new_record, user_name
 from sweeper.plan import PlanEntry, SweepPlan
 from sweeper.policy import Action
 from sweeper.torchzip import Interrupted, Mode
@@ -68,7 +68,7 @@ def _utc_now() -> datetime:
 
 @dataclass
 class _Context:
-    ledger: Ledger
+    ledger: RecordSink
     run_id: str
     clock: Callable[[], datetime]
     should_stop: Callable[[], bool]
@@ -106,7 +106,7 @@ class _Context:
 
 def execute_plan(
     plan: SweepPlan,
-    ledger: Ledger,
+    ledger: RecordSink,
     *,
     run_id: str,
     clock: Callable[[], datetime] = _utc_now,
@@ -117,8 +117,8 @@ def execute_plan(
 
     Per file, in this order: extract the inference copy (or, if it already exists, re-verify it
     in full) -> ledger record of the copy -> ledger intent to delete -> delete (only if the name
-    still refers to the scanned file) -> ledger outcome.  Callers hold ``ledger`` open, which
-    also serialises sweeps and the daemon.
+    still refers to the scanned file) -> ledger outcome.  Callers hold the action lock
+    (``ledger.action_lock``) from before the scan, so no other actor works on the same files.
     """
     context = _Context(ledger, run_id, clock, should_stop)
     work = [e for e in plan.entries if e.action in (Action.EXTRACT, Action.DELETE)]

@@ -178,6 +178,8 @@ def scan(
     problems: list[tuple[str, str]] = []
     writers = _OpenForWriting()
     seen_folders: set[tuple[int, int]] = set()
+    # A symlink anywhere under the roots pins its target, wherever that target sits.
+    symlink_targets: set[tuple[int, int]] = set()
     files_seen = 0
     for pattern in roots:
         try:
@@ -192,13 +194,25 @@ def scan(
                 if (folder.dev, folder.ino) in seen_folders:
                     continue
                 seen_folders.add((folder.dev, folder.ino))
+                symlink_targets |= _folder_symlink_targets(folder, files)
                 entries = _classify_folder(folder, files, patterns, writers)
                 if entries:
                     runs.append(RunFolder(pattern, folder, entries))
                     files_seen += len(entries)
                     if progress is not None:
                         progress(files_seen)
-    return Inventory(tuple(runs), tuple(problems))
+    pinned_runs = tuple(_pin_symlink_targets(run, symlink_targets) for run in runs)
+    return Inventory(pinned_runs, tuple(problems))
+
+
+def _pin_symlink_targets(run: RunFolder, targets: set[tuple[int, int]]) -> RunFolder:
+    files = tuple(
+        _replace(file, pinned="target of a symlink")
+        if (file.dev, file.ino) in targets and file.pinned is None and not file.symlink
+        else file
+        for file in run.files
+    )
+    return RunFolder(run.root, run.folder, files)
 
 
 @dataclass(frozen=True)
@@ -226,6 +240,55 @@ def _list(fd: int) -> list[Listed]:
             continue  # vanished between readdir and stat
     listed.sort(key=lambda item: item.name)
     return listed
+
+
+def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | None:
+    """The configured root and safe reference for ``path``, a folder below one of the roots as
+    the observer reported it; None when it is not below any (or is reached through a symlink)."""
+    for pattern in roots:
+        try:
+            tops = list(expand_root(pattern))
+        except OSError:
+            continue
+        for top in tops:
+            base = top.display.rstrip("/") + "/"
+            if path != top.display and not path.startswith(base):
+                continue
+            folder = top
+            relative = path[len(base) :] if path != top.display else ""
+            try:
+                for name in [part for part in relative.split("/") if part]:
+                    fd = open_folder(folder)
+                    try:
+                        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    finally:
+                        os.close(fd)
+                    if not stat.S_ISDIR(info.st_mode) or info.st_dev != top.dev:
+                        return None
+                    folder = folder.child(name, info)
+            except (OSError, FileRefused):
+                return None
+            return pattern, folder
+    return None
+
+
+def scan_folder(roots: Sequence[str], patterns: Sequence[str], path: str) -> Inventory:
+    """Like ``scan``, for the one run folder at ``path`` (not its subfolders)."""
+    located = locate_folder(roots, path)
+    if located is None:
+        return Inventory((), ((path, "not a folder below the configured roots"),))
+    pattern, folder = located
+    try:
+        fd = open_folder(folder)
+    except (OSError, FileRefused) as error:
+        reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
+        return Inventory((), ((path, f"cannot open folder: {reason}"),))
+    try:
+        entries = _list(fd)
+    finally:
+        os.close(fd)
+    files = _classify_folder(folder, entries, patterns, _OpenForWriting())
+    return Inventory((RunFolder(pattern, folder, files),) if files else (), ())
 
 
 def _walk(
@@ -275,28 +338,31 @@ def _classify_folder(
     except (OSError, FileRefused):
         return ()
     try:
-        symlink_targets = _symlink_targets(fd, wanted)
-        classified = []
-        for entry in wanted:
-            file = _classify_file(fd, folder, entry, names, writers)
-            if (file.dev, file.ino) in symlink_targets and file.pinned is None:
-                file = _replace(file, pinned="target of a symlink")
-            classified.append(file)
-        return tuple(classified)
+        return tuple(_classify_file(fd, folder, entry, names, writers) for entry in wanted)
     finally:
         os.close(fd)
 
 
-def _symlink_targets(fd: int, entries: list[Listed]) -> set[tuple[int, int]]:
-    """(dev, ino) of the files symlinks in this folder point at: stat only, nothing opened."""
+def _folder_symlink_targets(folder: FolderRef, entries: list[Listed]) -> set[tuple[int, int]]:
+    """(dev, ino) of what every symlink in this folder points at, whatever its name: stat
+    only, nothing opened."""
+    links = [entry for entry in entries if entry.is_symlink]
+    if not links:
+        return set()
+    try:
+        fd = open_folder(folder)
+    except (OSError, FileRefused):
+        return set()
     targets = set()
-    for entry in entries:
-        if entry.is_symlink:
+    try:
+        for entry in links:
             try:
                 info = os.stat(entry.name, dir_fd=fd, follow_symlinks=True)
             except OSError:
                 continue
             targets.add((info.st_dev, info.st_ino))
+    finally:
+        os.close(fd)
     return targets
 
 

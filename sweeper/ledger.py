@@ -29,11 +29,12 @@ import os
 import pwd
 import socket
 import stat
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from sweeper.errors import AlreadyRunning, FileRefused
 
@@ -44,6 +45,7 @@ FORMAT_VERSION: Final = 1
 
 LOCK_SUFFIX: Final = ".lock"
 INSTANCE_LOCK_SUFFIX: Final = ".pid"
+ACTION_LOCK_SUFFIX: Final = ".actions.lock"
 
 _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
@@ -499,6 +501,59 @@ def append_record(path: str | os.PathLike[str], record: LedgerRecord) -> None:
     """Append one record under the writer lock (single write, fsynced)."""
     with Ledger.open(path) as ledger:
         ledger.append(record)
+
+
+class RecordSink(Protocol):
+    """Where an executor writes its records: an open ``Ledger`` or ``AppendEach``."""
+
+    def append(self, record: LedgerRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class AppendEach:
+    """Appends each record under the writer lock taken for that record alone (the daemon's way:
+    it never holds the writer lock while it works)."""
+
+    path: str
+
+    def append(self, record: LedgerRecord) -> None:
+        append_record(self.path, record)
+
+
+def action_lock_path_for(ledger_path: str | os.PathLike[str]) -> str:
+    """The lock that keeps actors sharing a ledger from acting on the same tree at once."""
+    return os.fspath(ledger_path) + ACTION_LOCK_SUFFIX
+
+
+@contextlib.contextmanager
+def action_lock(
+    ledger_path: str | os.PathLike[str],
+    *,
+    exclusive: bool,
+    should_stop: Callable[[], bool] = lambda: False,
+    poll_seconds: float = 0.2,
+) -> Iterator[bool]:
+    """Hold the action lock: exclusive for a whole sweep, shared for one daemon work item.
+
+    flock locks belong to open file descriptions, so the daemon's own work items (shared) and its
+    full rescans (exclusive) coordinate exactly like separate processes do.  Waits without
+    blocking signals: yields False (lock not taken) if ``should_stop`` turns true first.
+    """
+    fd = _open_private(action_lock_path_for(ledger_path), os.O_RDWR, create=True)
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if should_stop():
+                    yield False
+                    return
+                time.sleep(poll_seconds)
+        yield True
+    finally:
+        os.close(fd)
 
 
 class InstanceLock:

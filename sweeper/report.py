@@ -6,6 +6,7 @@ Only this module formats sizes for humans (binary units, labelled); JSON keeps r
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 from sweeper.execute import SweepReport
@@ -62,7 +63,7 @@ def extract_json(result: ExtractResult) -> dict[str, object]:
         "deleted_original": result.bytes_deleted > 0,
         "seconds": round(result.seconds, 6),
         "epoch": result.epoch,
-        "metrics": dict(result.metrics),
+        "metrics": _metrics_json(result.metrics),
     }
 
 
@@ -84,7 +85,7 @@ def inspect_json(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> dict[str, 
         "file_bytes": checkpoint.file_size,
         "epoch": checkpoint.epoch,
         "step": checkpoint.step,
-        "metrics": dict(checkpoint.metrics),
+        "metrics": _metrics_json(checkpoint.metrics),
         "keys": [
             {"key": k.key, "role": k.role, "tensor_bytes": k.tensor_bytes, "tensors": k.tensors}
             for k in checkpoint.keys
@@ -99,19 +100,41 @@ def inspect_json(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> dict[str, 
     }
 
 
+def _metrics_json(metrics: Sequence[tuple[str, float]]) -> dict[str, float | str]:
+    """Strict JSON has no NaN or Infinity (a run's initial best loss is often inf): they are
+    spelled as strings, as the ledger spells them."""
+    return {key: _finite_or_name(value) for key, value in metrics}
+
+
+def _finite_or_name(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
 def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> str:
+    # Key and metric names come from the file: escaped so a hostile one cannot drive the terminal.
     lines = [
-        f"{checkpoint.path}: {checkpoint.kind.value}, {human_size(checkpoint.file_size)}",
+        f"{printable(checkpoint.path)}: {checkpoint.kind.value}, "
+        f"{human_size(checkpoint.file_size)}",
         "  integrity: archive complete, directory consistent, data.pkl CRC verified",
     ]
-    if checkpoint.epoch is not None or checkpoint.step is not None:
-        lines.append(f"  epoch: {checkpoint.epoch}  step: {checkpoint.step}")
+    progress = [
+        (name, value)
+        for name, value in (("epoch", checkpoint.epoch), ("step", checkpoint.step))
+        if value is not None
+    ]
+    if progress:
+        lines.append("  " + "  ".join(f"{name}: {value}" for name, value in progress))
     if checkpoint.metrics:
-        lines.append("  metrics: " + ", ".join(f"{k}={v:g}" for k, v in checkpoint.metrics))
+        lines.append(
+            "  metrics: " + ", ".join(f"{printable(k)}={v:g}" for k, v in checkpoint.metrics)
+        )
     if checkpoint.keys:
         rows = [["key", "role", "tensors", "bytes"]]
         rows += [
-            [k.key, k.role, str(k.tensors), human_size(k.tensor_bytes)] for k in checkpoint.keys
+            [printable(k.key), k.role, str(k.tensors), human_size(k.tensor_bytes)]
+            for k in checkpoint.keys
         ]
         lines += ["  " + line for line in table(rows, frozenset({2, 3})).splitlines()]
     if checkpoint.kind is Kind.FULL:
@@ -157,12 +180,12 @@ def plan_text(plan: SweepPlan) -> str:
             [
                 entry.action.value,
                 human_size(entry.reclaimed_bytes) if entry.reclaimed_bytes else "-",
-                entry.path,
-                entry.reason,
+                printable(entry.path),
+                printable(entry.reason),
             ]
         )
     lines = [table(rows, frozenset({1}))] if plan.entries else ["no checkpoints found"]
-    lines += [f"problem: {path}: {reason}" for path, reason in plan.problems]
+    lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
         f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
@@ -201,12 +224,12 @@ def sweep_text(plan: SweepPlan, result: SweepReport) -> str:
             [
                 ("ok " if o.ok else "FAIL ") + o.entry.action.value,
                 human_size(o.reclaimed_bytes),
-                o.entry.path,
-                o.detail,
+                printable(o.entry.path),
+                printable(o.detail),
             ]
         )
     lines = [table(rows, frozenset({1}))] if result.outcomes else ["nothing to do"]
-    lines += [f"problem: {path}: {reason}" for path, reason in plan.problems]
+    lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     skipped = plan.count(Action.SKIP)
     lines.append(
         f"swept: {len(result.outcomes) - result.failures} done, {result.failures} failed, "

@@ -881,10 +881,20 @@ def _portable_metadata(value: object, key: str, path: str) -> object:
             raise FileRefused(path, f"metadata key {key!r} holds an unsupported numpy scalar")
         return number
     for item in _walk(value):
-        if isinstance(item, NumpyArray | NumpyScalar | NumpyDtype | InertObject | PathValue):
-            raise FileRefused(
-                path, f"metadata key {key!r} holds a {type(item).__name__}, not loadable safely"
-            )
+        # frozenset, defaultdict and classes are not on torch's weights_only allowlist either.
+        if isinstance(
+            item,
+            NumpyArray
+            | NumpyScalar
+            | NumpyDtype
+            | InertObject
+            | PathValue
+            | frozenset
+            | TypeRef
+            | InertDefaultDict,
+        ):
+            what = "defaultdict" if isinstance(item, InertDefaultDict) else type(item).__name__
+            raise FileRefused(path, f"metadata key {key!r} holds a {what}, not loadable safely")
     return value
 
 
@@ -944,7 +954,10 @@ def plan_output(checkpoint: Checkpoint, mode: Mode) -> OutputPlan:
     """Lay out the output archive: a new data.pkl and the storage records it references."""
     selected = select_output(checkpoint, mode)
     writer = _PickleWriter()
-    pickled = writer.dump(selected)
+    try:
+        pickled = writer.dump(selected)
+    except _MalformedPickle as error:
+        raise FileRefused(checkpoint.path, f"cannot write the output: {error}") from None
     byteorder = b"little"
     if "byteorder" in checkpoint.archive.records:
         byteorder = b"big" if checkpoint.archive.records["byteorder"].size == 3 else b"little"
@@ -1005,8 +1018,8 @@ def _layout(entries: list[OutputEntry]) -> tuple[list[tuple[int, bytes, bytes]],
         header = _local_header(name, offset, entry)
         descriptor = _descriptor(offset, entry)
         placed.append((offset, header, descriptor))
-        offset += len(header) + entry.size + len(descriptor)
         central += _CENTRAL.size + len(name) + len(_central_extra(offset, entry))
+        offset += len(header) + entry.size + len(descriptor)
     tail = _ZIP64_EOCD.size + _ZIP64_LOCATOR.size + _EOCD.size
     return placed, offset + central + tail
 
@@ -1220,6 +1233,10 @@ def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> list[objec
                 visit(v)
         elif isinstance(item, DtypeRef):
             out.append(("dtype", item.name))
+        elif isinstance(item, SizeRef):
+            out.append(("size", item.dims))
+        elif isinstance(item, DeviceRef):
+            out.append(("device", item.args))
         elif isinstance(item, float) and item != item:
             out.append(("float", "nan"))
         else:
