@@ -1,0 +1,404 @@
+"""Extraction benchmark (issue 2): sweeper against the seed guide's method and against `cp`.
+
+    python bench/bench_extract.py [--rounds R] [--workdir DIR] [--keep] [--json]
+
+Builds (with bench/make_checkpoint.py) a full training checkpoint the size of the seed guide's
+(84M fp32 parameters + AdamW state after one step + scheduler + OmegaConf config: ~1.0 GB) and
+one a quarter of its size, then times, as whole processes, interleaved for R rounds:
+
+  seed             python bench/seed_method.py SRC OUT  (torch.load + torch.save, no fsync)
+  sweeper          sweeper extract SRC -o OUT   (copy, fsync, verify, rename, fsync dir)
+  floor            cp F OUT && sync OUT         (F: a file exactly the size of sweeper's output)
+  sweeper-quarter  sweeper extract on the quarter-size checkpoint (is peak RSS flat in size?)
+
+Wall time is measured around each process, spawn to reap.  Peak RSS is the command's own
+ru_maxrss, taken through GNU time (``run_process`` says why not this process's wait4).
+Sources are warm in the page cache for every method: one untimed read of each file and one
+untimed run of seed and sweeper come first.  Before every timed run the previous output is
+removed and the system synced, so no run pays for another's writeback.
+
+A benchmark, not a test (STYLE.md rule 15): it prints ratios against the issue's targets and
+never fails on them; it exits non-zero only if a command fails.  Progress goes to stderr; the
+table (or, with --json, one JSON object) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_WORKDIR = os.path.join(BENCH_DIR, "out", "extract")
+
+# The seed guide's checkpoint: a ~332 MB model in a ~997 MB file.  5 x Linear(4096, 4096) is
+# 83,906,560 parameters; the quarter-size one (2048 wide) shows whether memory stays flat.
+FULL_SHAPE = (4096, 5)
+QUARTER_SHAPE = (2048, 5)
+
+TARGET_SWEEPER_OVER_SEED = 0.25
+TARGET_SWEEPER_OVER_FLOOR = 1.5
+TARGET_SWEEPER_PEAK_MIB = 64.0
+
+METHODS = ("seed", "sweeper", "floor", "sweeper-quarter")
+MIB = 1024 * 1024
+
+# Children may cache bytecode, as a normal install does.  A sandbox that sets
+# PYTHONDONTWRITEBYTECODE leaves an editable sweeper recompiling its modules on every start
+# (torch's and omegaconf's caches were written at install time), which would tilt the race.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+@dataclass(frozen=True)
+class Run:
+    wall_s: float
+    peak_rss_kib: int
+
+
+@dataclass
+class Series:
+    """Every timed run of one method, filled in round by round."""
+
+    method: str
+    command: str
+    output_bytes: int
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def median_wall_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.runs)
+
+    @property
+    def median_peak_mib(self) -> float:
+        return statistics.median(r.peak_rss_kib for r in self.runs) / 1024
+
+
+@dataclass(frozen=True)
+class Ratio:
+    name: str
+    value: float
+    target_max: float | None  # None: reported, no target
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target_max is None else self.value <= self.target_max
+
+
+@dataclass(frozen=True)
+class Result:
+    rounds: int
+    source_bytes: int
+    quarter_source_bytes: int
+    series: tuple[Series, ...]
+    bench_self_peak_rss_kib: int
+    sources_digest: str  # before the first run and after the last; both if they differ
+
+    def method(self, name: str) -> Series:
+        return next(s for s in self.series if s.method == name)
+
+    @property
+    def ratios(self) -> tuple[Ratio, ...]:
+        seed, sweeper = self.method("seed"), self.method("sweeper")
+        floor, quarter = self.method("floor"), self.method("sweeper-quarter")
+        return (
+            Ratio("sweeper / seed wall", sweeper.median_wall_s / seed.median_wall_s,
+                  TARGET_SWEEPER_OVER_SEED),
+            Ratio("sweeper / floor wall", sweeper.median_wall_s / floor.median_wall_s,
+                  TARGET_SWEEPER_OVER_FLOOR),
+            Ratio("sweeper peak RSS MiB", sweeper.median_peak_mib, TARGET_SWEEPER_PEAK_MIB),
+            Ratio("sweeper peak RSS MiB, quarter size", quarter.median_peak_mib, None),
+            Ratio("seed peak RSS MiB", seed.median_peak_mib, None),
+        )  # fmt: skip
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def find_gnu_time() -> str | None:
+    path = "/usr/bin/time"
+    if not os.access(path, os.X_OK):
+        return None
+    probe = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return path if "GNU" in probe.stdout + probe.stderr else None
+
+
+GNU_TIME = find_gnu_time()
+
+
+def run_process(argv: Sequence[str], log_path: str) -> Run:
+    """Run one process to completion: wall time from spawn to reap, and its peak RSS.
+
+    The kernel carries a process's RSS high-water mark across exec, so a child spawned straight
+    from this Python process never reports less than this process's own RSS (~15 MiB; `cp`
+    would read as that).  GNU time, itself tiny, forks the command and reports the command's
+    own ru_maxrss from its wait4; without GNU time this process's wait4 figure is used.
+    """
+    rss_file = log_path + ".rss"
+    wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv] if GNU_TIME else list(argv)
+    with open(log_path, "ab") as log:
+        started = time.perf_counter()
+        child = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=log, env=CHILD_ENV)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
+    if child.returncode != 0:
+        raise CommandFailed(f"{' '.join(argv)} exited {child.returncode}; see {log_path}")
+    peak_kib = usage.ru_maxrss
+    if GNU_TIME:
+        with open(rss_file) as report:
+            peak_kib = int(report.read().split()[-1])
+        os.unlink(rss_file)
+    return Run(wall, peak_kib)
+
+
+def run_sequence(commands: Sequence[Sequence[str]], log_path: str) -> Run:
+    """Processes one after another, timed as one: wall times add up, peak RSS is the max."""
+    runs = [run_process(argv, log_path) for argv in commands]
+    return Run(sum(r.wall_s for r in runs), max(r.peak_rss_kib for r in runs))
+
+
+def read_through(path: str) -> None:
+    """Pull a file into the page cache without holding it in this process."""
+    buffer = bytearray(1 << 20)
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+
+
+def remove(path: str) -> None:
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def sweeper_command() -> list[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "sweeper")
+    if os.access(beside, os.X_OK):
+        return [beside]
+    found = shutil.which("sweeper")
+    return [found] if found else [sys.executable, "-m", "sweeper"]
+
+
+def build_checkpoint(path: str, shape: tuple[int, int], log_path: str) -> None:
+    if os.path.exists(path):  # make_checkpoint.py writes atomically: a file here is whole
+        print(f"reusing {path}", file=sys.stderr)
+        return
+    width, layers = shape
+    print(f"building {path} ({layers} x Linear({width}, {width}) + AdamW) ...", file=sys.stderr)
+    maker = os.path.join(BENCH_DIR, "make_checkpoint.py")
+    argv = [sys.executable, maker, path, "--width", str(width), "--layers", str(layers)]
+    run = run_process(argv, log_path)
+    print(f"  built in {run.wall_s:.1f} s, peak RSS {run.peak_rss_kib / 1024:.0f} MiB",
+          file=sys.stderr)  # fmt: skip
+
+
+def benchmark(rounds: int, workdir: str, keep: bool) -> Result:
+    os.makedirs(workdir, exist_ok=True)
+    log = os.path.join(workdir, "stderr.log")
+    full = os.path.join(workdir, "full-{}x{}.pt".format(*FULL_SHAPE))
+    quarter = os.path.join(workdir, "quarter-{}x{}.pt".format(*QUARTER_SHAPE))
+    floor_source = os.path.join(workdir, "floor-source.bin")
+    outputs = {m: os.path.join(workdir, f"out-{m}.pt") for m in METHODS}
+    sweeper = sweeper_command()
+    seed = [sys.executable, os.path.join(BENCH_DIR, "seed_method.py")]
+    commands: dict[str, list[list[str]]] = {
+        "seed": [[*seed, full, outputs["seed"]]],
+        "sweeper": [[*sweeper, "extract", full, "-o", outputs["sweeper"]]],
+        "floor": [["cp", floor_source, outputs["floor"]], ["sync", outputs["floor"]]],
+        "sweeper-quarter": [[*sweeper, "extract", quarter, "-o", outputs["sweeper-quarter"]]],
+    }
+    digest_before = sweeper_sources_digest()
+    created = [floor_source, *outputs.values()]
+    if not keep:
+        created += [full, quarter]
+    succeeded = False
+    try:
+        build_checkpoint(full, FULL_SHAPE, log)
+        build_checkpoint(quarter, QUARTER_SHAPE, log)
+
+        print("warming up (untimed) ...", file=sys.stderr)
+        for path in (full, quarter):
+            read_through(path)
+        for method in ("seed", "sweeper", "sweeper-quarter"):
+            run_sequence(commands[method], log)
+        # The floor copies a file of exactly the size sweeper writes: sweeper's own output.
+        os.replace(outputs["sweeper"], floor_source)
+        read_through(floor_source)
+        sizes = {m: os.path.getsize(outputs[m]) for m in ("seed", "sweeper-quarter")}
+        sizes["sweeper"] = sizes["floor"] = os.path.getsize(floor_source)
+        for path in outputs.values():
+            remove(path)
+        os.sync()
+
+        series = {
+            m: Series(m, " && ".join(" ".join(argv) for argv in commands[m]), sizes[m])
+            for m in METHODS
+        }
+        for number in range(1, rounds + 1):
+            for method in METHODS:
+                run = run_sequence(commands[method], log)
+                written = os.path.getsize(outputs[method])
+                if written != sizes[method]:
+                    raise CommandFailed(f"{method} wrote {written} bytes, not {sizes[method]}")
+                series[method].runs.append(run)
+                print(f"round {number}/{rounds}  {method:<16} {run.wall_s:7.3f} s  "
+                      f"{run.peak_rss_kib / 1024:7.1f} MiB", file=sys.stderr)  # fmt: skip
+                remove(outputs[method])
+                os.sync()  # untimed: the next run starts with nothing dirty
+        result = Result(
+            rounds,
+            os.path.getsize(full),
+            os.path.getsize(quarter),
+            tuple(series.values()),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            describe_digests(digest_before, sweeper_sources_digest()),
+        )
+        succeeded = True
+        return result
+    finally:
+        if succeeded:
+            created.append(log)  # kept on failure: it holds the failing command's stderr
+        for path in created:
+            remove(path)
+        if not keep and not os.listdir(workdir):
+            os.rmdir(workdir)
+
+
+def filesystem_of(path: str) -> str:
+    """The device and filesystem type holding ``path``, from /proc/mounts."""
+    best = ("", "?", "?")
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                device, mount_point, fs_type = line.split()[:3]
+                inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best[0]):
+                    best = (mount_point, device, fs_type)
+    except OSError:
+        pass
+    return f"{best[1]} ({best[2]} on {best[0]})"
+
+
+def machine(workdir: str) -> dict[str, object]:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    cp = subprocess.run(["cp", "--version"], capture_output=True, text=True, check=False)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "cp": cp.stdout.partition("\n")[0],
+        "workdir_filesystem": filesystem_of(workdir),
+    }
+
+
+def sweeper_sources_digest() -> str:
+    """SHA-256 over the package's .py files beside this bench: which code was timed."""
+    package = os.path.join(os.path.dirname(BENCH_DIR), "sweeper")
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            digest.update(name.encode() + b"\0")
+            with open(os.path.join(package, name), "rb") as source:
+                digest.update(source.read())
+    return digest.hexdigest()
+
+
+def describe_digests(before: str, after: str) -> str:
+    if before == after:
+        return before
+    return f"{before[:16]}.. -> {after[:16]}.. (sweeper's sources changed during the run)"
+
+
+def to_json(result: Result, workdir: str) -> dict[str, object]:
+    return {
+        "benchmark": "extract",
+        "rounds": result.rounds,
+        "sweeper_sources_sha256": result.sources_digest,
+        "machine": machine(workdir),
+        "source_bytes": result.source_bytes,
+        "quarter_source_bytes": result.quarter_source_bytes,
+        "peak_rss_from": "GNU time %M" if GNU_TIME else "os.wait4 (includes this process's RSS)",
+        "bench_self_peak_rss_kib": result.bench_self_peak_rss_kib,
+        "methods": {
+            s.method: {
+                "command": s.command,
+                "output_bytes": s.output_bytes,
+                "median_wall_s": round(s.median_wall_s, 4),
+                "median_peak_rss_kib": round(s.median_peak_mib * 1024),
+                "wall_s": [round(r.wall_s, 4) for r in s.runs],
+                "peak_rss_kib": [r.peak_rss_kib for r in s.runs],
+            }
+            for s in result.series
+        },
+        "ratios": [
+            {"name": r.name, "value": round(r.value, 4), "target_max": r.target_max, "met": r.met}
+            for r in result.ratios
+        ],
+    }
+
+
+def render(result: Result) -> str:
+    lines = [
+        f"source {result.source_bytes / MIB:.1f} MiB "
+        f"(quarter {result.quarter_source_bytes / MIB:.1f} MiB); "
+        f"{result.rounds} interleaved rounds; medians, with min and max wall",
+        f"sweeper sources sha256: {result.sources_digest}",
+        "",
+        f"{'method':<16} {'wall s':>8} {'min':>8} {'max':>8} {'peak RSS MiB':>13} "
+        f"{'output MiB':>11}",
+    ]
+    for s in result.series:
+        walls = [r.wall_s for r in s.runs]
+        lines.append(
+            f"{s.method:<16} {s.median_wall_s:8.3f} {min(walls):8.3f} {max(walls):8.3f} "
+            f"{s.median_peak_mib:13.1f} {s.output_bytes / MIB:11.1f}"
+        )
+    lines.append("")
+    for ratio in result.ratios:
+        verdict = ""
+        if ratio.target_max is not None:
+            verdict = f"  target <= {ratio.target_max:g}: {'met' if ratio.met else 'MISSED'}"
+        lines.append(f"{ratio.name:<36} {ratio.value:8.3f}{verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Time sweeper extract against the seed method.")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (5)")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help="for checkpoints and outputs (bench/out/extract)")  # fmt: skip
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the built checkpoints, and reuse them next time")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    workdir = os.path.abspath(args.workdir)
+    try:
+        result = benchmark(args.rounds, workdir, args.keep)
+    except CommandFailed as error:
+        print(f"bench_extract: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(to_json(result, workdir), indent=2) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
