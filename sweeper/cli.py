@@ -16,20 +16,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sweeper import __version__, report, torchzip
-from sweeper.config import Settings, load_settings
 from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
-from sweeper.execute import execute_plan
 from sweeper.extract import Located, extract, open_regular, output_name
-from sweeper.inventory import scan
-from sweeper.ledger import AppendEach, action_lock, read_ledger, summarise
 from sweeper.logs import configure_logging
-from sweeper.notify import Notifier
-from sweeper.plan import SweepPlan, plan_sweep
-from sweeper.signals import StopFlag, install_stop_handlers
 from sweeper.torchzip import Mode
+
+if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
+    from sweeper.config import Settings
+    from sweeper.plan import SweepPlan
 
 log = logging.getLogger("sweeper")
 
@@ -146,12 +143,15 @@ def _yaml_literal(text: str) -> str:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from sweeper.config import load_settings  # omegaconf: only for commands that read config
+
     config, overrides, roots = _config_inputs(args)
     return load_settings(config, overrides, roots=roots)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
     from sweeper.daemon import Watcher  # watchdog is imported only by the daemon
+    from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
     watcher = Watcher(config, overrides, roots, Notifier.from_environment(os.environ))
@@ -183,6 +183,12 @@ class _Progress:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from sweeper.execute import execute_plan
+    from sweeper.inventory import scan
+    from sweeper.ledger import AppendEach, action_lock
+    from sweeper.plan import plan_sweep
+    from sweeper.signals import StopFlag, install_stop_handlers
+
     settings = _settings(args)
     progress = _Progress(sys.stderr)
     stop = StopFlag()
@@ -221,6 +227,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
+    from sweeper.config import load_settings
+    from sweeper.ledger import read_ledger, summarise
+
     if args.ledger is not None:
         path = Path(args.ledger)
     else:

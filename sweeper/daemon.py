@@ -214,7 +214,10 @@ class Watcher:
     def _lower_priority(self) -> None:
         current = os.nice(0)
         if self.settings.nice > current:
-            os.nice(self.settings.nice - current)
+            try:
+                os.nice(self.settings.nice - current)
+            except OSError as error:  # e.g. a seccomp filter without setpriority
+                log.warning("cannot lower the CPU priority: %s", error.strerror)
         if not lower_io_priority():
             log.debug("could not lower the I/O priority")
 

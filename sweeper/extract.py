@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,7 +187,13 @@ def _write_verified(
             _reserve(out, plan.total_size)
             torchzip.write_output(source_fd, checkpoint, plan, out, should_stop)
             _copy_ownership(out, source_info, target.display)
-            os.fsync(out)
+            # The fsync waits on the disk and the verification's CRC on the CPU: run them side
+            # by side.  The rename below waits for both.
+            syncing = _Fsync(out)
+            try:
+                torchzip.verify_output(out, plan, checkpoint, mode, target.display)
+            finally:
+                syncing.wait()
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FileRefused(
@@ -194,7 +201,6 @@ def _write_verified(
                     f"disk full: no room for the {plan.total_size}-byte output; nothing written",
                 ) from None
             raise FileRefused(target.display, f"write failed: {error.strerror}") from None
-        torchzip.verify_output(out, plan, checkpoint, mode, target.display)
         _refuse_non_file_target(target)
         os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
     except BaseException:
@@ -203,6 +209,26 @@ def _write_verified(
     finally:
         os.close(out)
     os.fsync(target.dir_fd)
+
+
+class _Fsync:
+    """fsync(fd) on a helper thread; ``wait()`` re-raises its error in the caller."""
+
+    def __init__(self, fd: int) -> None:
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(fd,), name="fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as error:
+            self._error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _reserve(fd: int, size: int) -> None:

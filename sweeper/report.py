@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from sweeper.execute import SweepReport
-from sweeper.extract import ExtractResult
-from sweeper.ledger import SummaryRow
-from sweeper.plan import PlanEntry, SweepPlan
 from sweeper.policy import Action
 from sweeper.torchzip import Checkpoint, Kind, Mode
+
+if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one file
+    from sweeper.execute import SweepReport
+    from sweeper.extract import ExtractResult
+    from sweeper.ledger import SummaryRow
+    from sweeper.plan import PlanEntry, SweepPlan
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
