@@ -1,0 +1,67 @@
+"""Shared fixtures: the real CLI as a subprocess, and a folder holding one full checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """One finished ``python -m sweeper`` process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return self.stderr.splitlines()
+
+    def json(self) -> Any:
+        """The one JSON object that is the whole of stdout."""
+        lines = self.stdout.splitlines()
+        assert len(lines) == 1, self.stdout
+        return json.loads(lines[0])
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    cwd: Path | None = None,
+    timeout: float = 60,
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> CliRun:
+    """Run ``sweeper ARGS`` as a real process; ``prefix`` runs it through e.g. setpriv and
+    ``env`` adds variables to the inherited environment."""
+    command = [*prefix, sys.executable, "-m", "sweeper", *(os.fspath(arg) for arg in args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    env.pop("JOURNAL_STREAM", None)
+    done = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return CliRun(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture
+def run_sweeper() -> Callable[..., CliRun]:
+    """``run_sweeper("extract", path, "--json")`` runs the CLI and returns a :class:`CliRun`."""
+    return run_cli
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path: Path) -> Path:
+    """An empty folder for the checkpoint under test, apart from tmp_path's other files."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    return folder

@@ -1,0 +1,179 @@
+"""Hostile checkpoints: real pickles whose loading would run code. sweeper must never run it.
+
+Each payload creates a marker file when unpickled.  One test proves every payload is real
+(``torch.load(weights_only=False)`` in a subprocess creates its marker); the others run
+``sweeper extract`` and ``sweeper inspect`` on the same files and check the marker never
+appears, the global is named, and the folder is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.storage
+from checkpoints import folder_state, full_checkpoint, tiny_model
+from conftest import CliRun
+
+RunSweeper = Callable[..., CliRun]
+
+
+class Call:
+    """Pickles as the call ``func(*args)``: what the author of a hostile checkpoint writes."""
+
+    def __init__(self, func: Callable[..., Any], *args: object) -> None:
+        self.func = func
+        self.args = args
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[object, ...]]:
+        return self.func, self.args
+
+
+def _touch(marker: Path) -> Call:
+    return Call(os.system, f"touch '{marker}'")
+
+
+def _top_level_os_system(path: Path, marker: Path) -> None:
+    torch.save(_touch(marker), path)
+
+
+def _builtins_exec_as_config(path: Path, marker: Path) -> None:
+    code = f"open({str(marker)!r}, 'w').close()"
+    torch.save(full_checkpoint(config=Call(exec, code)), path)
+
+
+def _inside_model_state_dict(path: Path, marker: Path) -> None:
+    weights = tiny_model().state_dict()
+    weights["hidden.extra"] = _touch(marker)
+    torch.save(full_checkpoint(model_state=weights), path)
+
+
+def _nested_load_from_bytes(path: Path, marker: Path) -> None:
+    inner = io.BytesIO()
+    torch.save(_touch(marker), inner)
+    payload = Call(torch.storage._load_from_bytes, inner.getvalue())
+    torch.save(full_checkpoint(extra={"ema": payload}), path)
+
+
+def _protocol_4_stack_global(path: Path, marker: Path) -> None:
+    """A hand-made archive in torch's layout whose pickle names its global with STACK_GLOBAL."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(_touch(marker), protocol=4))
+        archive.writestr("archive/version", "3\n")
+
+
+# name: (builder, a pattern for the global sweeper must name, how the sanity check loads it)
+PAYLOADS: dict[str, tuple[Callable[[Path, Path], None], str, str]] = {
+    "os-system": (_top_level_os_system, r"(posix|os)\.system", "torch"),
+    "builtins-exec": (_builtins_exec_as_config, r"builtins\.exec", "torch"),
+    "in-model-state-dict": (_inside_model_state_dict, r"(posix|os)\.system", "torch"),
+    "load-from-bytes": (_nested_load_from_bytes, r"torch\.storage\._load_from_bytes", "torch"),
+    "stack-global": (_protocol_4_stack_global, r"(posix|os)\.system", "pickle"),
+}
+
+
+def test_every_payload_really_runs_when_loaded_unsafely(tmp_path: Path) -> None:
+    """Without this, the tests below could pass on payloads that do nothing."""
+    loads = []
+    for name, (build, _, loader) in PAYLOADS.items():
+        path, marker = tmp_path / f"{name}.pt", tmp_path / f"{name}.marker"
+        build(path, marker)
+        loads.append((str(path), str(marker), loader))
+    script = textwrap.dedent(
+        """
+        import json, os, pickle, sys, zipfile
+        import torch
+        for path, marker, loader in json.loads(sys.argv[1]):
+            try:
+                if loader == "torch":
+                    torch.load(path, weights_only=False)
+                else:
+                    pickle.loads(zipfile.ZipFile(path).read("archive/data.pkl"))
+            except Exception as error:  # the payload has run (or not) by the time this raises
+                print(path, repr(error), file=sys.stderr)
+            print(path, os.path.exists(marker))
+        """
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(loads)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [word for path, _, _ in loads for word in (path, "True")]
+
+
+@pytest.fixture(params=list(PAYLOADS))
+def hostile(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, str]:
+    """(hostile checkpoint alone in its folder, the marker its payload would create, global)."""
+    build, global_name, _ = PAYLOADS[request.param]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path, marker = folder / "best_model.pt", tmp_path / "MARKER"
+    build(path, marker)
+    return path, marker, global_name
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["extract", "--delete-original", "--json"],
+        ["extract", "--weights-only", "--delete-original"],
+        ["inspect"],
+    ],
+    ids=["extract-delete-json", "weights-delete", "inspect"],
+)
+def test_hostile_pickle_is_refused_naming_its_global(
+    hostile: tuple[Path, Path, str], run_sweeper: RunSweeper, command: list[str]
+) -> None:
+    path, marker, global_name = hostile
+    before = folder_state(path.parent)
+
+    run = run_sweeper(*command, path)
+
+    assert not marker.exists()
+    assert run.returncode == 1
+    assert len(run.stderr_lines) == 1, run.stderr
+    assert re.fullmatch(
+        rf"ERROR sweeper: {re.escape(str(path))}: .*disallowed global '{global_name}'",
+        run.stderr_lines[0],
+    ), run.stderr_lines[0]
+    assert folder_state(path.parent) == before
+    if command == ["extract", "--delete-original", "--json"]:
+        assert run.stdout == ""
+
+
+def test_allowlisted_class_cannot_be_called(tmp_path: Path, run_sweeper: RunSweeper) -> None:
+    """An allowed name is data, not a function: a pickle that calls OmegaConf's DictConfig with
+    arguments (as a payload would to reach its constructor's code) is refused."""
+    from omegaconf import DictConfig
+
+    path = tmp_path / "best_model.pt"
+    torch.save(full_checkpoint(config=Call(DictConfig, {"a": 1})), path)
+    assert isinstance(torch.load(path, weights_only=False)["config"], DictConfig)  # it is real
+    before = folder_state(tmp_path)
+
+    run = run_sweeper("extract", path)
+
+    assert run.returncode == 1
+    assert len(run.stderr_lines) == 1
+    assert run.stderr_lines[0].startswith(f"ERROR sweeper: {path}: malformed pickle")
+    assert "DictConfig cannot be called" in run.stderr_lines[0]
+    assert folder_state(tmp_path) == before

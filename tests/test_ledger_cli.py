@@ -1,0 +1,223 @@
+"""``sweeper ledger``: totals of reclaimed space, as a real process over real ledger files.
+
+The ledger files are written with sweeper's own writer (records with chosen times, roots and
+owners), and once by a real sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from conftest import CliRun
+from trees import days_ago, ledger_lines, outcome_total, save_full
+
+from sweeper.ledger import Action, Ledger, new_record
+
+GiB = 1 << 30
+MiB = 1 << 20
+UTC = timezone.utc
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+# (time, owner, root, action, written, deleted); reclaimed = deleted - written for outcomes.
+RECORDS = [
+    (at("2026-03-01T10:00:00+00:00"), "alice", "/data/a", Action.EXTRACT, 100, 0),
+    (at("2026-03-01T10:00:01+00:00"), "alice", "/data/a", Action.DELETE_INTENT, 0, 0),
+    (at("2026-03-01T10:00:02+00:00"), "alice", "/data/a", Action.DELETE, 0, 5 * GiB),
+    (at("2026-03-02T23:59:59+00:00"), "bob", "/data/b", Action.EXTRACT, 200, 0),
+    (at("2026-03-02T23:59:59+00:00"), "bob", "/data/b", Action.DELETE_INTENT, 0, 0),
+    (at("2026-03-03T00:00:00+00:00"), "bob", "/data/b", Action.DELETE, 0, 3 * MiB),
+    # 00:30 at UTC+02:00 is still 2 March in UTC, which is what days are counted in.
+    (at("2026-03-03T00:30:00+02:00"), "carol", "/data/a", Action.FAIL, 0, 0),
+    # A crash between intent and outcome: the intent never counts.
+    (at("2026-03-04T08:00:00+00:00"), "carol", "/data/a", Action.DELETE_INTENT, 0, 0),
+]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "state" / "ledger.jsonl"
+    with Ledger.open(path) as writer:
+        for when, owner, root, action, written, deleted in RECORDS:
+            outcome = action != Action.DELETE_INTENT
+            writer.append(
+                new_record(
+                    now=when,
+                    action=action,
+                    path=f"{root}/run/ckpt.pt",
+                    owner=owner,
+                    uid=1000,
+                    reason="test",
+                    run_id="r1",
+                    root=root,
+                    bytes_written=written,
+                    bytes_deleted=deleted,
+                    reclaimed_bytes=deleted - written if outcome else None,
+                )
+            )
+    return path
+
+
+@pytest.fixture
+def ledger_cli(run_sweeper: Callable[..., CliRun]) -> Callable[..., CliRun]:
+    def run(path: Path, *args: str) -> CliRun:
+        done: CliRun = run_sweeper("ledger", "--ledger", path, *args)
+        return done
+
+    return run
+
+
+def rows(done: CliRun) -> dict[str, tuple[int, int]]:
+    """key -> (count, reclaimed_bytes) from ``--json`` output, checking the bytes are ints."""
+    assert done.returncode == 0, done.stderr
+    result = done.json()
+    table = {}
+    for row in result["rows"]:
+        for field in ("reclaimed_bytes", "bytes_deleted", "bytes_written", "count"):
+            assert type(row[field]) is int, row
+        assert row["reclaimed_bytes"] == row["bytes_deleted"] - row["bytes_written"]
+        table[row["key"]] = (row["count"], row["reclaimed_bytes"])
+    assert result["reclaimed_bytes"] == sum(r for _, r in table.values())
+    return table
+
+
+ALL = 5 * GiB - 100 + 3 * MiB - 200
+
+
+@pytest.mark.parametrize(
+    ("by", "expected"),
+    [
+        (None, {"total": (5, ALL)}),
+        ("root", {"/data/a": (3, 5 * GiB - 100), "/data/b": (2, 3 * MiB - 200)}),
+        ("owner", {"alice": (2, 5 * GiB - 100), "bob": (2, 3 * MiB - 200), "carol": (1, 0)}),
+        (
+            "day",
+            {"2026-03-01": (2, 5 * GiB - 100), "2026-03-02": (2, -200), "2026-03-03": (1, 3 * MiB)},
+        ),
+    ],
+)
+def test_totals_json_in_raw_bytes(
+    ledger_cli: Callable[..., CliRun],
+    ledger: Path,
+    by: str | None,
+    expected: dict[str, tuple[int, int]],
+) -> None:
+    args = ["--json"] if by is None else ["--json", "--by", by]
+    done = ledger_cli(ledger, *args)
+    assert rows(done) == expected
+    assert done.json()["by"] == by
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("since", "expected"),
+    [
+        ("2026-03-01", {"total": (5, ALL)}),
+        ("2026-03-02", {"total": (3, 3 * MiB - 200)}),
+        # At or after: a record at exactly --since counts.
+        ("2026-03-02T23:59:59+00:00", {"total": (2, 3 * MiB - 200)}),
+        ("2026-03-03T00:30:00+02:00", {"total": (3, 3 * MiB - 200)}),
+        # The offset is honoured: this is midnight UTC, after bob's extract.
+        ("2026-03-03T02:00:00+02:00", {"total": (1, 3 * MiB)}),
+        ("2026-03-04", {"total": (0, 0)}),
+    ],
+)
+def test_since(
+    ledger_cli: Callable[..., CliRun],
+    ledger: Path,
+    since: str,
+    expected: dict[str, tuple[int, int]],
+) -> None:
+    assert rows(ledger_cli(ledger, "--json", "--since", since)) == expected
+
+
+def test_since_combines_with_by(ledger_cli: Callable[..., CliRun], ledger: Path) -> None:
+    done = ledger_cli(ledger, "--json", "--by", "owner", "--since", "2026-03-02")
+    assert rows(done) == {"bob": (2, 3 * MiB - 200), "carol": (1, 0)}
+
+
+def test_table_uses_labelled_binary_units(ledger_cli: Callable[..., CliRun], ledger: Path) -> None:
+    done = ledger_cli(ledger, "--by", "owner")
+    assert done.returncode == 0, done.stderr
+    header, *lines = done.stdout.splitlines()
+    assert header.split() == ["OWNER", "ACTIONS", "RECLAIMED", "DELETED", "WRITTEN"]
+    by_owner = {line.split()[0]: line for line in lines}
+    assert set(by_owner) == {"alice", "bob", "carol"}
+    assert "5.0 GiB" in by_owner["alice"]
+    assert "3.0 MiB" in by_owner["bob"]
+    assert by_owner["bob"].endswith(" 200 B")  # the WRITTEN column
+    total = ledger_cli(ledger)
+    assert total.returncode == 0
+    assert "5.0 GiB" in total.stdout
+    assert str(ALL) not in total.stdout  # people get units, programs get --json
+
+
+def test_bad_since_is_a_usage_error(ledger_cli: Callable[..., CliRun], ledger: Path) -> None:
+    done = ledger_cli(ledger, "--since", "last tuesday")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr_lines) == 1 and "'--since'" in done.stderr
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_missing_or_empty_ledger(
+    ledger_cli: Callable[..., CliRun], tmp_path: Path, state: str
+) -> None:
+    path = tmp_path / "state" / "ledger.jsonl"
+    if state == "empty":
+        path.parent.mkdir()
+        path.touch()
+
+    assert rows(ledger_cli(path, "--json")) == {"total": (0, 0)}
+    assert rows(ledger_cli(path, "--json", "--by", "root")) == {}
+    by_root = ledger_cli(path, "--by", "root")
+    assert by_root.returncode == 0 and by_root.stdout.strip() == "ledger is empty"
+    total = ledger_cli(path)
+    assert total.returncode == 0 and "0 B" in total.stdout
+    assert total.stderr == ""
+    assert path.exists() == (state == "empty")  # reading never creates it
+    if state == "missing":
+        assert not path.parent.exists()
+
+
+def test_torn_last_line_is_reported_and_skipped(
+    ledger_cli: Callable[..., CliRun], ledger: Path
+) -> None:
+    with ledger.open("ab") as file:
+        file.write(b'{"v":1,"time":"2026-03-05T00:00:00Z","action":"dele')
+
+    done = ledger_cli(ledger, "--json")
+
+    assert rows(done) == {"total": (5, ALL)}
+    assert "torn" in done.stderr and str(ledger) in done.stderr
+    assert f"line {len(RECORDS) + 1}" in done.stderr
+
+
+def test_totals_of_a_real_sweep(
+    run_sweeper: Callable[..., CliRun], ledger_cli: Callable[..., CliRun], tmp_path: Path
+) -> None:
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        save_full(run / f"e{epoch}.pt", epoch=epoch, mtime_ns=days_ago(1) + epoch)
+    ledger = tmp_path / "ledger.jsonl"
+    swept = run_sweeper("sweep", tmp_path / "root", "--json", "--ledger", ledger)
+    assert swept.returncode == 0, swept.stderr
+    reclaimed = swept.json()["reclaimed_bytes"]
+    assert reclaimed > 0
+
+    by_root = rows(ledger_cli(ledger, "--json", "--by", "root"))
+    today = datetime.now(UTC).date()
+    by_day = rows(ledger_cli(ledger, "--json", "--by", "day"))
+
+    assert by_root == {str(tmp_path / "root"): (4, reclaimed)}
+    # Extracts of e2, e3, e1 and the delete of e1; the intent record does not count.
+    assert set(by_day) <= {today.isoformat(), (today - timedelta(days=1)).isoformat()}
+    assert sum(r for _, r in by_day.values()) == reclaimed
+    assert outcome_total(ledger_lines(ledger)) == reclaimed

@@ -1,0 +1,193 @@
+"""Run-folder trees for sweep tests: real checkpoints in real folders, and ways to look at them.
+
+Checkpoints come from :mod:`checkpoints` (tiny models, the real ``torch.save``).  What this module
+adds is the tree around them: mtimes set on purpose, snapshots of a whole tree that never follow
+a symlink, and other processes that hold a file open or flocked while a sweep runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from checkpoints import full_checkpoint, tiny_model
+
+# One fixed "now" for tree building: old files sit far enough behind it that no min_age applies.
+HOUR_NS = 3600 * 1_000_000_000
+DAY_NS = 24 * HOUR_NS
+
+
+def save_full(
+    path: Path | bytes,
+    *,
+    epoch: int | None = None,
+    step: int | None = None,
+    seed: int = 0,
+    mtime_ns: int | None = None,
+) -> dict[str, Any]:
+    """``torch.save`` a full training checkpoint of a tiny model seeded ``seed`` to ``path``.
+
+    ``epoch``/``step`` are stored only when given (a checkpoint may hold neither); ``mtime_ns``
+    sets its modification time.  Returns what was saved, so tests can compare tensors later.
+    ``path`` may be bytes, for names that are not valid UTF-8."""
+    checkpoint = full_checkpoint(epoch=0, model=tiny_model(seed))
+    del checkpoint["epoch"]
+    if epoch is not None:
+        checkpoint["epoch"] = epoch
+    if step is not None:
+        checkpoint["global_step"] = step
+    target = Path(os.fsdecode(path))
+    torch.save(checkpoint, target)
+    if mtime_ns is not None:
+        set_mtime(target, mtime_ns)
+    return checkpoint
+
+
+def set_mtime(path: Path, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def days_ago(days: float) -> int:
+    """An mtime (ns) ``days`` before the real clock: old enough for any min_age_seconds used."""
+    return time.time_ns() - int(days * DAY_NS)
+
+
+def truncate_to_half(path: Path) -> None:
+    """Cut a checkpoint in two, as a crash or a full disk mid-``torch.save`` leaves it."""
+    size = path.stat().st_size
+    os.truncate(path, size // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Looking at a whole tree.
+
+Snapshot = dict[bytes, tuple[object, ...]]
+
+
+def snapshot(top: Path) -> Snapshot:
+    """Every entry below ``top`` (bytes paths, relative): type, size, mtime, inode, link count,
+    and a content digest for regular files or the target for symlinks.  Never follows a
+    symlink.  Compare two snapshots to prove nothing changed."""
+    state: Snapshot = {}
+    base = os.fsencode(top)
+    for folder, dirs, files in os.walk(base, followlinks=False):
+        for name in [*dirs, *files]:
+            path = os.path.join(folder, name)
+            info = os.lstat(path)
+            extra: object = None
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as file:
+                    extra = hashlib.sha256(file.read()).hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                extra = os.readlink(path)
+            state[os.path.relpath(path, base)] = (
+                stat.S_IFMT(info.st_mode),
+                info.st_size,
+                info.st_mtime_ns,
+                info.st_ino,
+                info.st_nlink,
+                extra,
+            )
+    return state
+
+
+def apparent_size(top: Path) -> int:
+    """Total apparent size of the regular files below ``top``; symlinks are not followed."""
+    return sum(size for kind, size, *_ in snapshot(top).values() if kind == stat.S_IFREG)
+
+
+def names(folder: Path) -> set[str]:
+    return set(os.listdir(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger as a program reads it: strict JSON, one object per line.
+
+
+def ledger_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of the ledger parsed as strict JSON; fails on anything else."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "ledger does not end with a newline"
+    records = []
+    for line in data.split(b"\n")[:-1]:
+        obj = json.loads(line.decode("ascii"), parse_constant=_refuse_constant)
+        assert isinstance(obj, dict), line
+        records.append(obj)
+    return records
+
+
+def _refuse_constant(name: str) -> None:
+    raise AssertionError(f"ledger holds {name}, which is not JSON")
+
+
+def outcome_total(records: list[dict[str, Any]], run_id: str | None = None) -> int:
+    """Sum of ``reclaimed_bytes`` over outcome records (intent records carry null)."""
+    return sum(
+        r["reclaimed_bytes"]
+        for r in records
+        if r["reclaimed_bytes"] is not None and (run_id is None or r["run_id"] == run_id)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Other processes holding files.
+
+_HOLDER = textwrap.dedent(
+    """
+    import fcntl, sys
+    mode, path = sys.argv[1], sys.argv[2]
+    file = open(path, "ab" if mode == "write" else "rb")
+    if mode == "flock":
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH)
+    print("ready", flush=True)
+    sys.stdin.read()  # hold until the test closes our stdin
+    """
+)
+
+
+@contextlib.contextmanager
+def held_by_another_process(path: Path, how: str) -> Iterator[subprocess.Popen[str]]:
+    """Another real process holds ``path`` while the block runs: ``how`` is ``"write"`` (open
+    for appending, as a training job mid-save) or ``"flock"`` (a shared flock, a user's pin)."""
+    assert how in ("write", "flock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, how, os.fspath(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline() == "ready\n"
+        if how == "flock":
+            _assert_flocked(path)
+        yield holder
+    finally:
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(timeout=30)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def _assert_flocked(path: Path) -> None:
+    """The holder's lock is really there: an exclusive non-blocking flock from here fails."""
+    with open(path, "rb") as file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    raise AssertionError(f"{path} is not flocked by the holder")
