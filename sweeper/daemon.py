@@ -128,9 +128,15 @@ class _State:
 class _EventHandler(FileSystemEventHandler):
     """Notes which checkpoint-named paths changed; decides nothing."""
 
-    def __init__(self, state: _State, patterns: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        state: _State,
+        patterns: Callable[[], Sequence[str]],
+        symlink_seen: threading.Event,
+    ) -> None:
         self._state = state
         self._patterns = patterns
+        self._symlink_seen = symlink_seen
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory or event.event_type in ("opened", "closed_no_write", "deleted"):
@@ -140,6 +146,8 @@ class _EventHandler(FileSystemEventHandler):
         )
         for raw in paths:
             path = os.fsdecode(raw) if raw else ""
+            if event.event_type in ("created", "moved") and os.path.islink(path):
+                self._symlink_seen.set()  # it may pin a file in another folder: full rescan
             name = os.path.basename(path)
             if not name or is_sweeper_temp(name) or is_sweeper_output(name):
                 continue
@@ -171,6 +179,8 @@ class Watcher:
         self._observers: list[BaseObserver] = []
         self._watched: set[str] = set()
         self._workers: list[threading.Thread] = []
+        self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
+        self._symlink_seen = threading.Event()
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -231,6 +241,9 @@ class Watcher:
                 self._reload_config()
             now = time.monotonic()
             self._promote_settled(now)
+            if self._symlink_seen.is_set():
+                self._symlink_seen.clear()
+                self._enqueue(_FULL_SWEEP)
             if now >= next_rescan:
                 self._enqueue(_FULL_SWEEP)
                 self._refresh_watches()
@@ -315,7 +328,7 @@ class Watcher:
     # -- observers -------------------------------------------------------------------------------
 
     def _start_observers(self) -> None:
-        handler = _EventHandler(self._state, lambda: self.settings.patterns)
+        handler = _EventHandler(self._state, lambda: self.settings.patterns, self._symlink_seen)
         self._handler = handler
         self._inotify: BaseObserver | None = None
         self._polling: BaseObserver | None = None
@@ -409,11 +422,20 @@ class Watcher:
 
     def _full_sweep(self) -> None:
         settings = self.settings
-        self._act(lambda: scan(settings.roots, settings.patterns), exclusive=True)
+
+        def inventory() -> Inventory:
+            found = scan(settings.roots, settings.patterns)
+            self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
+            return found
+
+        self._act(inventory, exclusive=True)
 
     def _sweep_folder(self, folder: str) -> None:
         settings = self.settings
-        self._act(lambda: scan_folder(settings.roots, settings.patterns, folder), exclusive=False)
+        targets = self._symlink_targets
+        self._act(
+            lambda: scan_folder(settings.roots, settings.patterns, folder, targets), exclusive=False
+        )
 
     def _act(self, inventory: Callable[[], Inventory], *, exclusive: bool) -> None:
         settings = self.settings

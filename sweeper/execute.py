@@ -168,7 +168,12 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
     try:
         if entry.action is Action.EXTRACT or entry.extract_first:
             result = extract(
-                source, copy, Mode.INFERENCE, expected=identity, should_stop=context.should_stop
+                source,
+                copy,
+                Mode.INFERENCE,
+                expected=identity,
+                should_stop=context.should_stop,
+                replace=False,
             )
             written = result.bytes_out
             context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)

@@ -130,6 +130,7 @@ def extract(
     should_stop: Callable[[], bool] = lambda: False,
     expected: FileIdentity | None = None,
     delete_source: bool = False,
+    replace: bool = True,
 ) -> ExtractResult:
     """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
 
@@ -147,7 +148,7 @@ def extract(
             raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
         plan = torchzip.plan_output(checkpoint, mode)
-        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop)
+        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop, replace)
         deleted = 0
         if delete_source:
             delete_if_same(source, FileIdentity.of(info))
@@ -175,6 +176,7 @@ def _write_verified(
     source_info: os.stat_result,
     target: Located,
     should_stop: Callable[[], bool],
+    replace: bool,
 ) -> None:
     temp = _temp_name(target.name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -185,13 +187,13 @@ def _write_verified(
     try:
         try:
             _reserve(out, plan.total_size)
-            torchzip.write_output(source_fd, checkpoint, plan, out, should_stop)
+            read_back = torchzip.write_output(source_fd, checkpoint, plan, out, should_stop)
             _copy_ownership(out, source_info, target.display)
-            # The fsync waits on the disk and the verification's CRC on the CPU: run them side
-            # by side.  The rename below waits for both.
+            # The fsync waits on the disk and the verification on the CPU: run them side by
+            # side.  The rename below waits for both.
             syncing = _Fsync(out)
             try:
-                torchzip.verify_output(out, plan, checkpoint, mode, target.display)
+                torchzip.verify_output(out, plan, checkpoint, mode, target.display, read_back)
             finally:
                 syncing.wait()
         except OSError as error:
@@ -202,13 +204,32 @@ def _write_verified(
                 ) from None
             raise FileRefused(target.display, f"write failed: {error.strerror}") from None
         _refuse_non_file_target(target)
-        os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+        if replace:
+            os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+        else:
+            _link_no_replace(temp, target)
     except BaseException:
         _remove_quietly(temp, target.dir_fd)
         raise
     finally:
         os.close(out)
     os.fsync(target.dir_fd)
+
+
+def _link_no_replace(temp: str, target: Located) -> None:
+    """Put the temp file in place only if nothing holds the name (a user's file that appeared
+    since the scan is never replaced): link, which fails on an existing name, then unlink."""
+    try:
+        os.link(
+            temp,
+            target.name,
+            src_dir_fd=target.dir_fd,
+            dst_dir_fd=target.dir_fd,
+            follow_symlinks=False,
+        )
+    except FileExistsError:
+        raise FileRefused(target.display, "appeared since the scan; not replaced") from None
+    os.unlink(temp, dir_fd=target.dir_fd)
 
 
 class _Fsync:

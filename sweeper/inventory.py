@@ -93,6 +93,7 @@ class RunFolder:
 class Inventory:
     runs: tuple[RunFolder, ...]
     problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
+    symlink_targets: frozenset[tuple[int, int]] = frozenset()  # (dev, ino) pinned by symlinks
 
     @property
     def file_count(self) -> int:
@@ -202,7 +203,7 @@ def scan(
                     if progress is not None:
                         progress(files_seen)
     pinned_runs = tuple(_pin_symlink_targets(run, symlink_targets) for run in runs)
-    return Inventory(pinned_runs, tuple(problems))
+    return Inventory(pinned_runs, tuple(problems), frozenset(symlink_targets))
 
 
 def _pin_symlink_targets(run: RunFolder, targets: set[tuple[int, int]]) -> RunFolder:
@@ -272,8 +273,14 @@ def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | No
     return None
 
 
-def scan_folder(roots: Sequence[str], patterns: Sequence[str], path: str) -> Inventory:
-    """Like ``scan``, for the one run folder at ``path`` (not its subfolders)."""
+def scan_folder(
+    roots: Sequence[str],
+    patterns: Sequence[str],
+    path: str,
+    symlink_targets: frozenset[tuple[int, int]] = frozenset(),
+) -> Inventory:
+    """Like ``scan``, for the one run folder at ``path`` (not its subfolders).  Symlinks
+    elsewhere are not walked: ``symlink_targets`` (from the last full scan) pins their targets."""
     located = locate_folder(roots, path)
     if located is None:
         return Inventory((), ((path, "not a folder below the configured roots"),))
@@ -288,7 +295,9 @@ def scan_folder(roots: Sequence[str], patterns: Sequence[str], path: str) -> Inv
     finally:
         os.close(fd)
     files = _classify_folder(folder, entries, patterns, _OpenForWriting())
-    return Inventory((RunFolder(pattern, folder, files),) if files else (), ())
+    targets = symlink_targets | _folder_symlink_targets(folder, entries)
+    run = _pin_symlink_targets(RunFolder(pattern, folder, files), set(targets))
+    return Inventory((run,) if files else (), (), frozenset(targets))
 
 
 def _walk(

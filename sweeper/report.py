@@ -36,7 +36,23 @@ def human_size(count: int) -> str:
 
 
 def to_json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=True, sort_keys=False)
+    """Strict JSON: file names that are not UTF-8 are written with their bad bytes escaped as
+    text (``\\xff``) rather than as lone surrogates, which strict parsers reject."""
+    return json.dumps(_clean_strings(value), ensure_ascii=True, sort_keys=False)
+
+
+def _clean_strings(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            raw = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that did not come from a file name
+            raw = value.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_clean_strings(k): _clean_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean_strings(v) for v in value]
+    return value
 
 
 def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> str:
