@@ -55,6 +55,9 @@ PER_RUN = 10
 KEEP_FULL = 2  # the bundled default: every run's 2 newest get an inference copy, 8 are demoted
 
 TARGET_SWEEPER_WALL_S = 4.0
+# PYTHONDONTWRITEBYTECODE (set in some sandboxes) would leave an editable sweeper recompiling its
+# modules on every start; children run as a normal install does.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 MIB = 1024 * 1024
 
 
@@ -158,7 +161,7 @@ def run_process(argv: Sequence[str], stdout_path: str, log_path: str) -> Run:
     wrapped = [GNU_TIME, "-f", "%M %U %S", "-o", usage_file, *argv] if GNU_TIME else list(argv)
     with open(stdout_path, "wb") as out, open(log_path, "ab") as log:
         started = time.perf_counter()
-        child = subprocess.Popen(wrapped, stdout=out, stderr=log)
+        child = subprocess.Popen(wrapped, stdout=out, stderr=log, env=CHILD_ENV)
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
