@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sweeper.policy import Action
-from sweeper.torchzip import Checkpoint, Kind, Mode
+from sweeper.torchzip import Checkpoint, Kind, Mode, key_usage
 
 if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one file
     from sweeper.execute import SweepReport
@@ -107,7 +107,7 @@ def inspect_json(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> dict[str, 
         "metrics": _metrics_json(checkpoint.metrics),
         "keys": [
             {"key": k.key, "role": k.role, "tensor_bytes": k.tensor_bytes, "tensors": k.tensors}
-            for k in checkpoint.keys
+            for k in key_usage(checkpoint)
         ],
         "extraction": {
             mode.value: {
@@ -149,11 +149,11 @@ def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int]) -> str:
         lines.append(
             "  metrics: " + ", ".join(f"{printable(k)}={v:g}" for k, v in checkpoint.metrics)
         )
-    if checkpoint.keys:
+    if key_usage(checkpoint):
         rows = [["key", "role", "tensors", "bytes"]]
         rows += [
             [printable(k.key), k.role, str(k.tensors), human_size(k.tensor_bytes)]
-            for k in checkpoint.keys
+            for k in key_usage(checkpoint)
         ]
         lines += ["  " + line for line in table(rows, frozenset({2, 3})).splitlines()]
     if checkpoint.kind is Kind.FULL:

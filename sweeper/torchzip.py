@@ -402,25 +402,16 @@ class PathValue:
 class InertObject:
     """An allowlisted class instance (OmegaConf containers and nodes): its state, and nothing else.
 
-    ``NEWOBJ`` creates it without running any of the real class's code and ``BUILD`` records the
-    state; calling the class (``REDUCE``) is refused.
+    The class defines no hooks at all, so ``NEWOBJ`` is a bare ``object.__new__`` and ``BUILD``
+    stores the state in the instance's ``__dict__``, both inside the C unpickler: none of the
+    real class's code runs, and calling the class with arguments (``REDUCE``) fails.
     """
 
     global_name = "?"
 
-    def __new__(cls, *args: object, **kwargs: object) -> InertObject:
-        del args, kwargs
-        instance = super().__new__(cls)
-        instance.state = None
-        return instance
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise _MalformedPickle(f"{self.global_name} cannot be called")
-
-    state: object
-
-    def __setstate__(self, state: object) -> None:
-        self.state = state
+    @property
+    def state(self) -> dict[str, object]:
+        return self.__dict__
 
 
 class InertOrderedDict(OrderedDict[Any, Any]):
@@ -635,7 +626,7 @@ class _InertUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, path: str) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._path = path
-        self._storages: dict[str, StorageRef] = {}
+        self.storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2 spells builtins the Python 2 way
@@ -656,16 +647,22 @@ class _InertUnpickler(pickle.Unpickler):
             raise _MalformedPickle("malformed storage reference")
         if numel < 0:
             raise _MalformedPickle("negative storage size")
-        known = self._storages.get(key)
+        known = self.storages.get(key)
         if known is None:
-            known = self._storages[key] = StorageRef(storage_type, key, location, numel)
+            known = self.storages[key] = StorageRef(storage_type, key, location, numel)
         return known
 
 
 def load_inert(data: bytes, path: str) -> object:
     """Unpickle ``data`` into inert values; nothing in it is ever executed."""
+    return _load_inert(data, path)[0]
+
+
+def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
+    """The inert root object and every storage the pickle references."""
     try:
-        return _InertUnpickler(data, path).load()
+        unpickler = _InertUnpickler(data, path)
+        return unpickler.load(), list(unpickler.storages.values())
     except UnsafePickle:
         raise
     except (_MalformedPickle, pickle.UnpicklingError, ValueError, TypeError, EOFError) as error:
@@ -721,7 +718,6 @@ class Checkpoint:
     path: str
     file_size: int
     kind: Kind
-    keys: tuple[KeyUsage, ...]
     epoch: int | None
     step: int | None
     metrics: tuple[tuple[str, float], ...]
@@ -739,8 +735,9 @@ class Checkpoint:
 def open_checkpoint(fd: int, path: str) -> Checkpoint:
     """Classify an open file from its central directory and pickle alone."""
     archive = read_archive(fd, path)
-    root = load_inert(read_record(fd, archive, "data.pkl", path, _MAX_PICKLE_BYTES), path)
-    storages = _storages_in(root)
+    root, storages = _load_inert(
+        read_record(fd, archive, "data.pkl", path, _MAX_PICKLE_BYTES), path
+    )
     for storage in storages:
         record = archive.data_record(storage.key)
         if record is None:
@@ -750,11 +747,9 @@ def open_checkpoint(fd: int, path: str) -> Checkpoint:
                 path, f"malformed archive: record data/{storage.key} has the wrong size"
             )
     kind = _classify(root)
-    keys: tuple[KeyUsage, ...] = ()
     epoch = step = None
     metrics: list[tuple[str, float]] = []
     if isinstance(root, dict):
-        keys = _key_usage(root)
         for key, value in root.items():
             number = _as_number(value)
             if number is None or not isinstance(key, str):
@@ -765,9 +760,7 @@ def open_checkpoint(fd: int, path: str) -> Checkpoint:
                 step = number if step is None else step
             elif not isinstance(number, bool):
                 metrics.append((key, float(number)))
-    return Checkpoint(
-        path, archive.file_size, kind, keys, epoch, step, tuple(metrics), archive, root
-    )
+    return Checkpoint(path, archive.file_size, kind, epoch, step, tuple(metrics), archive, root)
 
 
 def _classify(root: object) -> Kind:
@@ -846,11 +839,11 @@ def _walk(value: object, seen: set[int] | None = None) -> Iterator[object]:
             stack.append(item.data if isinstance(item, NumpyScalar) else item.args)
 
 
-def _storages_in(value: object, seen: set[int] | None = None) -> list[StorageRef]:
-    return [item for item in _walk(value, seen) if isinstance(item, StorageRef)]
-
-
-def _key_usage(root: dict[Any, Any]) -> tuple[KeyUsage, ...]:
+def key_usage(checkpoint: Checkpoint) -> tuple[KeyUsage, ...]:
+    """Each top-level key's role and the tensor bytes first reached through it (for inspect)."""
+    root = checkpoint.root
+    if not isinstance(root, dict):
+        return ()
     seen: set[int] = set()
     usage = []
     for key, value in root.items():
@@ -881,17 +874,19 @@ def _plain_config(value: object, path: str) -> object:
     if isinstance(value, InertObject):
         state = value.state
         if not isinstance(state, dict):
-            raise FileRefused(path, f"config: {value.global_name} without state")
-        if value.global_name.startswith("omegaconf.nodes."):
+            raise FileRefused(path, f"config: {type(value).global_name} without state")
+        if type(value).global_name.startswith("omegaconf.nodes."):
             return _plain_config(state.get("_val"), path)
-        if value.global_name in (
+        if type(value).global_name in (
             "omegaconf.dictconfig.DictConfig",
             "omegaconf.listconfig.ListConfig",
             "argparse.Namespace",
         ):
-            content = state if value.global_name == "argparse.Namespace" else state.get("_content")
+            content = (
+                state if type(value).global_name == "argparse.Namespace" else state.get("_content")
+            )
             return _plain_config(content, path)
-        raise FileRefused(path, f"config holds an unsupported {value.global_name}")
+        raise FileRefused(path, f"config holds an unsupported {type(value).global_name}")
     if isinstance(value, dict):
         return {_plain_config(k, path): _plain_config(v, path) for k, v in value.items()}
     if isinstance(value, list | tuple):

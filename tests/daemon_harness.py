@@ -1,0 +1,349 @@
+"""The real ``sweeper watch`` as a subprocess, a datagram socket standing in for systemd, and
+writer processes that behave like training jobs.
+
+Nothing here sleeps for a fixed time and hopes: every wait polls for an observable fact (a file,
+a datagram, a log line) up to a generous deadline, so a loaded machine makes tests slower, never
+red.  When a wait fails, the message carries the daemon's log and every datagram it sent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Deadlines, not expectations: every wait normally ends in well under a second or two.
+TIMEOUT = 60.0
+SETTLE_SECONDS = 0.5
+RESCAN_SECONDS = 2.0
+
+T = TypeVar("T")
+
+_STATUS = re.compile(
+    r"^STATUS=(?P<settling>\d+) settling, (?P<queued>\d+) queued, (?P<working>\d+) working; "
+    r"(?P<actions>\d+) actions, (?P<failed>\d+) failed, (?P<reclaimed>-?\d+) bytes reclaimed$"
+)
+
+
+def wait_until(
+    predicate: Callable[[], T | None | bool],
+    what: str,
+    *,
+    timeout: float = TIMEOUT,
+    interval: float = 0.02,
+    details: Callable[[], str] = lambda: "",
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Status:
+    """One STATUS= datagram, parsed."""
+
+    settling: int
+    queued: int
+    working: int
+    actions: int
+    failed: int
+    reclaimed: int
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queued or self.working)
+
+    @classmethod
+    def parse(cls, message: str) -> Status | None:
+        match = _STATUS.match(message)
+        if match is None:
+            return None
+        return cls(**{key: int(value) for key, value in match.groupdict().items()})
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket, as systemd's ``NOTIFY_SOCKET``; keeps every datagram."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def receive(self, timeout: float = 0.0) -> None:
+        """Take every datagram waiting now (and wait up to ``timeout`` for the first)."""
+        self._sock.settimeout(timeout if timeout > 0 else 0.0)  # 0.0: non-blocking
+        try:
+            while True:
+                self.messages.append(self._sock.recv(65536).decode())
+                self._sock.settimeout(0.0)
+        except (BlockingIOError, TimeoutError):
+            return
+
+    def mark(self) -> int:
+        """Drain the socket and return the index of the next datagram: everything from the mark
+        on was sent after this call began."""
+        self.receive()
+        return len(self.messages)
+
+    def find(self, predicate: Callable[[str], bool], since: int = 0) -> int | None:
+        """Index of the first datagram from ``since`` on that matches, receiving what waits."""
+        self.receive()
+        for index in range(since, len(self.messages)):
+            if predicate(self.messages[index]):
+                return index
+        return None
+
+    def wait_for(
+        self,
+        predicate: Callable[[str], bool],
+        what: str,
+        *,
+        since: int = 0,
+        timeout: float = TIMEOUT,
+        details: Callable[[], str] = lambda: "",
+    ) -> int:
+        """Index of the first matching datagram from ``since`` on, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.find(predicate, since)
+            if found is not None:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"timed out after {timeout:.0f} s waiting for the datagram {what}\n"
+                    f"datagrams: {self.messages!r}\n{details()}"
+                )
+            self.receive(timeout=min(left, 0.2))
+
+    def statuses(self, since: int = 0) -> list[Status]:
+        self.receive()
+        parsed = (Status.parse(m) for m in self.messages[since:])
+        return [status for status in parsed if status is not None]
+
+    def count(self, message: str, since: int = 0) -> int:
+        self.receive()
+        return sum(1 for m in self.messages[since:] if m == message)
+
+
+class Daemon:
+    """One ``python -m sweeper watch`` process; stderr goes to a file for the test to read."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        args: Sequence[str],
+        *,
+        notify: NotifySocket | None,
+        ledger: Path,
+        env: dict[str, str] | None = None,
+        as_watchdog_pid: bool = False,
+        journal: bool = False,
+        name: str = "daemon",
+    ) -> None:
+        self.notify = notify
+        self.ledger = ledger
+        self.log_path = tmp_path / f"{name}.stderr"
+        command = [sys.executable, "-m", "sweeper", "watch", *args, "--ledger", str(ledger)]
+        if as_watchdog_pid:
+            # systemd sets WATCHDOG_PID to the service's main pid; a shell that execs the daemon
+            # keeps its pid, so $$ is the daemon's pid.
+            command = ["sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command]
+        environ = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+            environ.pop(inherited, None)
+        if notify is not None:
+            environ["NOTIFY_SOCKET"] = str(notify.path)
+        environ.update(env or {})
+        with open(self.log_path, "wb") as stderr:
+            if journal:
+                # As under systemd: JOURNAL_STREAM names the very stream stderr is.
+                info = os.fstat(stderr.fileno())
+                environ["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+            self.process = subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=environ,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        self.pid = self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def details(self) -> str:
+        state = "running" if self.process.poll() is None else f"exited {self.process.returncode}"
+        messages = self.notify.messages if self.notify is not None else []
+        return f"daemon {state}; datagrams: {messages!r}\ndaemon log:\n{self.log()}"
+
+    def alive(self) -> bool:
+        """True while running; fails the test at once (with the log) if it has died."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"the daemon died\n{self.details()}")
+        return True
+
+    def wait_until(self, predicate: Callable[[], T | None | bool], what: str) -> T:
+        """``wait_until`` that also fails fast if the daemon dies meanwhile."""
+        return wait_until(
+            lambda: self.alive() and predicate(), what, details=self.details
+        )  # type: ignore[return-value]
+
+    def wait_for(self, message: str | Callable[[str], bool], *, since: int = 0) -> int:
+        assert self.notify is not None
+        predicate = (lambda m: m == message) if isinstance(message, str) else message
+        return self.notify.wait_for(
+            predicate, repr(message), since=since, details=self.details
+        )
+
+    def wait_ready(self) -> int:
+        return self.wait_for("READY=1")
+
+    def wait_log(self, text: str) -> None:
+        self.wait_until(lambda: text in self.log(), f"{text!r} in the daemon's log")
+
+    def wait_for_work_cycles(self, since: int, cycles: int = 2, min_seconds: float = 0.0) -> None:
+        """Wait until the daemon has taken work from its queue and gone idle again ``cycles``
+        times, counting only STATUS datagrams from ``since`` on, and at least ``min_seconds``
+        have passed.  The first cycle may have begun before ``since``; the second began after
+        the first ended, so at least one whole scan started after ``since``."""
+        assert self.notify is not None
+        started = time.monotonic()
+
+        def done() -> bool:
+            completed, busy = 0, False
+            for status in self.notify.statuses(since):  # type: ignore[union-attr]
+                if status.busy:
+                    busy = True
+                elif busy:
+                    completed, busy = completed + 1, False
+            return completed >= cycles and time.monotonic() - started >= min_seconds
+
+        self.wait_until(done, f"{cycles} work cycles of the daemon")
+
+    def signal(self, signum: int) -> None:
+        self.alive()
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float = TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the daemon did not exit within {timeout:.0f} s\n{self.details()}"
+            ) from None
+
+    def stop(self) -> None:
+        """Teardown: SIGTERM, then SIGKILL if it lingers; never leaves a process behind."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: other processes producing checkpoint files the way training jobs do.
+
+_CHUNKED_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    target, source, chunks, pause, stop_after = sys.argv[1:6]
+    chunks, pause, stop_after = int(chunks), float(pause), int(stop_after)
+    with open(source, "rb") as f:
+        data = f.read()
+    step = -(-len(data) // chunks)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    for index in range(chunks):
+        if index == stop_after:
+            print("stopped", flush=True)
+            time.sleep(3600)  # until the test kills us, mid-file
+        if index:
+            time.sleep(pause)
+        view = memoryview(data)[index * step : (index + 1) * step]
+        while view:
+            view = view[os.write(fd, view) :]
+        print(f"chunk {index}", flush=True)
+    print("written", flush=True)
+    sys.stdin.readline()  # hold the file open, complete, until the test says close
+    os.close(fd)
+    print("closed", flush=True)
+    """
+)
+
+
+class ChunkedWriter:
+    """Another process writing ``source``'s bytes to ``target`` in ``chunks`` pieces, ``pause``
+    seconds apart, through one open descriptor; it stops before chunk ``stop_after`` (to be
+    killed there) or, once all is written, holds the file open until :meth:`close`."""
+
+    def __init__(
+        self,
+        target: Path,
+        source: Path,
+        *,
+        chunks: int,
+        pause: float,
+        stop_after: int | None = None,
+    ) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CHUNKED_WRITER,
+                str(target),
+                str(source),
+                str(chunks),
+                str(pause),
+                str(chunks if stop_after is None else stop_after),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def read_line(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("close\n")
+        self.process.stdin.flush()
+        assert self.read_line() == "closed"
+        self.process.wait(timeout=TIMEOUT)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=TIMEOUT)
+
+    def cleanup(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=TIMEOUT)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
