@@ -195,7 +195,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     install_stop_handlers(stop)
 
     def plan_now() -> SweepPlan:
-        inventory = scan(settings.roots, settings.patterns, progress=progress.scanned)
+        inventory = scan(
+            settings.roots,
+            settings.patterns,
+            progress=progress.scanned,
+            processes=len(os.sched_getaffinity(0)),
+        )
         progress.clear()
         return plan_sweep(
             inventory,

@@ -439,7 +439,9 @@ class Watcher:
 
     def _act(self, inventory: Callable[[], Inventory], *, exclusive: bool) -> None:
         settings = self.settings
-        lock = action_lock(settings.ledger, exclusive=exclusive, should_stop=self._stop)
+        # Waiting for a one-shot sweep to release the lock is not being stuck: _should_stop
+        # keeps the watchdog heartbeat going while the wait lasts (it may outlast WatchdogSec).
+        lock = action_lock(settings.ledger, exclusive=exclusive, should_stop=self._should_stop)
         with lock as locked:
             if not locked:
                 return

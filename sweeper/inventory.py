@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sweeper import torchzip
 from sweeper.errors import FileRefused
@@ -30,7 +31,7 @@ _GLOB_CHARS = frozenset("*?[")
 KEEP_SUFFIX = ".keep"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FolderRef:
     """How to reopen a folder safely: a trusted prefix, then names opened with O_NOFOLLOW."""
 
@@ -47,7 +48,7 @@ class FolderRef:
         return FolderRef(self.prefix, (*self.components, name), info.st_dev, info.st_ino)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CopyState:
     """The inference copy beside a full checkpoint, as far as its directory tells."""
 
@@ -57,7 +58,7 @@ class CopyState:
     problem: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """One checkpoint-named file in a run folder, classified from its directory and pickle."""
 
@@ -82,14 +83,14 @@ class FileEntry:
     writing: bool = False  # a process holds it open for writing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunFolder:
     root: str
     folder: FolderRef
     files: tuple[FileEntry, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Inventory:
     runs: tuple[RunFolder, ...]
     problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
@@ -173,15 +174,18 @@ def scan(
     patterns: Sequence[str],
     *,
     progress: Callable[[int], None] | None = None,
+    processes: int = 1,
 ) -> Inventory:
-    """Walk every root and classify each checkpoint-named file; nothing is changed on disk."""
-    runs: list[RunFolder] = []
+    """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
+
+    With ``processes`` > 1 (one-shot sweeps, never the threaded daemon) folders are classified
+    by that many forked worker processes; the walk and the result stay the same.
+    """
     problems: list[tuple[str, str]] = []
-    writers = _OpenForWriting()
     seen_folders: set[tuple[int, int]] = set()
     # A symlink anywhere under the roots pins its target, wherever that target sits.
     symlink_targets: set[tuple[int, int]] = set()
-    files_seen = 0
+    tasks: list[tuple[str, FolderRef, list[Listed]]] = []
     for pattern in roots:
         try:
             folders = list(expand_root(pattern))
@@ -196,14 +200,63 @@ def scan(
                     continue
                 seen_folders.add((folder.dev, folder.ino))
                 symlink_targets |= _folder_symlink_targets(folder, files)
-                entries = _classify_folder(folder, files, patterns, writers)
-                if entries:
-                    runs.append(RunFolder(pattern, folder, entries))
-                    files_seen += len(entries)
-                    if progress is not None:
-                        progress(files_seen)
+                if any(_is_candidate(e, patterns) for e in files):
+                    tasks.append((pattern, folder, files))
+    runs: list[RunFolder] = []
+    files_seen = 0
+    for run in _classify_all(tasks, patterns, processes):
+        if run.files:
+            runs.append(run)
+            files_seen += len(run.files)
+            if progress is not None:
+                progress(files_seen)
     pinned_runs = tuple(_pin_symlink_targets(run, symlink_targets) for run in runs)
     return Inventory(pinned_runs, tuple(problems), frozenset(symlink_targets))
+
+
+_PARALLEL_MIN_FOLDERS = 64
+
+
+def _classify_all(
+    tasks: list[tuple[str, FolderRef, list[Listed]]], patterns: Sequence[str], processes: int
+) -> Iterator[RunFolder]:
+    if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
+        writers = _OpenForWriting()
+        for pattern, folder, files in tasks:
+            yield RunFolder(pattern, folder, _classify_folder(folder, files, patterns, writers))
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    chunk = max(1, len(tasks) // (processes * 8))
+    with context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns),)) as pool:
+        yield from pool.imap(_classify_task, tasks, chunksize=chunk)
+
+
+_worker_patterns: tuple[str, ...] = ()
+_worker_writers: _OpenForWriting | None = None
+
+
+def _init_worker(patterns: tuple[str, ...]) -> None:
+    global _worker_patterns, _worker_writers
+    _worker_patterns = patterns
+    _worker_writers = _OpenForWriting()
+
+
+def _classify_task(task: tuple[str, FolderRef, list[Listed]]) -> RunFolder:
+    pattern, folder, files = task
+    assert _worker_writers is not None
+    return RunFolder(
+        pattern, folder, _classify_folder(folder, files, _worker_patterns, _worker_writers)
+    )
+
+
+def _is_candidate(entry: Listed, patterns: Sequence[str]) -> bool:
+    return (
+        not entry.is_dir
+        and not is_sweeper_temp(entry.name)
+        and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns)
+    )
 
 
 def _pin_symlink_targets(run: RunFolder, targets: set[tuple[int, int]]) -> RunFolder:
@@ -216,7 +269,7 @@ def _pin_symlink_targets(run: RunFolder, targets: set[tuple[int, int]]) -> RunFo
     return RunFolder(run.root, run.folder, files)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Listed:
     """A directory entry and its lstat, taken while the directory was open."""
 
@@ -333,13 +386,7 @@ def _classify_folder(
     writers: _OpenForWriting,
 ) -> tuple[FileEntry, ...]:
     names = {entry.name for entry in entries}
-    wanted = [
-        e
-        for e in entries
-        if not is_sweeper_temp(e.name)
-        and not e.is_dir
-        and any(fnmatch.fnmatchcase(e.name, p) for p in patterns)
-    ]
+    wanted = [e for e in entries if _is_candidate(e, patterns)]
     if not wanted:
         return ()
     try:
@@ -389,68 +436,77 @@ def _classify_file(
     writers: _OpenForWriting,
 ) -> FileEntry:
     display = os.path.join(folder.display, entry.name)
-    listed = entry.info
-    base = FileEntry(
-        entry.name,
-        display,
-        listed.st_dev,
-        listed.st_ino,
-        listed.st_size,
-        listed.st_mtime_ns,
-        listed.st_nlink,
-        listed.st_uid,
-        None,
-        None,
-    )
+    info = entry.info
+    found: dict[str, Any] = {}
     if entry.is_symlink:
-        return _replace(base, symlink=True, problem="a symlink: never followed")
-    pinned = f"pinned by {entry.name}{KEEP_SUFFIX}" if entry.name + KEEP_SUFFIX in names else None
+        found.update(symlink=True, problem="a symlink: never followed")
+        return _entry(entry.name, display, info, found)
+    if entry.name + KEEP_SUFFIX in names:
+        found["pinned"] = f"pinned by {entry.name}{KEEP_SUFFIX}"
     try:
-        fd, info = open_regular(entry.name, dir_fd, display)
+        fd, opened = open_regular(entry.name, dir_fd, display)
     except FileRefused as error:
-        return _replace(base, problem=error.reason, pinned=pinned)
+        found["problem"] = error.reason
+        return _entry(entry.name, display, info, found)
     try:
-        if (info.st_dev, info.st_ino) != (listed.st_dev, listed.st_ino):
-            return _replace(base, problem="replaced while scanning", pinned=pinned)
-        base = _replace(base, size=info.st_size, mtime_ns=info.st_mtime_ns, nlink=info.st_nlink)
-        if pinned is None and _flock_held(fd):
-            pinned = "pinned by a shared flock"
-        writing = writers.holds(fd, info)
-        if writing:
-            return _replace(
-                base, problem="open for writing by a process", pinned=pinned, writing=True
-            )
-        return _replace(_read_checkpoint(fd, dir_fd, base, names), pinned=pinned)
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            found["problem"] = "replaced while scanning"
+            return _entry(entry.name, display, info, found)
+        info = opened
+        if "pinned" not in found and _flock_held(fd):
+            found["pinned"] = "pinned by a shared flock"
+        if writers.holds(fd, opened):
+            found.update(problem="open for writing by a process", writing=True)
+        else:
+            _read_checkpoint(fd, dir_fd, entry.name, display, names, found)
+        return _entry(entry.name, display, info, found)
     finally:
         os.close(fd)
 
 
-def _read_checkpoint(fd: int, dir_fd: int, base: FileEntry, names: set[str]) -> FileEntry:
-    own = is_sweeper_output(base.name)
+def _entry(name: str, display: str, info: os.stat_result, found: dict[str, Any]) -> FileEntry:
+    return FileEntry(
+        name,
+        display,
+        info.st_dev,
+        info.st_ino,
+        info.st_size,
+        info.st_mtime_ns,
+        info.st_nlink,
+        info.st_uid,
+        found.pop("kind", None),
+        found.pop("problem", None),
+        **found,
+    )
+
+
+def _read_checkpoint(
+    fd: int, dir_fd: int, name: str, display: str, names: set[str], found: dict[str, Any]
+) -> None:
+    """Fill ``found`` with what the file's directory and pickle say."""
+    own = is_sweeper_output(name)
+    found["own_output"] = own
     try:
-        checkpoint = torchzip.open_checkpoint(fd, base.display)
+        checkpoint = torchzip.open_checkpoint(fd, display)
     except FileRefused as error:
-        return _replace(base, problem=error.reason, own_output=own)
-    metric = _headline_metric(checkpoint.metrics)
-    file = _replace(
-        base,
+        found["problem"] = error.reason
+        return
+    found.update(
         kind=checkpoint.kind,
         epoch=checkpoint.epoch,
         step=checkpoint.step,
-        metric=metric,
-        own_output=own,
+        metric=_headline_metric(checkpoint.metrics),
     )
     if checkpoint.kind is not Kind.FULL or own:
-        return file
+        return
     try:
         plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
     except FileRefused as error:
-        return _replace(file, problem=error.reason)
-    copy_name = output_name(base.name, Mode.INFERENCE)
-    copy = _copy_state(dir_fd, copy_name, plan, base.display) if copy_name in names else None
-    return _replace(
-        file, output_bytes=plan.total_size, copy=copy or CopyState(copy_name, False, False)
-    )
+        found["problem"] = error.reason
+        return
+    copy_name = output_name(name, Mode.INFERENCE)
+    copy = _copy_state(dir_fd, copy_name, plan, display) if copy_name in names else None
+    found.update(output_bytes=plan.total_size, copy=copy or CopyState(copy_name, False, False))
 
 
 def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:

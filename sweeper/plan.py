@@ -17,7 +17,7 @@ from sweeper.policy import Action, Candidate, Status
 from sweeper.torchzip import Kind, Mode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlanEntry:
     root: str
     folder: FolderRef
@@ -42,7 +42,7 @@ class PlanEntry:
         return self.bytes_deleted - self.bytes_written
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SweepPlan:
     entries: tuple[PlanEntry, ...]
     problems: tuple[tuple[str, str], ...]

@@ -27,7 +27,7 @@ class Status(enum.Enum):
     UNUSABLE = "unusable"  # truncated, corrupt, unsafe, unreadable, not a checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     name: str
     status: Status
@@ -43,7 +43,7 @@ class Candidate:
     copy_name: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     name: str
     action: Action

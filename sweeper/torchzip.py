@@ -865,12 +865,25 @@ def key_usage(checkpoint: Checkpoint) -> tuple[KeyUsage, ...]:
 # The output: the kept subtree as a fresh pickle, and the records to copy.
 
 
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+@dataclass(frozen=True, eq=False)
+class PlainData:
+    """A subtree made only of dicts, lists, tuples, strings, numbers, bools, bytes and None
+    (a converted config): the writer hands it to the C pickler whole."""
+
+    value: object
+
+
 def _plain_config(value: object, path: str) -> object:
     """An OmegaConf container's pickled state as plain dicts and lists, interpolations unresolved.
 
     ``${oc.env:HOME}`` stays the text ``"${oc.env:HOME}"``: nothing is evaluated, so nothing of
     sweeper's environment can leak into a user's file.
     """
+    if type(value) in _PLAIN_SCALARS:
+        return value
     if isinstance(value, InertObject):
         state = value.state
         if not isinstance(state, dict):
@@ -904,7 +917,10 @@ def _plain_config(value: object, path: str) -> object:
 def _portable_metadata(value: object, key: str, path: str) -> object:
     """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts."""
     if key == "config" or isinstance(value, InertObject):
-        return _plain_config(value, path)
+        try:
+            return PlainData(_plain_config(value, path))
+        except RecursionError:
+            raise FileRefused(path, f"metadata key {key!r} nests too deeply") from None
     if isinstance(value, NumpyScalar):
         number = _numpy_scalar_value(value)
         if number is None:
@@ -1329,6 +1345,8 @@ def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> list[objec
     out: list[object] = []
 
     def visit(item: object) -> None:
+        if isinstance(item, PlainData):
+            item = item.value
         if isinstance(item, StorageRef | TensorRef | ParameterRef | dict | list):
             if id(item) in ids:
                 out.append(("ref", ids[id(item)]))
@@ -1416,7 +1434,38 @@ class _PickleWriter:
         self._out += b"R"
         self._put(value)
 
+    def _save_plain(self, value: PlainData) -> None:
+        # Without a memo (``fast``) the C pickler's opcodes hold no memo indices, so its output
+        # splices into this stream as is; plain data has no shared objects worth keeping.
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=2)
+        pickler.fast = True
+        pickler.dump(value.value)
+        self._out += buffer.getbuffer()[2:-1]  # without PROTO and STOP
+
     def _save(self, value: object) -> None:
+        kind = type(value)
+        if kind is str:
+            key = id(value)
+            if key in self._memo:
+                self._get(self._memo[key])
+                return
+            data = value.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+            self._out += b"X" + struct.pack("<I", len(data)) + data
+            self._put(value)
+            return
+        if kind is TensorRef:
+            if id(value) in self._memo:
+                self._get(self._memo[id(value)])
+            else:
+                self._save_tensor(value)  # type: ignore[arg-type]
+            return
+        if kind is int:
+            self._save_int(value)  # type: ignore[arg-type]
+            return
+        if kind is PlainData:
+            self._save_plain(value)  # type: ignore[arg-type]
+            return
         if value is None:
             self._out += b"N"
         elif value is True:

@@ -15,11 +15,15 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Deadlines, not expectations: every wait normally ends in well under a second or two.
@@ -36,7 +40,7 @@ _STATUS = re.compile(
 
 
 def wait_until(
-    predicate: Callable[[], T | None | bool],
+    predicate: Callable[[], T | bool | None],
     what: str,
     *,
     timeout: float = TIMEOUT,
@@ -146,6 +150,33 @@ class NotifySocket:
         return sum(1 for m in self.messages[since:] if m == message)
 
 
+class Reads(FileSystemEventHandler):
+    """Counts, per file below ``top``, how often a process opened it read-only and closed it
+    again (inotify's IN_CLOSE_NOWRITE): each time the daemon examines a file it does so once.
+    The test must not read those files itself while it counts."""
+
+    def __init__(self, top: Path) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._observer = InotifyObserver()
+        self._observer.schedule(self, str(top), recursive=True)
+        self._observer.start()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type == "closed_no_write" and not event.is_directory:
+            path = os.fsdecode(event.src_path)
+            with self._lock:
+                self._counts[path] = self._counts.get(path, 0) + 1
+
+    def count(self, path: Path) -> int:
+        with self._lock:
+            return self._counts.get(str(path), 0)
+
+    def stop(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=TIMEOUT)
+
+
 class Daemon:
     """One ``python -m sweeper watch`` process; stderr goes to a file for the test to read."""
 
@@ -163,6 +194,8 @@ class Daemon:
     ) -> None:
         self.notify = notify
         self.ledger = ledger
+        # Datagrams from here on are this daemon's (an earlier one on the socket has stopped).
+        self.since = notify.mark() if notify is not None else 0
         self.log_path = tmp_path / f"{name}.stderr"
         command = [sys.executable, "-m", "sweeper", "watch", *args, "--ledger", str(ledger)]
         if as_watchdog_pid:
@@ -204,18 +237,16 @@ class Daemon:
             raise AssertionError(f"the daemon died\n{self.details()}")
         return True
 
-    def wait_until(self, predicate: Callable[[], T | None | bool], what: str) -> T:
+    def wait_until(self, predicate: Callable[[], T | bool | None], what: str) -> T:
         """``wait_until`` that also fails fast if the daemon dies meanwhile."""
-        return wait_until(
-            lambda: self.alive() and predicate(), what, details=self.details
-        )  # type: ignore[return-value]
+        return wait_until(lambda: self.alive() and predicate(), what, details=self.details)  # type: ignore[return-value]
 
-    def wait_for(self, message: str | Callable[[str], bool], *, since: int = 0) -> int:
+    def wait_for(self, message: str | Callable[[str], bool], *, since: int | None = None) -> int:
+        """Index of the first matching datagram this daemon sent (from ``since`` on)."""
         assert self.notify is not None
         predicate = (lambda m: m == message) if isinstance(message, str) else message
-        return self.notify.wait_for(
-            predicate, repr(message), since=since, details=self.details
-        )
+        start = self.since if since is None else max(since, self.since)
+        return self.notify.wait_for(predicate, repr(message), since=start, details=self.details)
 
     def wait_ready(self) -> int:
         return self.wait_for("READY=1")
@@ -223,24 +254,18 @@ class Daemon:
     def wait_log(self, text: str) -> None:
         self.wait_until(lambda: text in self.log(), f"{text!r} in the daemon's log")
 
-    def wait_for_work_cycles(self, since: int, cycles: int = 2, min_seconds: float = 0.0) -> None:
-        """Wait until the daemon has taken work from its queue and gone idle again ``cycles``
-        times, counting only STATUS datagrams from ``since`` on, and at least ``min_seconds``
-        have passed.  The first cycle may have begun before ``since``; the second began after
-        the first ended, so at least one whole scan started after ``since``."""
-        assert self.notify is not None
+    def wait_for_reads(
+        self, reads: Reads, path: Path, since: int, count: int = 2, min_seconds: float = 0.0
+    ) -> None:
+        """Wait until the daemon has opened and examined ``path`` ``count`` more times than
+        ``since`` (a :meth:`Reads.count`), and at least ``min_seconds`` have passed."""
         started = time.monotonic()
-
-        def done() -> bool:
-            completed, busy = 0, False
-            for status in self.notify.statuses(since):  # type: ignore[union-attr]
-                if status.busy:
-                    busy = True
-                elif busy:
-                    completed, busy = completed + 1, False
-            return completed >= cycles and time.monotonic() - started >= min_seconds
-
-        self.wait_until(done, f"{cycles} work cycles of the daemon")
+        self.wait_until(
+            lambda: (
+                reads.count(path) >= since + count and time.monotonic() - started >= min_seconds
+            ),
+            f"the daemon to examine {path.name} {count} more times",
+        )
 
     def signal(self, signum: int) -> None:
         self.alive()

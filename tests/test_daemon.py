@@ -3,8 +3,8 @@ real AF_UNIX datagram socket standing in for systemd's ``NOTIFY_SOCKET``.
 
 Every daemon runs with ``settle_seconds=0.5 min_age_seconds=0 rescan_seconds=2`` unless a test
 says otherwise, and its ledger in tmp_path.  Negative claims ("never extracted") are checked
-only after the daemon has demonstrably looked again: its STATUS datagrams show work taken from
-the queue and finished, twice, and a whole rescan period has passed.
+only after the daemon has demonstrably looked again: inotify in the test process sees it open
+and examine the file twice more, and a settle plus a rescan period have passed.
 """
 
 from __future__ import annotations
@@ -23,15 +23,22 @@ from typing import Any
 
 import pytest
 import torch
-from checkpoints import TEMP_MARK, assert_same_tensors, full_checkpoint, load_without_allowlist
+from checkpoints import (
+    TEMP_MARK,
+    assert_same_tensors,
+    full_checkpoint,
+    load_without_allowlist,
+    tiny_model,
+)
 from daemon_harness import (
-    RESCAN_SECONDS,
     REPO_ROOT,
+    RESCAN_SECONDS,
     SETTLE_SECONDS,
     TIMEOUT,
     ChunkedWriter,
     Daemon,
     NotifySocket,
+    Reads,
     Status,
     wait_until,
 )
@@ -55,6 +62,14 @@ def tree(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     (root / "run").mkdir(parents=True)
     return root
+
+
+@pytest.fixture
+def reads(tree: Path) -> Iterator[Reads]:
+    """How often each file below the tree has been opened and examined (by the daemon)."""
+    counter = Reads(tree)
+    yield counter
+    counter.stop()
 
 
 @pytest.fixture
@@ -95,10 +110,20 @@ def inference(path: Path) -> Path:
     return path.with_name(f"{path.stem}_inference{path.suffix}")
 
 
-def records_for(ledger: Path, path: Path) -> list[dict[str, Any]]:
-    if not ledger.exists():
+def records(ledger: Path) -> list[dict[str, Any]]:
+    """The ledger's records; none before the daemon's first append has landed."""
+    if not ledger.exists() or ledger.stat().st_size == 0:
         return []
-    return [r for r in ledger_lines(ledger) if r["path"] == str(path)]
+    return ledger_lines(ledger)
+
+
+def records_for(ledger: Path, path: Path) -> list[dict[str, Any]]:
+    return [r for r in records(ledger) if r["path"] == str(path)]
+
+
+def actions_for(ledger: Path, path: Path) -> list[str]:
+    """What the ledger says was done to ``path``; delete intents left out."""
+    return [r["action"] for r in records_for(ledger, path) if r["action"] != "delete-intent"]
 
 
 def assert_copy_matches(copy: Path, saved: dict[str, Any]) -> None:
@@ -124,7 +149,7 @@ def temp_files_below(top: Path) -> list[str]:
 
 
 def test_ready_after_the_catch_up_sweep_then_status_and_stopping(
-    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path, reads: Reads
 ) -> None:
     """READY=1 only once the catch-up sweep has extracted what was already there; STATUS=
     reports the counts; SIGTERM sends STOPPING=1 and exits 0.  WATCHDOG_PID names another
@@ -149,11 +174,13 @@ def test_ready_after_the_catch_up_sweep_then_status_and_stopping(
     status = Status.parse(notify.messages[first])
     assert status is not None
     assert (status.queued, status.working, status.actions, status.failed) == (0, 0, 3, 0)
-    assert status.reclaimed == outcome_total(ledger_lines(ledger))
+    assert status.reclaimed == outcome_total(records(ledger))
     assert notify.find(lambda m: m.startswith("STATUS="), since=0) is not None
     assert notify.messages.index("READY=1") == ready  # sent once
 
-    daemon.wait_for_work_cycles(ready, cycles=1, min_seconds=1.5)  # pings would be due by now
+    # Pings would be due every 0.5 s: give them time to show up, if they were going to.
+    first_path = next(iter(saved))
+    daemon.wait_for_reads(reads, first_path, reads.count(first_path), count=1, min_seconds=1.5)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     notify.receive()
@@ -224,7 +251,7 @@ def test_log_lines_carry_priorities_when_stderr_is_the_journal(
 
 
 def test_slow_writer_is_extracted_only_once_complete_and_closed(
-    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
 ) -> None:
     """Six chunks 0.7 s apart (longer than settle_seconds, so the daemon looks mid-write), then
     the complete file held open past a settle and a rescan: nothing happens until close."""
@@ -240,8 +267,7 @@ def test_slow_writer_is_extracted_only_once_complete_and_closed(
             assert writer.read_line() == f"chunk {index}"
             assert not inference(target).exists()
         assert writer.read_line() == "written"
-        written = notify.mark()
-        daemon.wait_for_work_cycles(written, min_seconds=QUIET_WAIT)
+        daemon.wait_for_reads(reads, target, reads.count(target), min_seconds=QUIET_WAIT)
         assert target.read_bytes() == source.read_bytes()  # complete, but still open
         assert not inference(target).exists()
         assert records_for(ledger, target) == []
@@ -249,13 +275,13 @@ def test_slow_writer_is_extracted_only_once_complete_and_closed(
     finally:
         writer.cleanup()
 
-    daemon.wait_until(inference(target).exists, "the extraction once the writer closed")
+    daemon.wait_until(lambda: actions_for(ledger, target), "the extraction once the writer closed")
+    assert actions_for(ledger, target) == ["extract"]
     assert_copy_matches(inference(target), saved)
-    assert [r["action"] for r in records_for(ledger, target)] == ["extract"]
 
 
 def test_writer_killed_half_way_leaves_its_file_untouched(
-    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
 ) -> None:
     """A killed writer's file is closed by the kernel like any other: the close proves nothing
     and the truncated file is neither extracted nor deleted."""
@@ -267,15 +293,16 @@ def test_writer_killed_half_way_leaves_its_file_untouched(
 
     writer = ChunkedWriter(target, source, chunks=6, pause=0.1, stop_after=3)
     try:
-        assert [writer.read_line() for _ in range(4)] == ["chunk 0", "chunk 1", "chunk 2", "stopped"]
+        lines = [writer.read_line() for _ in range(4)]
+        assert lines == ["chunk 0", "chunk 1", "chunk 2", "stopped"]
         writer.kill()
     finally:
         writer.cleanup()
+    killed = reads.count(target)
+    daemon.wait_for_reads(reads, target, killed, min_seconds=QUIET_WAIT)
     half = target.read_bytes()
     assert 0 < len(half) < source.stat().st_size
-
-    killed = notify.mark()
-    daemon.wait_for_work_cycles(killed, min_seconds=QUIET_WAIT)
+    assert half == source.read_bytes()[: len(half)]
     assert target.read_bytes() == half
     assert names(tree / "run") == {"epoch1.pt"}
     assert records_for(ledger, target) == []
@@ -293,18 +320,24 @@ def test_temporary_name_renamed_into_place_is_extracted(
 
     saved = {}
     for epoch, temporary in ((1, "epoch1.pt.tmp"), (2, ".tmp_epoch2")):
-        saved[epoch] = save_full(run / temporary, epoch=epoch)
+        saved[epoch] = full_checkpoint(epoch=epoch, model=tiny_model(epoch))
+        # Through a file object, as trainers saving to a temporary name do (torch.save given
+        # the path ".tmp_epoch2" refuses it: it derives the archive's name from the file's).
+        with open(run / temporary, "wb") as file:
+            torch.save(saved[epoch], file)
         os.rename(run / temporary, run / f"epoch{epoch}.pt")
 
-    expected = {"epoch1.pt", "epoch2.pt", "epoch1_inference.pt", "epoch2_inference.pt"}
-    daemon.wait_until(lambda: names(run) == expected, f"exactly {sorted(expected)}")
+    for epoch in saved:
+        path = run / f"epoch{epoch}.pt"
+        daemon.wait_until(lambda p=path: actions_for(ledger, p), f"{path.name} extracted")
+    assert names(run) == {"epoch1.pt", "epoch2.pt", "epoch1_inference.pt", "epoch2_inference.pt"}
     for epoch, checkpoint in saved.items():
+        assert actions_for(ledger, run / f"epoch{epoch}.pt") == ["extract"]
         assert_copy_matches(run / f"epoch{epoch}_inference.pt", checkpoint)
-        assert [r["action"] for r in records_for(ledger, run / f"epoch{epoch}.pt")] == ["extract"]
 
 
 def test_n_plus_two_epochs_leave_n_full_checkpoints_and_the_ledger_adds_up(
-    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path, reads: Reads
 ) -> None:
     run = tree / "run"
     daemon = start_daemon(str(tree), "keep_full=2")
@@ -317,21 +350,30 @@ def test_n_plus_two_epochs_leave_n_full_checkpoints_and_the_ledger_adds_up(
         written += (run / f"epoch{epoch}.pt").stat().st_size
 
     expected = {"epoch3.pt", "epoch4.pt", *(f"epoch{e}_inference.pt" for e in range(1, 5))}
-    daemon.wait_until(lambda: names(run) == expected, f"exactly {sorted(expected)}")
-    settled = notify.mark()
-    daemon.wait_for_work_cycles(settled, min_seconds=RESCAN_SECONDS)  # and it stays that way
+    expected_actions = {
+        1: ["extract", "delete"],
+        2: ["extract", "delete"],
+        3: ["extract"],
+        4: ["extract"],
+    }
+
+    def done() -> bool:
+        ledgered = {e: actions_for(ledger, run / f"epoch{e}.pt") for e in range(1, 5)}
+        return names(run) == expected and ledgered == expected_actions
+
+    daemon.wait_until(done, f"exactly {sorted(expected)} and their ledger records")
+    newest = run / "epoch4.pt"
+    daemon.wait_for_reads(reads, newest, reads.count(newest))  # and it stays that way
     assert names(run) == expected
     for epoch, checkpoint in saved.items():
         assert_copy_matches(run / f"epoch{epoch}_inference.pt", checkpoint)
-    records = ledger_lines(ledger)
-    actions = sorted((r["action"], os.path.basename(r["path"])) for r in records)
-    assert [a for a in actions if a[0] != "delete-intent"] == sorted(
-        [("extract", f"epoch{e}.pt") for e in range(1, 5)]
-        + [("delete", "epoch1.pt"), ("delete", "epoch2.pt")]
+    assert done()
+    recorded = records(ledger)
+    assert outcome_total(recorded) == before + written - apparent_size(tree)
+    daemon.wait_until(
+        lambda: notify.statuses()[-1].reclaimed == outcome_total(recorded),
+        "STATUS= to report the ledger's total",
     )
-    assert outcome_total(records) == before + written - apparent_size(tree)
-    status = notify.statuses()[-1]
-    assert status.reclaimed == outcome_total(records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +391,7 @@ def test_rescan_finds_a_run_folder_no_watch_covers(
     saved = save_full(outside / "epoch1.pt", epoch=1)
     daemon = start_daemon(str(tree / "run*"))
     daemon.wait_ready()
-    assert "watching 1 folders" in daemon.log()
+    daemon.wait_log("watching 1 folders")
 
     os.rename(outside, tree / "run2")
 
@@ -385,7 +427,7 @@ def test_run_folder_moved_into_a_watched_root_is_seen_without_a_rescan(
 
 
 def test_files_that_are_not_checkpoints_are_left_alone(
-    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+    tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
 ) -> None:
     run = tree / "run"
     daemon = start_daemon(str(tree))
@@ -400,7 +442,8 @@ def test_files_that_are_not_checkpoints_are_left_alone(
     saved = save_full(run / "epoch1.pt", epoch=1)
 
     daemon.wait_until(inference(run / "epoch1.pt").exists, "the real checkpoint's extraction")
-    daemon.wait_for_work_cycles(notify.mark(), min_seconds=QUIET_WAIT)
+    for path in garbage:
+        daemon.wait_for_reads(reads, path, reads.count(path), min_seconds=QUIET_WAIT)
     assert_copy_matches(inference(run / "epoch1.pt"), saved)
     for path, data in garbage.items():
         assert path.read_bytes() == data
