@@ -52,7 +52,9 @@ _U32 = 0xFFFFFFFF
 _U16 = 0xFFFF
 _ALIGNMENT = 64  # torch's storage alignment: data of every record starts on a 64-byte boundary
 _MAX_COMMENT = 0xFFFF
-_MAX_PICKLE_BYTES = 256 * 1024 * 1024  # a pickle past this is not a checkpoint sweeper will parse
+# Bounds on what a file may make sweeper read into memory; real checkpoints are far below both.
+_MAX_PICKLE_BYTES = 256 * 1024 * 1024
+_MAX_DIRECTORY_BYTES = 64 * 1024 * 1024
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 COPY_CHUNK = 8 * 1024 * 1024
 
@@ -141,6 +143,8 @@ def read_archive(fd: int, path: str) -> Archive:
             directory_end = _ZIP64_LOCATOR.unpack(loc)[2]
     if cd_offset + cd_size > directory_end or directory_end > size:
         raise FileRefused(path, "malformed archive: central directory out of bounds")
+    if cd_size > _MAX_DIRECTORY_BYTES:
+        raise FileRefused(path, "refused: central directory is implausibly large")
     directory = _pread_exact(fd, cd_size, cd_offset, path, "central directory")
     records = _parse_central_directory(directory, n_total, cd_offset, path)
     return Archive(size, records[0], records[1], cd_offset)
@@ -554,6 +558,16 @@ def _codecs_encode(text: object, encoding: object = "utf-8") -> bytes:
     return codecs.encode(text, encoding)
 
 
+def _bytearray(data: object = b"", *rest: object) -> bytearray:
+    # Only from bytes (or latin-1 text, protocol 2's spelling): bytearray(10**12) would be a way
+    # to make sweeper allocate whatever a hostile file asks for.
+    if isinstance(data, str) and rest in ((), ("latin-1",), ("latin1",)):
+        return bytearray(data, "latin-1")
+    if not isinstance(data, bytes) or rest:
+        raise _MalformedPickle("bytearray built from something other than bytes")
+    return bytearray(data)
+
+
 def _inert_class(global_name: str) -> type[InertObject]:
     return type(global_name.rpartition(".")[2], (InertObject,), {"global_name": global_name})
 
@@ -579,7 +593,7 @@ def _allowed_globals() -> dict[str, object]:
         "builtins.set": set,
         "builtins.frozenset": frozenset,
         "builtins.complex": complex,
-        "builtins.bytearray": bytearray,
+        "builtins.bytearray": _bytearray,
         "pathlib.PosixPath": _make(PathValue),
         "pathlib.Path": _make(PathValue),
         "typing.Any": TypeRef("typing.Any"),
