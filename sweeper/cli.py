@@ -89,7 +89,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         try:
-            text, data = _inspect_one(path)
+            text, data = _inspect_one(path, args.verify)
         except FileRefused as error:
             failed += 1
             log.error("%s", error)
@@ -104,7 +104,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _inspect_one(path: str) -> tuple[str, dict[str, object]]:
+def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     source = _locate_source(path)
     try:
         fd, _ = open_regular(source.name, source.dir_fd, path)
@@ -112,12 +112,17 @@ def _inspect_one(path: str) -> tuple[str, dict[str, object]]:
         os.close(source.dir_fd)
     try:
         checkpoint = torchzip.open_checkpoint(fd, path)
+        if verify:
+            torchzip.verify_records(fd, checkpoint.archive, path)
     finally:
         os.close(fd)
     outputs: dict[Mode, int] = {}
     if checkpoint.kind is torchzip.Kind.FULL:
         outputs = {mode: torchzip.plan_output(checkpoint, mode).total_size for mode in Mode}
-    return report.inspect_text(checkpoint, outputs), report.inspect_json(checkpoint, outputs)
+    return (
+        report.inspect_text(checkpoint, outputs, verify),
+        report.inspect_json(checkpoint, outputs, verify),
+    )
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
@@ -295,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="one JSON object per file on stdout")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every record and check its CRC (reads the whole file)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

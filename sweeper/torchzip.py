@@ -1300,6 +1300,15 @@ def _copy_range(
         done += copied
 
 
+def verify_records(fd: int, archive: Archive, path: str) -> None:
+    """Read every record and check its CRC (``inspect --verify``); raises FileRefused."""
+    records = list(archive.records.values())
+    spans = [(record_data_offset(fd, archive, r, path), r.size) for r in records]
+    for record, crc in zip(records, crcs_of_ranges(fd, spans, path), strict=True):
+        if crc != record.crc32:
+            raise FileRefused(path, f"CRC mismatch in record {record.name!r}: the file is corrupt")
+
+
 def archive_matches_plan(fd: int, plan: OutputPlan, path: str) -> bool:
     """Whether an existing file's directory is exactly what ``plan`` would write (same records,
     sizes and CRCs, so the same pickle): cheap, reads only the directory."""

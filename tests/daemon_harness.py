@@ -282,7 +282,9 @@ class Daemon:
     def stop(self) -> None:
         """Teardown: SIGTERM, then SIGKILL if it lingers; never leaves a process behind."""
         if self.process.poll() is None:
+            _t = time.monotonic()
             self.process.send_signal(signal.SIGTERM)
+            import atexit; atexit.register(print, "STOP", self.log_path, self.process.wait(), time.monotonic() - _t)
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:

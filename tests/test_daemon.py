@@ -442,8 +442,9 @@ def test_files_that_are_not_checkpoints_are_left_alone(
     saved = save_full(run / "epoch1.pt", epoch=1)
 
     daemon.wait_until(inference(run / "epoch1.pt").exists, "the real checkpoint's extraction")
+    seen = {path: reads.count(path) for path in garbage}
     for path in garbage:
-        daemon.wait_for_reads(reads, path, reads.count(path), min_seconds=QUIET_WAIT)
+        daemon.wait_for_reads(reads, path, seen[path], min_seconds=QUIET_WAIT)
     assert_copy_matches(inference(run / "epoch1.pt"), saved)
     for path, data in garbage.items():
         assert path.read_bytes() == data

@@ -12,6 +12,8 @@ import torch
 from checkpoints import (
     TRAINING_STATE_KEYS,
     awkward_tensors,
+    flip_byte,
+    record_span,
     save_bare_weights,
     save_full_checkpoint,
     save_inference_checkpoint,
@@ -177,3 +179,35 @@ def test_inspecting_reads_no_tensor_data(tmp_path: Path) -> None:
     assert checkpoint.kind is torchzip.Kind.FULL and min(planned) > 16 * 1024 * 1024
     assert reading_all >= size  # the counter sees preads
     assert inspecting < 1024 * 1024
+
+
+def test_verify_reads_tensor_data_and_catches_a_flipped_bit(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """Plain inspect reads no tensor data, so a bit flip in the optimizer's state goes unseen;
+    ``--verify`` reads every record and names the corrupt one."""
+    path = tmp_path / "best_model.pt"
+    save_full_checkpoint(path)
+    clean = run_sweeper("inspect", "--verify", "--json", path)
+    assert clean.returncode == 0
+    assert json.loads(clean.stdout)["tensor_data_verified"] is True
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        root = torchzip.open_checkpoint(fd, str(path)).root
+    finally:
+        os.close(fd)
+    assert isinstance(root, dict)
+    exp_avg = root["optimizer_state_dict"]["state"][0]["exp_avg"]
+    record = f"data/{exp_avg.storage.key}"
+    start, _ = record_span(path, "/" + record)
+    flip_byte(path, start)
+
+    quick = run_sweeper("inspect", "--json", path)
+    assert quick.returncode == 0
+    assert json.loads(quick.stdout)["tensor_data_verified"] is False
+    full = run_sweeper("inspect", "--verify", path)
+    assert full.returncode == 1
+    assert full.stderr_lines == [
+        f"ERROR sweeper: {path}: CRC mismatch in record '{record}': the file is corrupt"
+    ]
