@@ -8,6 +8,7 @@ deduplicated queue and run scan -> plan -> execute on them under the action lock
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fnmatch
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
@@ -105,6 +106,20 @@ def lower_io_priority() -> bool:
     return int(libc.syscall(number, 1, 0, 3 << 13)) == 0
 
 
+@dataclass(frozen=True)
+class _Watched:
+    """A folder being watched, and the watch."""
+
+    observer: BaseObserver
+    watch: ObservedWatch
+
+    def ended(self) -> bool:
+        """The observer stopped watching: the folder was deleted (or moved away)."""
+        return not any(
+            emitter.watch == self.watch and emitter.is_alive() for emitter in self.observer.emitters
+        )
+
+
 @dataclass
 class _Pending:
     last_event: float
@@ -177,7 +192,7 @@ class Watcher:
         self._state = _State()
         self._queue: queue.Queue[str] = queue.Queue(maxsize=self.settings.queue_size)
         self._observers: list[BaseObserver] = []
-        self._watched: set[str] = set()
+        self._watched: dict[str, _Watched] = {}
         self._workers: list[threading.Thread] = []
         self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
         self._symlink_seen = threading.Event()
@@ -332,11 +347,14 @@ class Watcher:
         self._handler = handler
         self._inotify: BaseObserver | None = None
         self._polling: BaseObserver | None = None
-        self._watched = set()
+        self._watched = {}
         self._refresh_watches()
 
     def _refresh_watches(self) -> None:
-        """Watch every folder the roots name now (globs may match new folders over time)."""
+        """Watch every folder the roots name now (globs may match new folders over time).
+
+        A folder deleted and made again under the same name is a new directory: the observer's
+        watch ended with the old one, so the new one is watched afresh."""
         for pattern in self.settings.roots:
             try:
                 folders = [f.display for f in expand_root(pattern)]
@@ -344,8 +362,16 @@ class Watcher:
                 log.warning("root %s: %s; the rescan will look again", pattern, error.strerror)
                 continue
             for path in folders:
-                if path not in self._watched:
-                    self._watch(path)
+                known = self._watched.get(path)
+                if known is not None and not known.ended():
+                    continue
+                if known is not None:
+                    log.info("%s: its watch ended (folder deleted or replaced); rewatching", path)
+                    # The observer still holds the ended watch and would not start another one
+                    # for the same path.
+                    with contextlib.suppress(KeyError):
+                        known.observer.unschedule(known.watch)
+                self._watch(path)
 
     def _watch(self, path: str) -> None:
         kind = self.settings.observer
@@ -358,8 +384,9 @@ class Watcher:
                 kind = ObserverKind.inotify
         if kind is ObserverKind.inotify:
             try:
-                self._observer(inotify=True).schedule(self._handler, path, recursive=True)
-                self._watched.add(path)
+                observer = self._observer(inotify=True)
+                watch = observer.schedule(self._handler, path, recursive=True)
+                self._watched[path] = _Watched(observer, watch)
                 return
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EMFILE):
@@ -368,8 +395,9 @@ class Watcher:
                 log.warning(
                     "inotify watch limit exhausted (fs.inotify.max_user_watches); polling %s", path
                 )
-        self._observer(inotify=False).schedule(self._handler, path, recursive=True)
-        self._watched.add(path)
+        observer = self._observer(inotify=False)
+        watch = observer.schedule(self._handler, path, recursive=True)
+        self._watched[path] = _Watched(observer, watch)
 
     def _observer(self, *, inotify: bool) -> BaseObserver:
         if inotify:

@@ -1,0 +1,696 @@
+"""``sweeper watch`` end to end: the real daemon as a subprocess on a tree in tmp_path, with a
+real AF_UNIX datagram socket standing in for systemd's ``NOTIFY_SOCKET``.
+
+Every daemon runs with ``settle_seconds=0.5 min_age_seconds=0 rescan_seconds=2`` unless a test
+says otherwise, and its ledger in tmp_path.  Negative claims ("never extracted") are checked
+only after the daemon has demonstrably looked again: inotify in the test process sees it open
+and examine the file twice more, and a settle plus a rescan period have passed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import (
+    TEMP_MARK,
+    assert_same_tensors,
+    full_checkpoint,
+    load_without_allowlist,
+    tiny_model,
+)
+from daemon_harness import (
+    REPO_ROOT,
+    RESCAN_SECONDS,
+    SETTLE_SECONDS,
+    TIMEOUT,
+    ChunkedWriter,
+    Daemon,
+    NotifySocket,
+    Reads,
+    Status,
+    wait_until,
+)
+from trees import apparent_size, ledger_lines, names, outcome_total, save_full
+
+from sweeper.daemon import filesystem_type, wants_polling
+
+QUIET_WAIT = SETTLE_SECONDS + RESCAN_SECONDS  # long enough for an event and a rescan to act
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """The watched root, with one (empty) run folder."""
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def reads(tree: Path) -> Iterator[Reads]:
+    """How often each file below the tree has been opened and examined (by the daemon)."""
+    counter = Reads(tree)
+    yield counter
+    counter.stop()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ledger.jsonl"
+
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, notify: NotifySocket, ledger: Path) -> Iterator[StartDaemon]:
+    """``start_daemon(*items, config=None, **Daemon_kwargs)``: ``sweeper watch [-c CONFIG]
+    ITEMS`` (roots and KEY=VALUE, which win over the test settings); every daemon started is
+    stopped at teardown."""
+    daemons: list[Daemon] = []
+
+    def start(*items: str, config: Path | None = None, **kwargs: Any) -> Daemon:
+        kwargs.setdefault("notify", notify)
+        kwargs.setdefault("ledger", ledger)
+        kwargs.setdefault("name", f"daemon{len(daemons)}")
+        options = ["-c", str(config)] if config is not None else []
+        test_settings = [
+            f"settle_seconds={SETTLE_SECONDS}",
+            "min_age_seconds=0",
+            f"rescan_seconds={RESCAN_SECONDS}",
+        ]
+        daemon = Daemon(tmp_path, [*options, *test_settings, *items], **kwargs)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def inference(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_inference{path.suffix}")
+
+
+def records(ledger: Path) -> list[dict[str, Any]]:
+    """The ledger's records; none before the daemon's first append has landed."""
+    if not ledger.exists() or ledger.stat().st_size == 0:
+        return []
+    return ledger_lines(ledger)
+
+
+def records_for(ledger: Path, path: Path) -> list[dict[str, Any]]:
+    return [r for r in records(ledger) if r["path"] == str(path)]
+
+
+def actions_for(ledger: Path, path: Path) -> list[str]:
+    """What the ledger says was done to ``path``; delete intents left out."""
+    return [r["action"] for r in records_for(ledger, path) if r["action"] != "delete-intent"]
+
+
+def assert_copy_matches(copy: Path, saved: dict[str, Any]) -> None:
+    """The inference copy loads with the safe loader, holds the model's tensors and no
+    training state."""
+    loaded = load_without_allowlist(copy)
+    assert not any(k.startswith(("optimizer", "scheduler", "scaler", "rng")) for k in loaded)
+    assert_same_tensors(saved["model_state_dict"], loaded["model_state_dict"])
+    assert loaded["epoch"] == saved["epoch"]
+
+
+def temp_files_below(top: Path) -> list[str]:
+    return [
+        os.path.join(folder, name)
+        for folder, _, files in os.walk(top)
+        for name in files
+        if TEMP_MARK in name
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The systemd protocol and logs.
+
+
+def test_ready_after_the_catch_up_sweep_then_status_and_stopping(
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path, reads: Reads
+) -> None:
+    """READY=1 only once the catch-up sweep has extracted what was already there; STATUS=
+    reports the counts; SIGTERM sends STOPPING=1 and exits 0.  WATCHDOG_PID names another
+    process here, so the daemon must not ping on its behalf."""
+    saved = {}
+    for index in range(3):
+        folder = tree / f"run{index}"
+        folder.mkdir()
+        saved[folder / "epoch1.pt"] = save_full(folder / "epoch1.pt", epoch=1, seed=index)
+    daemon = start_daemon(
+        str(tree), env={"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}
+    )
+
+    ready = daemon.wait_ready()
+
+    for path, checkpoint in saved.items():
+        assert inference(path).exists(), daemon.details()
+        assert [r["action"] for r in records_for(ledger, path)] == ["extract"]
+        assert_copy_matches(inference(path), checkpoint)
+    # The daemon's own account right after READY: all done, nothing queued behind it.
+    first = daemon.wait_for(lambda m: Status.parse(m) is not None, since=ready)
+    status = Status.parse(notify.messages[first])
+    assert status is not None
+    assert (status.queued, status.working, status.actions, status.failed) == (0, 0, 3, 0)
+    assert status.reclaimed == outcome_total(records(ledger))
+
+    # Pings would be due every 0.5 s: give them time to show up, if they were going to.
+    first_path = next(iter(saved))
+    daemon.wait_for_reads(reads, first_path, reads.count(first_path), count=1, min_seconds=1.5)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    notify.mark()  # take what the kernel still holds
+    assert notify.messages[-1] == "STOPPING=1"
+    assert notify.count("WATCHDOG=1") == 0
+    assert notify.count("READY=1") == 1
+    log = daemon.log()
+    assert "INFO sweeper.daemon: catch-up sweep of" in log
+    assert "stopping (SIGTERM)" in log
+    assert not re.search(r"^<\d>", log, re.MULTILINE)  # not the journal: no priority prefixes
+
+
+def test_watchdog_pings_when_watchdog_pid_is_the_daemon(
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    daemon = start_daemon(str(tree), env={"WATCHDOG_USEC": "1000000"}, as_watchdog_pid=True)
+
+    ready = daemon.wait_ready()
+    daemon.wait_until(
+        lambda: notify.count("WATCHDOG=1", since=ready) >= 3, "three WATCHDOG=1 pings"
+    )
+
+
+def test_watchdog_keeps_pinging_while_a_worker_waits_for_another_sweep(
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+) -> None:
+    """A one-shot ``sweeper sweep`` holds the action lock for as long as its sweep takes; the
+    daemon's worker waiting for it is healthy and must not be restarted by systemd's watchdog
+    (WatchdogSec=1 s here, so the worker waits five times longer than that)."""
+    daemon = start_daemon(str(tree), env={"WATCHDOG_USEC": "1000000"}, as_watchdog_pid=True)
+    daemon.wait_ready()
+    checkpoint = tree / "run" / "epoch1.pt"
+    lock_fd = os.open(f"{ledger}.actions.lock", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # as `sweeper sweep` does for its whole run
+        save_full(checkpoint, epoch=1)
+        waiting = daemon.wait_for(lambda m: (s := Status.parse(m)) is not None and s.working > 0)
+        # Ten pings, at least 0.5 s apart, span 4.5 s: over four times WatchdogSec.
+        daemon.wait_until(
+            lambda: notify.count("WATCHDOG=1", since=waiting) >= 10,
+            "WATCHDOG=1 pings while the worker waits for the lock",
+        )
+        assert not inference(checkpoint).exists()  # the worker really was waiting
+    finally:
+        os.close(lock_fd)
+    daemon.wait_until(inference(checkpoint).exists, "the extraction once the lock is free")
+
+
+def test_log_lines_carry_priorities_when_stderr_is_the_journal(
+    tree: Path, start_daemon: StartDaemon
+) -> None:
+    save_full(tree / "run" / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), journal=True)
+    daemon.wait_ready()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+    lines = daemon.log().splitlines()
+    assert lines, "the daemon logged nothing"
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    assert any(line.startswith("<6>sweeper.daemon: catch-up sweep of ") for line in lines)
+    assert any(line.startswith("<6>sweeper.execute: ") and "wrote" in line for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: only complete, closed, quiet files are touched.
+
+
+def test_slow_writer_is_extracted_only_once_complete_and_closed(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
+) -> None:
+    """Six chunks 0.7 s apart (longer than settle_seconds, so the daemon looks mid-write), then
+    the complete file held open past a settle and a rescan: nothing happens until close."""
+    source = tmp_path / "source.pt"
+    saved = save_full(source, epoch=1)
+    target = tree / "run" / "epoch1.pt"
+    daemon = start_daemon(str(tree))
+    daemon.wait_ready()
+
+    writer = ChunkedWriter(target, source, chunks=6, pause=0.7)
+    try:
+        for index in range(6):
+            assert writer.read_line() == f"chunk {index}"
+            assert not inference(target).exists()
+        assert writer.read_line() == "written"
+        daemon.wait_for_reads(reads, target, reads.count(target), min_seconds=QUIET_WAIT)
+        assert target.read_bytes() == source.read_bytes()  # complete, but still open
+        assert not inference(target).exists()
+        assert records_for(ledger, target) == []
+        writer.close()
+    finally:
+        writer.cleanup()
+
+    daemon.wait_until(lambda: actions_for(ledger, target), "the extraction once the writer closed")
+    assert actions_for(ledger, target) == ["extract"]
+    assert_copy_matches(inference(target), saved)
+
+
+def test_writer_killed_half_way_leaves_its_file_untouched(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
+) -> None:
+    """A killed writer's file is closed by the kernel like any other: the close proves nothing
+    and the truncated file is neither extracted nor deleted."""
+    source = tmp_path / "source.pt"
+    save_full(source, epoch=1)
+    target = tree / "run" / "epoch1.pt"
+    daemon = start_daemon(str(tree))
+    daemon.wait_ready()
+
+    writer = ChunkedWriter(target, source, chunks=6, pause=0.1, stop_after=3)
+    try:
+        lines = [writer.read_line() for _ in range(4)]
+        assert lines == ["chunk 0", "chunk 1", "chunk 2", "stopped"]
+        writer.kill()
+    finally:
+        writer.cleanup()
+    before = target.stat()  # stat, not read: reads are the daemon's to count
+
+    daemon.wait_for_reads(reads, target, reads.count(target), min_seconds=QUIET_WAIT)
+    after = target.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    size = source.stat().st_size
+    assert after.st_size == 3 * -(-size // 6)  # three of six chunks
+    assert target.read_bytes() == source.read_bytes()[: after.st_size]
+    assert names(tree / "run") == {"epoch1.pt"}
+    assert records_for(ledger, target) == []
+    assert daemon.alive()
+
+
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_temporary_name_renamed_into_place_is_extracted(
+    tree: Path, start_daemon: StartDaemon, ledger: Path, observer: str
+) -> None:
+    """Trainers often save to a temporary name and rename; the renamed file is what counts.
+    The rescan is an hour away: the rename's event alone must bring the daemon."""
+    run = tree / "run"
+    daemon = start_daemon(str(tree), f"observer={observer}", "rescan_seconds=3600")
+    daemon.wait_ready()
+
+    saved = {}
+    for epoch, temporary in ((1, "epoch1.pt.tmp"), (2, ".tmp_epoch2")):
+        saved[epoch] = full_checkpoint(epoch=epoch, model=tiny_model(epoch))
+        # Through a file object, as trainers saving to a temporary name do (torch.save given
+        # the path ".tmp_epoch2" refuses it: it derives the archive's name from the file's).
+        with open(run / temporary, "wb") as file:
+            torch.save(saved[epoch], file)
+        os.rename(run / temporary, run / f"epoch{epoch}.pt")
+
+    for epoch in saved:
+        path = run / f"epoch{epoch}.pt"
+        daemon.wait_until(functools.partial(actions_for, ledger, path), f"{path.name} extracted")
+    assert names(run) == {"epoch1.pt", "epoch2.pt", "epoch1_inference.pt", "epoch2_inference.pt"}
+    for epoch, checkpoint in saved.items():
+        assert actions_for(ledger, run / f"epoch{epoch}.pt") == ["extract"]
+        assert_copy_matches(run / f"epoch{epoch}_inference.pt", checkpoint)
+
+
+def test_n_plus_two_epochs_leave_n_full_checkpoints_and_the_ledger_adds_up(
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path, reads: Reads
+) -> None:
+    run = tree / "run"
+    daemon = start_daemon(str(tree), "keep_full=2")
+    daemon.wait_ready()
+    before = apparent_size(tree)
+
+    saved, written = {}, 0
+    for epoch in range(1, 5):
+        saved[epoch] = save_full(run / f"epoch{epoch}.pt", epoch=epoch, seed=epoch)
+        written += (run / f"epoch{epoch}.pt").stat().st_size
+
+    expected = {"epoch3.pt", "epoch4.pt", *(f"epoch{e}_inference.pt" for e in range(1, 5))}
+    expected_actions = {
+        1: ["extract", "delete"],
+        2: ["extract", "delete"],
+        3: ["extract"],
+        4: ["extract"],
+    }
+
+    def done() -> bool:
+        ledgered = {e: actions_for(ledger, run / f"epoch{e}.pt") for e in range(1, 5)}
+        return names(run) == expected and ledgered == expected_actions
+
+    daemon.wait_until(done, f"exactly {sorted(expected)} and their ledger records")
+    newest = run / "epoch4.pt"
+    daemon.wait_for_reads(reads, newest, reads.count(newest))  # and it stays that way
+    assert done()
+    for epoch, checkpoint in saved.items():
+        assert_copy_matches(run / f"epoch{epoch}_inference.pt", checkpoint)
+    recorded = records(ledger)
+    assert outcome_total(recorded) == before + written - apparent_size(tree)
+    daemon.wait_until(
+        lambda: notify.statuses()[-1].reclaimed == outcome_total(recorded),
+        "STATUS= to report the ledger's total",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What events miss, the rescan finds.
+
+
+def test_rescan_finds_a_run_folder_no_watch_covers(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon
+) -> None:
+    """With a glob root only the folders matching at start are watched, and nothing watches the
+    folder above them: a run folder moved in later raises no event the daemon can see.  Only
+    the periodic rescan can find it."""
+    outside = tmp_path / "outside" / "run2"
+    outside.mkdir(parents=True)
+    saved = save_full(outside / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree / "run*"))
+    daemon.wait_ready()
+    daemon.wait_log("watching 1 folders")
+
+    os.rename(outside, tree / "run2")
+
+    copy = tree / "run2" / "epoch1_inference.pt"
+    daemon.wait_until(copy.exists, "the rescan to extract the hidden checkpoint")
+    assert_copy_matches(copy, saved)
+    # The rescan also starts watching the new folder: a later checkpoint there is processed.
+    later = save_full(tree / "run2" / "epoch2.pt", epoch=2)
+    daemon.wait_until((tree / "run2" / "epoch2_inference.pt").exists, "the later checkpoint")
+    assert_copy_matches(tree / "run2" / "epoch2_inference.pt", later)
+
+
+def test_run_folder_moved_into_a_watched_root_is_seen_without_a_rescan(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon
+) -> None:
+    """inotify reports only the folder's move, not the files inside it; watchdog adds events
+    for its contents, and the daemon must act on them (the rescan is an hour away here)."""
+    outside = tmp_path / "outside" / "run2"
+    (outside / "nested").mkdir(parents=True)
+    saved = save_full(outside / "nested" / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), "rescan_seconds=3600")
+    daemon.wait_ready()
+
+    os.rename(outside, tree / "run2")
+
+    copy = tree / "run2" / "nested" / "epoch1_inference.pt"
+    daemon.wait_until(copy.exists, "the moved-in checkpoint's extraction")
+    assert_copy_matches(copy, saved)
+
+
+def test_a_watched_folder_deleted_and_made_again_is_watched_again(
+    tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    """``rm -rf run; mkdir run`` under a glob root: the watch died with the old folder.  The
+    next rescan must watch the new one, or its checkpoints wait for a rescan for the rest of
+    the daemon's life.  A path "settling" in STATUS= proves an event arrived: the rescan never
+    puts one there."""
+    daemon = start_daemon(str(tree / "run*"), "settle_seconds=2", "rescan_seconds=1")
+    daemon.wait_ready()
+    shutil.rmtree(tree / "run")
+    (tree / "run").mkdir()
+    daemon.wait_log(f"{tree / 'run'}: its watch ended")  # a rescan has watched it again
+
+    since = notify.mark()
+    saved = save_full(tree / "run" / "epoch1.pt", epoch=1)
+
+    daemon.wait_for(lambda m: (s := Status.parse(m)) is not None and s.settling > 0, since=since)
+    daemon.wait_until(inference(tree / "run" / "epoch1.pt").exists, "the extraction")
+    assert_copy_matches(inference(tree / "run" / "epoch1.pt"), saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files sweeper must leave alone.
+
+
+def test_files_that_are_not_checkpoints_are_left_alone(
+    tree: Path, start_daemon: StartDaemon, reads: Reads, ledger: Path
+) -> None:
+    run = tree / "run"
+    daemon = start_daemon(str(tree))
+    daemon.wait_ready()
+    garbage = {
+        run / "x.pt": b"not a checkpoint\n" * 1000,
+        run / "empty.pt": b"",
+        run / "fake.pth": b"PK\x05\x06" + bytes(18),  # an empty zip: no pickle at all
+    }
+    for path, data in garbage.items():
+        path.write_bytes(data)
+    saved = save_full(run / "epoch1.pt", epoch=1)
+
+    daemon.wait_until(inference(run / "epoch1.pt").exists, "the real checkpoint's extraction")
+    seen = {path: reads.count(path) for path in garbage}
+    for path in garbage:
+        daemon.wait_for_reads(reads, path, seen[path], min_seconds=QUIET_WAIT)
+    assert_copy_matches(inference(run / "epoch1.pt"), saved)
+    for path, data in garbage.items():
+        assert path.read_bytes() == data
+        assert records_for(ledger, path) == []
+    assert names(run) == {*(p.name for p in garbage), "epoch1.pt", "epoch1_inference.pt"}
+    assert daemon.alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals and instances.
+
+
+def test_sigterm_during_an_extraction_exits_0_and_leaves_no_temporary_file(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket, ledger: Path
+) -> None:
+    """A 300 MB checkpoint takes long enough to extract that the test sees the temporary output
+    and sends SIGTERM while it exists.  The daemon finishes or aborts that file, never leaves
+    half of it, and a restart completes the job."""
+    run = tree / "run"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    weight = torch.ones(75_000_000)  # 300 MB of float32
+    torch.save(full_checkpoint(model_state={"weight": weight}), outside / "big.pt")
+    del weight
+    big = run / "big.pt"
+    copy = inference(big)
+    try:
+        daemon = start_daemon(str(tree))
+        daemon.wait_ready()
+        os.rename(outside / "big.pt", big)
+        identity = big.stat()
+
+        def extraction() -> str | None:
+            if any(TEMP_MARK in name for name in os.listdir(run)):
+                return "in progress"
+            return "finished" if copy.exists() else None
+
+        def recorded(count: int) -> bool:
+            return len(actions_for(ledger, big)) == count
+
+        missed = 0  # extractions that finished before the test could look
+        while wait_until(extraction, "an extraction", interval=0.001) == "finished":
+            missed += 1
+            if missed == 3:  # a machine too busy to catch it once gets two more tries
+                pytest.fail(f"never saw the extraction in progress\n{daemon.details()}")
+            daemon.wait_until(functools.partial(recorded, missed), "its ledger record")
+            copy.unlink()  # the next rescan extracts it again
+        daemon.signal(signal.SIGTERM)
+
+        assert daemon.wait_exit() == 0, daemon.details()
+        notify.mark()  # take what the kernel still holds
+        assert "STOPPING=1" in notify.messages
+        assert temp_files_below(tree) == []
+        after = big.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            identity.st_ino,
+            identity.st_size,
+            identity.st_mtime_ns,
+        )
+        assert [r for r in records_for(ledger, big) if r["action"] == "fail"] == []
+        # Finished (copy and its ledger record) or aborted (neither): nothing in between.
+        finished = copy.exists()
+        assert actions_for(ledger, big) == ["extract"] * (missed + finished)
+        if finished:
+            assert_big_copy(copy)
+
+        # A new daemon (the lock was released) completes what was interrupted, before READY.
+        again = start_daemon(str(tree), name="restarted")
+        again.wait_ready()
+        assert copy.exists(), again.details()
+        assert_big_copy(copy)
+        assert temp_files_below(tree) == []
+    finally:
+        for path in (outside / "big.pt", big, copy):
+            path.unlink(missing_ok=True)
+
+
+def assert_big_copy(copy: Path) -> None:
+    loaded = torch.load(copy, weights_only=True, mmap=True)
+    weight = loaded["model_state_dict"]["weight"]
+    assert weight.shape == (75_000_000,)
+    assert bool((weight == 1).all())
+    assert "optimizer_state_dict" not in loaded
+
+
+def test_sighup_reloads_the_config_between_reloading_and_ready(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("keep_full: 2\n")
+    daemon = start_daemon(str(tree), config=config)
+    ready = daemon.wait_ready()
+
+    config.write_text("keep_full: 1\n")
+    sent_after = time.monotonic_ns() // 1000
+    daemon.signal(signal.SIGHUP)
+
+    reloading = daemon.wait_for(lambda m: m.startswith("RELOADING=1\n"), since=ready)
+    received_before = time.monotonic_ns() // 1000
+    match = re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=(\d+)", notify.messages[reloading])
+    assert match is not None, notify.messages[reloading]
+    assert sent_after <= int(match.group(1)) <= received_before
+    daemon.wait_for("READY=1", since=reloading)
+    daemon.wait_log("configuration reloaded")
+
+    # keep_full=1 is in force: the older of two epochs goes.
+    run = tree / "run"
+    save_full(run / "epoch1.pt", epoch=1, seed=1)
+    save_full(run / "epoch2.pt", epoch=2, seed=2)
+    expected = {"epoch2.pt", "epoch1_inference.pt", "epoch2_inference.pt"}
+    daemon.wait_until(lambda: names(run) == expected, f"exactly {sorted(expected)}")
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    """keep_full: 1 is running (not the default 2); two broken reloads are refused, naming the
+    key, and keep_full=1 still decides afterwards."""
+    config = tmp_path / "config.yaml"
+    config.write_text("keep_full: 1\n")
+    daemon = start_daemon(str(tree), config=config)
+    ready = daemon.wait_ready()
+
+    config.write_text("keep_full: 0\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("reload refused")
+    config.write_text("keep_full: [1\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_until(lambda: daemon.log().count("reload refused") == 2, "the second refusal")
+
+    refusals = [line for line in daemon.log().splitlines() if "reload refused" in line]
+    assert refusals[0].startswith("ERROR ")
+    assert "'keep_full'" in refusals[0] and "below the minimum of 1" in refusals[0]
+    assert "not valid YAML" in refusals[1] and str(config) in refusals[1]
+    assert notify.find(lambda m: m.startswith("RELOADING=1"), since=ready) is None
+    assert notify.count("READY=1") == 1
+
+    run = tree / "run"
+    save_full(run / "epoch1.pt", epoch=1, seed=1)
+    save_full(run / "epoch2.pt", epoch=2, seed=2)
+    expected = {"epoch2.pt", "epoch1_inference.pt", "epoch2_inference.pt"}
+    daemon.wait_until(lambda: names(run) == expected, f"exactly {sorted(expected)}")
+
+
+def test_second_instance_on_the_same_ledger_is_refused(
+    tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    save_full(tree / "run" / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree))
+    daemon.wait_ready()
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
+        env.pop(inherited, None)
+    second = subprocess.run(
+        [sys.executable, "-m", "sweeper", "watch", str(tree), "--ledger", str(ledger)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+    lock = Path(f"{ledger}.pid")
+    assert second.returncode == 2, second.stderr
+    assert f"{lock} is locked by pid {daemon.pid}" in second.stderr
+    assert "already running" in second.stderr
+    assert lock.read_text() == f"{daemon.pid}\n"
+    for private in (lock, ledger):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    assert daemon.alive()
+    # A one-shot sweep shares the ledger (and waits for the action lock) without being refused.
+    sweep = subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", str(tree), "--ledger", str(ledger)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert sweep.returncode == 0, sweep.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the observer.
+
+
+@pytest.mark.parametrize(
+    ("fstype", "polling"),
+    [
+        ("ext4", False),
+        ("xfs", False),
+        ("tmpfs", False),
+        ("nfs4", True),
+        ("cifs", True),
+        ("lustre", True),
+        ("fuse.sshfs", True),
+        ("fuseblk", True),
+        (None, False),
+    ],
+)
+def test_network_and_fuse_filesystems_are_polled(fstype: str | None, polling: bool) -> None:
+    assert wants_polling(fstype) is polling
+
+
+def test_filesystem_type_takes_the_longest_mount_point(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        "40 22 0:40 / /data rw,relatime shared:2 - nfs4 server:/data rw\n"
+        "41 40 0:41 / /data/fast rw,relatime shared:3 - xfs /dev/nvme0n1 rw\n"
+        "42 22 0:42 / /mnt/with\\040space rw - fuse.sshfs host: rw\n"
+    )
+
+    def kind(path: str) -> str | None:
+        return filesystem_type(path, str(mountinfo))
+
+    assert kind("/data/alice/run") == "nfs4"
+    assert kind("/data") == "nfs4"
+    assert kind("/data/fast/run") == "xfs"
+    assert kind("/datax") == "ext4"  # a prefix of the name is not a mount point above it
+    assert kind("/mnt/with space/run") == "fuse.sshfs"
+    assert filesystem_type("/", str(tmp_path / "missing")) is None
