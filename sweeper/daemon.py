@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
@@ -37,7 +47,8 @@ from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.inventory import Inventory, expand_root, scan, scan_folder
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock
 from sweeper.notify import Notifier
-from sweeper.plan import plan_sweep
+from sweeper.plan import SweepPlan, plan_sweep
+from sweeper.policy import Action
 from sweeper.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -68,7 +79,27 @@ NETWORK_FILESYSTEMS = frozenset(
         "virtiofs",
     ]
 )
-_FULL_SWEEP = "\0full-sweep"  # queue item: rescan every root (never a valid path)
+_FULL_SWEEP = "\0full-sweep"
+# What inotify is asked for: writes finished, files appearing or renamed into place, and
+# folders coming and going.  Not opens, plain closes or each write: sweeper's own reads would
+# otherwise flood the observer on every rescan.
+_INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+_UNSETTLED = "skipped: changed "  # policy's words for a file not yet quiet for settle_seconds
+_QUIET_SKIPS = frozenset(
+    [
+        "skipped: sweeper's own output",
+        "skipped: already an inference checkpoint",
+        "skipped: already bare weights",
+    ]
+)  # queue item: rescan every root (never a valid path)
 _TICK_SECONDS = 0.5
 
 
@@ -220,12 +251,15 @@ class Watcher:
             self._lower_priority()
             self._start_observers()
             log.info("catch-up sweep of %s", ", ".join(self.settings.roots))
-            self._full_sweep()
+            # Files already there at start are judged by completeness alone (end record, no
+            # writer); from now on a file must also have been quiet for settle_seconds.
+            self._full_sweep(settle=False)
             for index in range(self.settings.workers):
                 worker = threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
                 worker.start()
                 self._workers.append(worker)
-            self._notifier.ready()
+            if not self._stop():
+                self._notifier.ready()
             self._publish_status(force=True)
             log.info("watching %d folders", len(self._watched))
             self._loop()
@@ -268,7 +302,17 @@ class Watcher:
                     self._notifier.watchdog()
                 next_ping = now + interval
             self._publish_status()
-            self._stop.wait(_TICK_SECONDS)
+            self._stop.wait(self._until_next_due(time.monotonic()))
+
+    def _until_next_due(self, now: float) -> float:
+        """Sleep until the next settling file is due (so latency is settle_seconds, not settle
+        plus a tick), but at most a tick: signals, reloads and pings are checked that often."""
+        settle = self.settings.settle_seconds
+        with self._state.lock:
+            due = min((p.last_event + settle for p in self._state.pending.values()), default=None)
+        if due is None:
+            return _TICK_SECONDS
+        return min(_TICK_SECONDS, max(0.01, due - now))
 
     def _making_progress(self, now: float, interval: float) -> bool:
         with self._state.lock:
@@ -385,8 +429,13 @@ class Watcher:
         if kind is ObserverKind.inotify:
             try:
                 observer = self._observer(inotify=True)
-                watch = observer.schedule(self._handler, path, recursive=True)
+                watch = observer.schedule(
+                    self._handler, path, recursive=True, event_filter=_INOTIFY_EVENTS
+                )
                 self._watched[path] = _Watched(observer, watch)
+                return
+            except RuntimeError as error:  # no thread for another watch (a tasks limit)
+                log.warning("cannot watch %s: %s; the rescan covers it", path, error)
                 return
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EMFILE):
@@ -395,8 +444,12 @@ class Watcher:
                 log.warning(
                     "inotify watch limit exhausted (fs.inotify.max_user_watches); polling %s", path
                 )
-        observer = self._observer(inotify=False)
-        watch = observer.schedule(self._handler, path, recursive=True)
+        try:
+            observer = self._observer(inotify=False)
+            watch = observer.schedule(self._handler, path, recursive=True)
+        except (OSError, RuntimeError) as error:
+            log.warning("cannot poll %s: %s; the rescan covers it", path, error)
+            return
         self._watched[path] = _Watched(observer, watch)
 
     def _observer(self, *, inotify: bool) -> BaseObserver:
@@ -448,7 +501,7 @@ class Watcher:
                 with self._state.lock:
                     self._state.busy -= 1
 
-    def _full_sweep(self) -> None:
+    def _full_sweep(self, *, settle: bool = True) -> None:
         settings = self.settings
 
         def inventory() -> Inventory:
@@ -456,7 +509,7 @@ class Watcher:
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
 
-        self._act(inventory, exclusive=True)
+        self._act(inventory, exclusive=True, settle=settle)
 
     def _sweep_folder(self, folder: str) -> None:
         settings = self.settings
@@ -465,7 +518,9 @@ class Watcher:
             lambda: scan_folder(settings.roots, settings.patterns, folder, targets), exclusive=False
         )
 
-    def _act(self, inventory: Callable[[], Inventory], *, exclusive: bool) -> None:
+    def _act(
+        self, inventory: Callable[[], Inventory], *, exclusive: bool, settle: bool = True
+    ) -> None:
         settings = self.settings
         # Waiting for a one-shot sweep to release the lock is not being stuck: _should_stop
         # keeps the watchdog heartbeat going while the wait lasts (it may outlast WatchdogSec).
@@ -478,9 +533,11 @@ class Watcher:
                 keep_full=settings.keep_full,
                 min_age_seconds=settings.min_age_seconds,
                 now_ns=time.time_ns(),
+                settle_seconds=settings.settle_seconds if settle else 0,
             )
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
+            self._note_skipped(plan)
             result = execute_plan(
                 plan,
                 AppendEach(str(settings.ledger)),
@@ -488,6 +545,18 @@ class Watcher:
                 should_stop=self._should_stop,
             )
         self._account(result)
+
+    def _note_skipped(self, plan: SweepPlan) -> None:
+        """Say why files were left alone, and look again at those still settling."""
+        now = time.monotonic()
+        for entry in plan.entries:
+            if entry.action is not Action.SKIP or entry.reason in _QUIET_SKIPS:
+                continue
+            if entry.reason.startswith(_UNSETTLED):
+                with self._state.lock:
+                    self._state.pending.setdefault(entry.path, _Pending(now, entry.folder.display))
+            else:
+                log.info("%s: %s", entry.path, entry.reason)
 
     def _account(self, result: SweepReport) -> None:
         with self._state.lock:

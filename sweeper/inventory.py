@@ -14,6 +14,7 @@ import fcntl
 import fnmatch
 import logging
 import os
+import signal
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -229,8 +230,15 @@ def _classify_all(
 
     context = multiprocessing.get_context("fork")
     chunk = max(1, len(tasks) // (processes * 8))
-    with context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns),)) as pool:
+    pool = context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns),))
+    try:
         yield from pool.imap(_classify_task, tasks, chunksize=chunk)
+        pool.close()  # orderly: workers finish and exit; terminate() is only for errors
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 _worker_patterns: tuple[str, ...] = ()
@@ -238,6 +246,10 @@ _worker_writers: _OpenForWriting | None = None
 
 
 def _init_worker(patterns: tuple[str, ...]) -> None:
+    """A forked classifier: default signal handling (the parent's handlers only set flags that
+    nothing in a worker reads, so SIGTERM from ``Pool.terminate`` must really end it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     global _worker_patterns, _worker_writers
     _worker_patterns = patterns
     _worker_writers = _OpenForWriting()

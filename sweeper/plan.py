@@ -96,7 +96,12 @@ def to_candidate(file: FileEntry) -> Candidate:
 
 
 def plan_sweep(
-    inventory: Inventory, *, keep_full: int, min_age_seconds: int, now_ns: int
+    inventory: Inventory,
+    *,
+    keep_full: int,
+    min_age_seconds: int,
+    now_ns: int,
+    settle_seconds: float = 0,
 ) -> SweepPlan:
     entries: list[PlanEntry] = []
     for run in inventory.runs:
@@ -105,6 +110,7 @@ def plan_sweep(
             keep_full=keep_full,
             min_age_seconds=min_age_seconds,
             now_ns=now_ns,
+            settle_seconds=settle_seconds,
         )
         for file, decision in zip(run.files, decisions, strict=True):
             entries.append(_entry(run.root, run.folder, file, decision))

@@ -76,7 +76,12 @@ _SKIP_REASONS = {
 
 
 def decide(
-    candidates: Sequence[Candidate], *, keep_full: int, min_age_seconds: int, now_ns: int
+    candidates: Sequence[Candidate],
+    *,
+    keep_full: int,
+    min_age_seconds: int,
+    now_ns: int,
+    settle_seconds: float = 0,
 ) -> tuple[Decision, ...]:
     """Decide every file of one run folder.
 
@@ -85,7 +90,8 @@ def decide(
     when it is the newest, younger than ``min_age_seconds``, pinned (a ``.keep`` file, a flock,
     a symlink pointing at it), hard-linked, or when a different file already holds its copy's
     name.  Anything else (incomplete, corrupt, open for writing, not a full checkpoint) is
-    skipped: it neither counts toward ``keep_full`` nor is ever deleted.
+    skipped: it neither counts toward ``keep_full`` nor is ever deleted.  The daemon passes
+    ``settle_seconds``: a file changed more recently than that is not acted on yet.
     """
     if keep_full < 1:
         raise ValueError("keep_full must be at least 1")
@@ -93,7 +99,16 @@ def decide(
     full = []
     for candidate in candidates:
         if candidate.status is Status.FULL:
-            full.append(candidate)
+            age_s = (now_ns - candidate.mtime_ns) / 1e9
+            if age_s < settle_seconds:
+                decisions[candidate.name] = Decision(
+                    candidate.name,
+                    Action.SKIP,
+                    f"skipped: changed {age_s:.0f} s ago, not yet quiet for "
+                    f"settle_seconds={settle_seconds:g}",
+                )
+            else:
+                full.append(candidate)
         elif candidate.status is Status.UNUSABLE:
             problem = candidate.problem or "unusable"
             decisions[candidate.name] = Decision(candidate.name, Action.SKIP, f"skipped: {problem}")

@@ -54,6 +54,7 @@ class Row:
     keep_full: int = 2
     min_age_seconds: int = 0
     now_ns: int = NOW
+    settle_seconds: float = 0
 
 
 def spelled(decision: Decision) -> str:
@@ -63,6 +64,29 @@ def spelled(decision: Decision) -> str:
 
 
 ROWS = {
+    # --- the daemon's settle time --------------------------------------------------------
+    "a file changed within settle_seconds is left alone and does not count": Row(
+        [
+            full("e3.pt", 3, mtime_ns=NOW - 5 * SECOND),
+            full("e2.pt", 2),
+            full("e1.pt", 1),
+        ],
+        [
+            ("e3.pt", "skip", "not yet quiet for settle_seconds=30"),
+            ("e2.pt", "extract", "kept: the newest intact full checkpoint (epoch 2)"),
+            ("e1.pt", "extract", "kept: one of the 2 newest"),
+        ],
+        settle_seconds=30,
+    ),
+    "a file quiet for exactly settle_seconds is acted on": Row(
+        [full("e3.pt", 3, mtime_ns=NOW - 30 * SECOND), full("e2.pt", 2), full("e1.pt", 1)],
+        [
+            ("e3.pt", "extract", "kept: the newest"),
+            ("e2.pt", "extract", "kept: one of the 2 newest"),
+            ("e1.pt", "extract+delete", "demoted"),
+        ],
+        settle_seconds=30,
+    ),
     # --- what "newest" means -------------------------------------------------------------
     "names never decide: epoch 10 is newer than epoch 9": Row(
         [
@@ -304,6 +328,7 @@ def check(row: Row) -> None:
         keep_full=row.keep_full,
         min_age_seconds=row.min_age_seconds,
         now_ns=row.now_ns,
+        settle_seconds=row.settle_seconds,
     )
     # One decision per candidate, in the candidates' order.
     assert [d.name for d in decisions] == [c.name for c in row.candidates]
