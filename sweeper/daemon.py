@@ -44,7 +44,7 @@ from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.errors import ConfigError
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
-from sweeper.inventory import Inventory, expand_root, scan, scan_folder
+from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock
 from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
@@ -227,6 +227,7 @@ class Watcher:
         self._workers: list[threading.Thread] = []
         self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
         self._symlink_seen = threading.Event()
+        self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -505,7 +506,7 @@ class Watcher:
         settings = self.settings
 
         def inventory() -> Inventory:
-            found = scan(settings.roots, settings.patterns)
+            found = scan(settings.roots, settings.patterns, cache=self._cache)
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
 
@@ -515,7 +516,8 @@ class Watcher:
         settings = self.settings
         targets = self._symlink_targets
         self._act(
-            lambda: scan_folder(settings.roots, settings.patterns, folder, targets), exclusive=False
+            lambda: scan_folder(settings.roots, settings.patterns, folder, targets, self._cache),
+            exclusive=False,
         )
 
     def _act(

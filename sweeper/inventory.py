@@ -176,6 +176,7 @@ def scan(
     *,
     progress: Callable[[int], None] | None = None,
     processes: int = 1,
+    cache: ScanCache | None = None,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
@@ -205,7 +206,7 @@ def scan(
                     tasks.append((pattern, folder, files))
     runs: list[RunFolder] = []
     files_seen = 0
-    for run in _classify_all(tasks, patterns, processes):
+    for run in _classify_all(tasks, patterns, processes, cache):
         if run.files:
             runs.append(run)
             files_seen += len(run.files)
@@ -219,12 +220,17 @@ _PARALLEL_MIN_FOLDERS = 64
 
 
 def _classify_all(
-    tasks: list[tuple[str, FolderRef, list[Listed]]], patterns: Sequence[str], processes: int
+    tasks: list[tuple[str, FolderRef, list[Listed]]],
+    patterns: Sequence[str],
+    processes: int,
+    cache: ScanCache | None,
 ) -> Iterator[RunFolder]:
     if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
-        writers = _OpenForWriting()
+        probes = _Probes(_OpenForWriting(), cache)
         for pattern, folder, files in tasks:
-            yield RunFolder(pattern, folder, _classify_folder(folder, files, patterns, writers))
+            yield RunFolder(pattern, folder, _classify_folder(folder, files, patterns, probes))
+        if cache is not None:
+            cache.prune()
         return
     import multiprocessing
 
@@ -242,7 +248,7 @@ def _classify_all(
 
 
 _worker_patterns: tuple[str, ...] = ()
-_worker_writers: _OpenForWriting | None = None
+_worker_probes: _Probes | None = None
 
 
 def _init_worker(patterns: tuple[str, ...]) -> None:
@@ -250,16 +256,16 @@ def _init_worker(patterns: tuple[str, ...]) -> None:
     nothing in a worker reads, so SIGTERM from ``Pool.terminate`` must really end it)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    global _worker_patterns, _worker_writers
+    global _worker_patterns, _worker_probes
     _worker_patterns = patterns
-    _worker_writers = _OpenForWriting()
+    _worker_probes = _Probes(_OpenForWriting(), None)
 
 
 def _classify_task(task: tuple[str, FolderRef, list[Listed]]) -> RunFolder:
     pattern, folder, files = task
-    assert _worker_writers is not None
+    assert _worker_probes is not None
     return RunFolder(
-        pattern, folder, _classify_folder(folder, files, _worker_patterns, _worker_writers)
+        pattern, folder, _classify_folder(folder, files, _worker_patterns, _worker_probes)
     )
 
 
@@ -343,6 +349,7 @@ def scan_folder(
     patterns: Sequence[str],
     path: str,
     symlink_targets: frozenset[tuple[int, int]] = frozenset(),
+    cache: ScanCache | None = None,
 ) -> Inventory:
     """Like ``scan``, for the one run folder at ``path`` (not its subfolders).  Symlinks
     elsewhere are not walked: ``symlink_targets`` (from the last full scan) pins their targets."""
@@ -359,7 +366,7 @@ def scan_folder(
         entries = _list(fd)
     finally:
         os.close(fd)
-    files = _classify_folder(folder, entries, patterns, _OpenForWriting())
+    files = _classify_folder(folder, entries, patterns, _Probes(_OpenForWriting(), cache))
     targets = symlink_targets | _folder_symlink_targets(folder, entries)
     run = _pin_symlink_targets(RunFolder(pattern, folder, files), set(targets))
     return Inventory((run,) if files else (), (), frozenset(targets))
@@ -395,7 +402,7 @@ def _classify_folder(
     folder: FolderRef,
     entries: list[Listed],
     patterns: Sequence[str],
-    writers: _OpenForWriting,
+    probes: _Probes,
 ) -> tuple[FileEntry, ...]:
     names = {entry.name for entry in entries}
     wanted = [e for e in entries if _is_candidate(e, patterns)]
@@ -406,7 +413,7 @@ def _classify_folder(
     except (OSError, FileRefused):
         return ()
     try:
-        return tuple(_classify_file(fd, folder, entry, names, writers) for entry in wanted)
+        return tuple(_classify_file(fd, folder, entry, names, probes) for entry in wanted)
     finally:
         os.close(fd)
 
@@ -445,7 +452,7 @@ def _classify_file(
     folder: FolderRef,
     entry: Listed,
     names: set[str],
-    writers: _OpenForWriting,
+    probes: _Probes,
 ) -> FileEntry:
     display = os.path.join(folder.display, entry.name)
     info = entry.info
@@ -467,10 +474,18 @@ def _classify_file(
         info = opened
         if "pinned" not in found and _flock_held(fd):
             found["pinned"] = "pinned by a shared flock"
-        if writers.holds(fd, opened):
+        if probes.writers.holds(fd, opened):
             found.update(problem="open for writing by a process", writing=True)
         else:
-            _read_checkpoint(fd, dir_fd, entry.name, display, names, found)
+            key = probes.cache_key(dir_fd, entry.name, opened, names)
+            cached = probes.cache.get(key) if probes.cache is not None else None
+            if cached is not None:
+                found.update(cached)
+            else:
+                before = dict(found)
+                _read_checkpoint(fd, dir_fd, entry.name, display, names, found)
+                if probes.cache is not None:
+                    probes.cache.put(key, {k: v for k, v in found.items() if k not in before})
         return _entry(entry.name, display, info, found)
     finally:
         os.close(fd)
@@ -554,6 +569,54 @@ def _flock_held(fd: int) -> bool:
         return False
     fcntl.flock(fd, fcntl.LOCK_UN)
     return False
+
+
+class ScanCache:
+    """What parsing a file found, by identity, for a long-running daemon: a checkpoint whose
+    inode, size, mtime and ctime are unchanged, with its copy's unchanged too, is not parsed
+    again on every rescan.  Entries not met by a full scan are dropped (``prune``)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[object, ...], dict[str, Any]] = {}
+        self._seen: set[tuple[object, ...]] = set()
+
+    def get(self, key: tuple[object, ...]) -> dict[str, Any] | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._seen.add(key)
+        return found
+
+    def put(self, key: tuple[object, ...], found: dict[str, Any]) -> None:
+        self._entries[key] = found
+        self._seen.add(key)
+
+    def prune(self) -> None:
+        self._entries = {k: v for k, v in self._entries.items() if k in self._seen}
+        self._seen = set()
+
+
+def _identity(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _Probes:
+    writers: _OpenForWriting
+    cache: ScanCache | None
+
+    def cache_key(
+        self, dir_fd: int, name: str, info: os.stat_result, names: set[str]
+    ) -> tuple[object, ...]:
+        if self.cache is None:
+            return ()
+        copy_name = output_name(name, Mode.INFERENCE)
+        copy: tuple[int, ...] | None = None
+        if copy_name in names:
+            try:
+                copy = _identity(os.stat(copy_name, dir_fd=dir_fd, follow_symlinks=False))
+            except OSError:
+                copy = (-1,)
+        return (name, _identity(info), copy)
 
 
 class _OpenForWriting:
