@@ -216,7 +216,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         plan = plan_now()
-        print(report.to_json(report.plan_json(plan)) if args.json else report.plan_text(plan))
+        if args.json:
+            report.write_plan_json(plan, sys.stdout)
+        else:
+            print(report.plan_text(plan))
         return EXIT_INTERRUPTED if stop() else EXIT_OK
     # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
     # and the daemon) never act on the same tree at once, and the second sees the first's results.

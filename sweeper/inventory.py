@@ -17,7 +17,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sweeper import torchzip
@@ -40,13 +40,20 @@ class FolderRef:
     components: tuple[str, ...]
     dev: int
     ino: int
+    display: str = field(compare=False)  # the path, for messages: prefix joined to components
 
-    @property
-    def display(self) -> str:
-        return os.path.join(self.prefix, *self.components)
+    @classmethod
+    def top(cls, prefix: str, info: os.stat_result) -> FolderRef:
+        return cls(prefix, (), info.st_dev, info.st_ino, prefix)
 
     def child(self, name: str, info: os.stat_result) -> FolderRef:
-        return FolderRef(self.prefix, (*self.components, name), info.st_dev, info.st_ino)
+        return FolderRef(
+            self.prefix,
+            (*self.components, name),
+            info.st_dev,
+            info.st_ino,
+            os.path.join(self.display, name),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +144,7 @@ def expand_root(pattern: str) -> Iterator[FolderRef]:
     fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     info = os.fstat(fd)
     os.close(fd)
-    level = [FolderRef(prefix, (), info.st_dev, info.st_ino)]
+    level = [FolderRef.top(prefix, info)]
     for part in rest:
         following: list[FolderRef] = []
         for folder in level:

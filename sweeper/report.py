@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from sweeper.policy import Action
 from sweeper.torchzip import Checkpoint, Kind, Mode, key_usage
@@ -38,7 +38,10 @@ def human_size(count: int) -> str:
 def to_json(value: object) -> str:
     """Strict JSON: file names that are not UTF-8 are written with their bad bytes escaped as
     text (``\\xff``) rather than as lone surrogates, which strict parsers reject."""
-    return json.dumps(_clean_strings(value), ensure_ascii=True, sort_keys=False)
+    text = json.dumps(value, ensure_ascii=True)
+    if "\\ud" in text:  # a lone surrogate (or a pair, cleaned the same way): clean and redo
+        text = json.dumps(_clean_strings(value), ensure_ascii=True)
+    return text
 
 
 def _clean_strings(value: object) -> object:
@@ -195,11 +198,26 @@ def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
 
 
 def plan_json(plan: SweepPlan) -> dict[str, object]:
+    summary = plan_json_summary(plan)
+    problems = summary.pop("problems")
+    return {**summary, "entries": [plan_entry_json(e) for e in plan.entries], "problems": problems}
+
+
+def write_plan_json(plan: SweepPlan, stream: TextIO) -> None:
+    """``plan_json(plan)`` as one JSON object, written entry by entry: a plan of a million
+    files never exists as one string (or as a million dicts) in memory."""
+    head = {k: v for k, v in plan_json_summary(plan).items() if k != "problems"}
+    stream.write(to_json(head)[:-1] + ', "entries": [')
+    for index, entry in enumerate(plan.entries):
+        stream.write((", " if index else "") + to_json(plan_entry_json(entry)))
+    stream.write('], "problems": ' + to_json(plan_json_summary(plan)["problems"]) + "}\n")
+
+
+def plan_json_summary(plan: SweepPlan) -> dict[str, object]:
     return {
         "dry_run": True,
         "expected_reclaimed_bytes": plan.expected_reclaimed_bytes,
         "counts": {action.value: plan.count(action) for action in Action},
-        "entries": [plan_entry_json(entry) for entry in plan.entries],
         "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
     }
 
