@@ -17,6 +17,7 @@ so no tensor is ever deserialised and ``import torch`` is never needed.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import enum
 import functools
 import io
@@ -30,9 +31,11 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sweeper.errors import FileRefused, UnsafePickle
+
+_T = TypeVar("_T")
 
 # ---------------------------------------------------------------------------------------------
 # Zip structures (APPNOTE.TXT).  Only what torch writes: stored records, optional zip64.
@@ -312,14 +315,27 @@ def crcs_of_ranges(fd: int, spans: list[tuple[int, int]], path: str) -> list[int
 # identity and the unpickler's memo hands out the same object for every reference.
 
 
-@dataclass(frozen=True, eq=False)
+def _no_build(cls: type[_T]) -> type[_T]:
+    """Refuse pickle's BUILD on a value: dataclasses with slots bring a ``__setstate__`` that
+    would set their fields, frozen or not."""
+
+    def refuse(self: object, state: object) -> None:
+        raise _MalformedPickle(f"{type(self).__name__} cannot take pickled state")
+
+    cls.__setstate__ = refuse  # type: ignore[attr-defined]
+    return cls
+
+
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageType:
     name: str  # e.g. "FloatStorage"
     dtype: str  # e.g. "float32"
     itemsize: int
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class StorageRef:
     storage_type: StorageType
     key: str
@@ -331,12 +347,14 @@ class StorageRef:
         return self.numel * self.storage_type.itemsize
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class DtypeRef:
     name: str  # "float32", as in torch.float32
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class TensorRef:
     """A tensor as its pickle describes it: a view (offset, size, stride) of a storage."""
 
@@ -357,7 +375,8 @@ class TensorRef:
         return count
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class ParameterRef:
     data: TensorRef
     requires_grad: bool
@@ -365,40 +384,50 @@ class ParameterRef:
     state: object = None
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class DeviceRef:
     args: tuple[object, ...]
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class SizeRef:
     dims: tuple[int, ...]
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class TypeRef:
     """A class named as a value (OmegaConf metadata's ``typing.Any``, ``dict``): never called."""
 
     name: str
 
 
-@dataclass(frozen=True, eq=False)
-class NumpyDtype:
+@dataclass(frozen=True, eq=False, slots=True)
+class NumpyDtype:  # the one value BUILD may fill: numpy.dtype pickles its byte order
     args: tuple[object, ...]
+    state: object = None
+
+    def __setstate__(self, state: object) -> None:  # BUILD: numpy.dtype pickles its byte order
+        object.__setattr__(self, "state", state)
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class NumpyScalar:
     dtype: object
     data: object
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class NumpyArray:
     args: tuple[object, ...]
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class PathValue:
     parts: tuple[object, ...]
 
@@ -636,20 +665,52 @@ _ALLOWED_GLOBALS = _allowed_globals()
 _PY2_BUILTINS = {"long": "int", "unicode": "str"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Callable:
+    """An allowlisted function as the pickle sees it: callable, and nothing else to touch."""
+
+    function: Callable[..., object]
+
+    def __call__(self, *args: object) -> object:
+        return self.function(*args)
+
+
+def _fresh(allowed: object) -> object:
+    """A private copy of an allowlisted global for one file's unpickling.
+
+    ``BUILD`` can set attributes on whatever the pickle names, so nothing shared between files is
+    ever handed out: classes become fresh subclasses, values fresh copies (slotted and frozen, so
+    they cannot be changed at all), functions frozen wrappers.  A hostile file can then alter only
+    its own parse, never how the next user's file is read or verified.
+    """
+    if allowed in (set, frozenset, complex):  # builtin types: their attributes are read-only
+        return allowed
+    if isinstance(allowed, type):
+        return type(allowed.__name__, (allowed,), {})
+    if callable(allowed):
+        return _Callable(allowed)
+    assert dataclasses.is_dataclass(allowed) and not isinstance(allowed, type)
+    return dataclasses.replace(allowed)
+
+
 class _InertUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, path: str) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._path = path
         self.storages: dict[str, StorageRef] = {}
+        self._globals: dict[str, object] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2 spells builtins the Python 2 way
             module, name = "builtins", _PY2_BUILTINS.get(name, name)
         qualified = f"{module}.{name}"
-        try:
-            return _ALLOWED_GLOBALS[qualified]
-        except KeyError:
-            raise UnsafePickle(self._path, qualified) from None
+        found = self._globals.get(qualified)
+        if found is None:
+            try:
+                found = self._globals[qualified] = _fresh(_ALLOWED_GLOBALS[qualified])
+            except KeyError:
+                raise UnsafePickle(self._path, qualified) from None
+        return found
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -882,7 +943,8 @@ def key_usage(checkpoint: Checkpoint) -> tuple[KeyUsage, ...]:
 _PLAIN_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 
 
-@dataclass(frozen=True, eq=False)
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
 class PlainData:
     """A subtree made only of dicts, lists, tuples, strings, numbers, bools, bytes and None
     (a converted config): the writer hands it to the C pickler whole."""

@@ -24,7 +24,14 @@ from typing import Any
 import pytest
 import torch
 import torch.storage
-from checkpoints import folder_state, full_checkpoint, tiny_model
+from checkpoints import (
+    assert_same_tensors,
+    folder_state,
+    full_checkpoint,
+    load_without_allowlist,
+    save_full_checkpoint,
+    tiny_model,
+)
 from conftest import CliRun
 
 RunSweeper = Callable[..., CliRun]
@@ -177,3 +184,45 @@ def test_allowlisted_class_cannot_be_called(tmp_path: Path, run_sweeper: RunSwee
     assert run.stderr_lines[0].startswith(f"ERROR sweeper: {path}: malformed pickle")
     assert "DictConfig() takes no arguments" in run.stderr_lines[0]
     assert folder_state(tmp_path) == before
+
+
+POISONS = {
+    # BUILD on the storage type every file shares: would rename FloatStorage process-wide.
+    "storage type": b"ctorch\nFloatStorage\n}(X\x04\x00\x00\x00nameX\x0b\x00\x00\x00HalfStorageub0",
+    # BUILD with slot state on an allowlisted class: would replace how every config is read.
+    "config class": b"comegaconf.dictconfig\nDictConfig\nN}(X\x05\x00\x00\x00stateK\x01u\x86b0",
+}
+
+
+@pytest.mark.parametrize("poison", POISONS.values(), ids=POISONS.keys())
+def test_one_file_cannot_change_how_the_next_is_read(tmp_path: Path, poison: bytes) -> None:
+    """A pickle that BUILDs onto an allowlisted global it names must not alter that global for
+    the other files of the same sweep (the victim's copy must still load and match)."""
+    mallory, victim = tmp_path / "a_mallory", tmp_path / "b_victim"
+    mallory.mkdir()
+    victim.mkdir()
+    clean = tmp_path / "clean.pt"
+    save_full_checkpoint(clean)
+    with zipfile.ZipFile(clean) as source, zipfile.ZipFile(mallory / "m.pt", "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data[:2] + poison + data[2:]
+            target.writestr(info.filename, data)
+    clean.unlink()
+    save_full_checkpoint(victim / "v.pt")
+    ledger = tmp_path / "ledger.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", str(tmp_path), f"--ledger={ledger}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert not (mallory / "m_inference.pt").exists()
+    copy = victim / "v_inference.pt"
+    assert copy.exists(), run.stderr
+    assert_same_tensors(
+        torch.load(victim / "v.pt", weights_only=False)["model_state_dict"],
+        load_without_allowlist(copy)["model_state_dict"],
+    )
