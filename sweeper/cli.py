@@ -381,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         log.error("%s", error)
         return EXIT_FAILED
+    except (Exception, RecursionError):
+        log.exception("unexpected error (a bug in sweeper: please report it)")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -193,6 +193,9 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
         return _failed(entry, context, error.reason, written)
     except OSError as error:
         return _failed(entry, context, f"{error.strerror or error}", written)
+    except Exception as error:  # one file's unforeseen failure is recorded, the sweep goes on
+        log.exception("%s: unexpected error", entry.path)
+        return _failed(entry, context, f"unexpected error: {type(error).__name__}", written)
 
 
 def _failed(entry: PlanEntry, context: _Context, reason: str, written: int = 0) -> Outcome:

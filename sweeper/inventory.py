@@ -420,7 +420,7 @@ def _classify_folder(
     except (OSError, FileRefused):
         return ()
     try:
-        return tuple(_classify_file(fd, folder, entry, names, probes) for entry in wanted)
+        return tuple(_classify_safely(fd, folder, entry, names, probes) for entry in wanted)
     finally:
         os.close(fd)
 
@@ -452,6 +452,19 @@ def _replace(file: FileEntry, **changes: object) -> FileEntry:
     import dataclasses
 
     return dataclasses.replace(file, **changes)  # type: ignore[arg-type]
+
+
+def _classify_safely(
+    dir_fd: int, folder: FolderRef, entry: Listed, names: set[str], probes: _Probes
+) -> FileEntry:
+    """One file that breaks the classifier in an unforeseen way is reported, never fatal."""
+    try:
+        return _classify_file(dir_fd, folder, entry, names, probes)
+    except (Exception, RecursionError) as error:  # one bad file must not stop the sweep
+        display = os.path.join(folder.display, entry.name)
+        log.exception("%s: unexpected error while reading it", display)
+        reason = f"unreadable: {type(error).__name__}: {error}"
+        return _entry(entry.name, display, entry.info, {"problem": reason})
 
 
 def _classify_file(

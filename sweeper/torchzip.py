@@ -58,6 +58,8 @@ _MAX_COMMENT = 0xFFFF
 # Bounds on what a file may make sweeper read into memory; real checkpoints are far below both.
 _MAX_PICKLE_BYTES = 256 * 1024 * 1024
 _MAX_DIRECTORY_BYTES = 64 * 1024 * 1024
+_MAX_CONFIG_NODES = 1_000_000
+_MAX_FINGERPRINT_ITEMS = 20_000_000
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 COPY_CHUNK = 8 * 1024 * 1024
 
@@ -693,6 +695,77 @@ def _fresh(allowed: object) -> object:
     return dataclasses.replace(allowed)
 
 
+# Argument sizes of the opcodes with fixed-size arguments (pickletools' table, flattened).
+_FIXED_ARGS = {op: 0 for op in b"(.0)12NRabdeilostu}]\x81\x85\x86\x87\x88\x89\x92\x93\x94Q"}
+_FIXED_ARGS.update(
+    {
+        ord("K"): 1,
+        ord("M"): 2,
+        ord("J"): 4,
+        ord("G"): 8,
+        ord("h"): 1,
+        ord("j"): 4,
+        ord("q"): 1,
+        ord("r"): 4,
+        0x80: 1,
+        0x82: 1,
+        0x83: 2,
+        0x84: 4,
+        0x95: 8,
+    }
+)
+_LENGTH1 = frozenset(b"UC\x8c\x8a")  # a 1-byte length, then that many bytes
+_LENGTH4 = frozenset(b"TXB\x8b")
+_LENGTH8 = frozenset(b"\x8d\x8e\x96")
+_ONE_LINE = frozenset(b"IFLSVgpP")  # an argument ending at a newline
+_TWO_LINES = frozenset(b"ci")
+
+
+def _memo_indices_are_sequential(data: bytes) -> bool:
+    """Walk the opcodes and check every memo PUT uses the next index, as any pickler writes it.
+
+    CPython's unpickler sizes its memo by the largest index it is given, so a 200-byte pickle
+    saying ``LONG_BINPUT 0x7fffffff`` would make sweeper allocate 32 GiB before any allowlist
+    is consulted.
+    """
+    i, end, puts = 0, len(data), 0
+    fixed, unpack = _FIXED_ARGS, struct.unpack_from
+    try:
+        while i < end:
+            op = data[i]
+            i += 1
+            size = fixed.get(op)
+            if size is not None:
+                if op == 0x72:  # LONG_BINPUT
+                    if unpack("<I", data, i)[0] > puts:
+                        return False
+                    puts += 1
+                elif op in (0x71, 0x94):  # BINPUT (one byte: at most 255), MEMOIZE
+                    puts += 1
+                elif op == 0x2E:  # STOP
+                    return True
+                i += size
+            elif op in _LENGTH4:
+                i += 4 + unpack("<I", data, i)[0]
+            elif op in _LENGTH1:
+                i += 1 + data[i]
+            elif op in _ONE_LINE:
+                newline = data.index(b"\n", i)
+                if op == 0x70 and int(data[i:newline]) > puts:  # PUT, protocol 0
+                    return False
+                puts += op == 0x70
+                i = newline + 1
+            elif op in _TWO_LINES:
+                i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+            elif op in _LENGTH8:
+                i += 8 + unpack("<Q", data, i)[0]
+            else:
+                return False  # not an opcode: let nothing this odd reach the unpickler
+    except (ValueError, struct.error, IndexError):
+        return False
+    return False
+
+
 class _InertUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, path: str) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
@@ -735,6 +808,8 @@ def load_inert(data: bytes, path: str) -> object:
 
 def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
     """The inert root object and every storage the pickle references."""
+    if not _memo_indices_are_sequential(data):
+        raise FileRefused(path, "malformed pickle in data.pkl: memo index out of sequence")
     try:
         unpickler = _InertUnpickler(data, path)
         return unpickler.load(), list(unpickler.storages.values())
@@ -952,7 +1027,7 @@ class PlainData:
     value: object
 
 
-def _plain_config(value: object, path: str) -> object:
+def _plain_config(value: object, path: str, budget: list[int] | None = None) -> object:
     """An OmegaConf container's pickled state as plain dicts and lists, interpolations unresolved.
 
     ``${oc.env:HOME}`` stays the text ``"${oc.env:HOME}"``: nothing is evaluated, so nothing of
@@ -960,12 +1035,18 @@ def _plain_config(value: object, path: str) -> object:
     """
     if type(value) in _PLAIN_SCALARS:
         return value
+    # A config that shares sub-objects (d = {"a": d, "b": d} forty times) would expand into a
+    # tree of 2**40 nodes: count what is produced and stop long before memory runs out.
+    budget = budget if budget is not None else [_MAX_CONFIG_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FileRefused(path, "config is implausibly large (shared sub-objects?)")
     if isinstance(value, InertObject):
         state = value.state
         if not isinstance(state, dict):
             raise FileRefused(path, f"config: {type(value).global_name} without state")
         if type(value).global_name.startswith("omegaconf.nodes."):
-            return _plain_config(state.get("_val"), path)
+            return _plain_config(state.get("_val"), path, budget)
         if type(value).global_name in (
             "omegaconf.dictconfig.DictConfig",
             "omegaconf.listconfig.ListConfig",
@@ -974,12 +1055,14 @@ def _plain_config(value: object, path: str) -> object:
             content = (
                 state if type(value).global_name == "argparse.Namespace" else state.get("_content")
             )
-            return _plain_config(content, path)
+            return _plain_config(content, path, budget)
         raise FileRefused(path, f"config holds an unsupported {type(value).global_name}")
     if isinstance(value, dict):
-        return {_plain_config(k, path): _plain_config(v, path) for k, v in value.items()}
+        return {
+            _plain_config(k, path, budget): _plain_config(v, path, budget) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
-        items = [_plain_config(v, path) for v in value]
+        items = [_plain_config(v, path, budget) for v in value]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, PathValue):
         return "/".join(str(p) for p in value.parts).replace("//", "/")
@@ -1080,6 +1163,8 @@ def plan_output(checkpoint: Checkpoint, mode: Mode) -> OutputPlan:
         pickled = writer.dump(selected)
     except _MalformedPickle as error:
         raise FileRefused(checkpoint.path, f"cannot write the output: {error}") from None
+    except RecursionError:
+        raise FileRefused(checkpoint.path, "refused: the pickle nests too deeply") from None
     byteorder = b"little"
     if "byteorder" in checkpoint.archive.records:
         byteorder = b"big" if checkpoint.archive.records["byteorder"].size == 3 else b"little"
@@ -1418,7 +1503,11 @@ def verify_output(
             raise FileRefused(source.path, f"CRC mismatch in record {entry.name!r}: {what}")
     written = load_inert(read_record(out_fd, archive, "data.pkl", path, _MAX_PICKLE_BYTES), path)
     expected = select_output(source, mode)
-    if _fingerprint(written, plan.source_keys) != _fingerprint(expected, None):
+    try:
+        same = _fingerprint(written, plan.source_keys) == _fingerprint(expected, None)
+    except (RecursionError, _MalformedPickle) as error:
+        raise FileRefused(path, f"verification failed: {error or 'nests too deeply'}") from None
+    if not same:
         raise FileRefused(path, "verification failed: output tensors differ from the source")
 
 
@@ -1430,9 +1519,11 @@ def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> list[objec
     out: list[object] = []
 
     def visit(item: object) -> None:
+        if len(out) > _MAX_FINGERPRINT_ITEMS:
+            raise _MalformedPickle("too many objects to compare")
         if isinstance(item, PlainData):
             item = item.value
-        if isinstance(item, StorageRef | TensorRef | ParameterRef | dict | list):
+        if isinstance(item, StorageRef | TensorRef | ParameterRef | dict | list | tuple):
             if id(item) in ids:
                 out.append(("ref", ids[id(item)]))
                 return

@@ -226,3 +226,29 @@ def test_one_file_cannot_change_how_the_next_is_read(tmp_path: Path, poison: byt
         torch.load(victim / "v.pt", weights_only=False)["model_state_dict"],
         load_without_allowlist(copy)["model_state_dict"],
     )
+
+
+def test_a_huge_memo_index_is_refused_before_unpickling(tmp_path: Path) -> None:
+    """``LONG_BINPUT 0x1fffffff`` would make the C unpickler allocate gigabytes for its memo."""
+    import resource
+    import struct
+
+    path = tmp_path / "memo.pt"
+    pickled = (
+        b"\x80\x02}q\x00(X\x05\x00\x00\x00epochK\x01X\x10\x00\x00\x00model_state_dict}r"
+        + struct.pack("<I", 0x1FFFFFFF)
+        + b"u."
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/version", b"3\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "sweeper", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "memo index out of sequence" in run.stderr
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB: < 1 GiB
