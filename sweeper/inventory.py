@@ -128,14 +128,35 @@ def open_folder(folder: FolderRef) -> int:
 
 
 def split_root(pattern: str) -> tuple[str, tuple[str, ...]]:
-    """``/data/*/run/ckpt`` -> (``/data``, (``*``, ``run``, ``ckpt``)): the trusted literal
-    prefix and the components that must be matched and opened without following symlinks."""
+    """``/data/*/run/ckpt`` -> (``/data``, (``*``, ``run``, ``ckpt``)): the trusted prefix, opened
+    by path, and the components that are matched and opened without following symlinks.
+
+    The prefix ends at the first glob, and earlier at the first folder someone else could change:
+    one not owned by root or by sweeper's own user, or writable by its group or others (as sshd's
+    StrictModes judges a home).  Below ``/data/alice``, owned by alice, every component is opened
+    with O_NOFOLLOW, so alice cannot point ``results`` at a folder outside the roots.
+    """
     parts = pattern.split("/")
-    for index, part in enumerate(parts):
-        if _GLOB_CHARS & set(part):
-            prefix = "/".join(parts[:index]) or ("/" if pattern.startswith("/") else ".")
-            return prefix, tuple(p for p in parts[index:] if p not in ("", "."))
-    return pattern, ()
+    end = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
+    start = "/" if pattern.startswith("/") else "."
+    trusted = 1 if pattern.startswith("/") else 0  # "/" itself, or the working directory
+    while trusted < end and _is_trusted("/".join(parts[: trusted + 1]) or start):
+        trusted += 1
+    prefix = "/".join(parts[:trusted]) or start
+    return prefix, tuple(p for p in parts[trusted:] if p not in ("", "."))
+
+
+def _is_trusted(path: str) -> bool:
+    if path in ("", ".", "/"):
+        return True
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    owners = {0, os.geteuid()}
+    return info.st_uid in owners and (
+        stat.S_ISLNK(info.st_mode) or not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
 
 
 def expand_root(pattern: str) -> Iterator[FolderRef]:

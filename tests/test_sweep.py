@@ -698,3 +698,38 @@ def test_json_is_one_object_on_stdout(sweeper: Sweeper) -> None:
         assert isinstance(result, dict)
         assert isinstance(result["expected_reclaimed_bytes"], int)
         assert "INFO" not in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a folder to another user")
+def test_a_literal_root_is_not_followed_through_a_users_symlink(tmp_path: Path) -> None:
+    """Root sweeps /…/home/alice/results/checkpoints; alice owns her home and swaps `results`
+    for a symlink to a folder outside the roots: nothing there may change."""
+    home = tmp_path / "home" / "alice"
+    home.mkdir(parents=True)
+    outside = tmp_path / "outside" / "checkpoints" / "run"
+    outside.mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        save_full(outside / f"epoch_{epoch}.pt", epoch=epoch)
+    os.chown(home, 12345, 12345)
+    os.symlink(tmp_path / "outside", home / "results")
+    before = snapshot(tmp_path / "outside")
+
+    root = str(home / "results" / "checkpoints")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "sweep",
+            root,
+            "min_age_seconds=0",
+            f"--ledger={tmp_path / 'ledger.jsonl'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert snapshot(tmp_path / "outside") == before
+    assert "matches no folder" in run.stdout + run.stderr
