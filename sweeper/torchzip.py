@@ -434,7 +434,18 @@ class PathValue:
     parts: tuple[object, ...]
 
 
-class InertObject:
+class _Sealed(type):
+    """Classes the pickle may name but never change: pickle's BUILD sets attributes on whatever
+    object it is given, and a class is shared by every file sweeper reads."""
+
+    def __setattr__(cls, name: str, value: object) -> None:
+        raise _MalformedPickle(f"{cls.__name__} cannot be changed")
+
+    def __delattr__(cls, name: str) -> None:
+        raise _MalformedPickle(f"{cls.__name__} cannot be changed")
+
+
+class InertObject(metaclass=_Sealed):
     """An allowlisted class instance (OmegaConf containers and nodes): its state, and nothing else.
 
     The class defines no hooks at all, so ``NEWOBJ`` is a bare ``object.__new__`` and ``BUILD``
@@ -449,7 +460,7 @@ class InertObject:
         return self.__dict__
 
 
-class InertOrderedDict(OrderedDict[Any, Any]):
+class InertOrderedDict(OrderedDict[Any, Any], metaclass=_Sealed):
     """``collections.OrderedDict`` whose pickled attributes (a state dict's ``_metadata``) are
     kept as data instead of being set through ``setattr``."""
 
@@ -461,7 +472,7 @@ class InertOrderedDict(OrderedDict[Any, Any]):
     attributes: dict[str, object] = {}  # noqa: RUF012 - replaced per instance, never mutated
 
 
-class InertDefaultDict(dict[Any, Any]):
+class InertDefaultDict(dict[Any, Any], metaclass=_Sealed):
     def __init__(self, factory: object = None, *args: object) -> None:
         super().__init__()
         if args:
@@ -661,12 +672,10 @@ def _allowed_globals() -> dict[str, object]:
     return allowed
 
 
-_ALLOWED_GLOBALS = _allowed_globals()
-
-
 _PY2_BUILTINS = {"long": "int", "unicode": "str"}
 
 
+@_no_build
 @dataclass(frozen=True, slots=True)
 class _Callable:
     """An allowlisted function as the pickle sees it: callable, and nothing else to touch."""
@@ -677,22 +686,19 @@ class _Callable:
         return self.function(*args)
 
 
-def _fresh(allowed: object) -> object:
-    """A private copy of an allowlisted global for one file's unpickling.
-
-    ``BUILD`` can set attributes on whatever the pickle names, so nothing shared between files is
-    ever handed out: classes become fresh subclasses, values fresh copies (slotted and frozen, so
-    they cannot be changed at all), functions frozen wrappers.  A hostile file can then alter only
-    its own parse, never how the next user's file is read or verified.
-    """
-    if allowed in (set, frozenset, complex):  # builtin types: their attributes are read-only
+def _shareable(allowed: object) -> object:
+    """An allowlisted global as every file's unpickling may share it: nothing a pickle can reach
+    is changeable.  Classes are sealed (``_Sealed``), values frozen with slots and no BUILD
+    (``_no_build``), builtin types read-only; functions are wrapped in a frozen ``_Callable``.
+    So a hostile file can never alter how the next user's file is read or verified."""
+    if isinstance(allowed, type) or dataclasses.is_dataclass(allowed):
         return allowed
-    if isinstance(allowed, type):
-        return type(allowed.__name__, (allowed,), {})
     if callable(allowed):
         return _Callable(allowed)
-    assert dataclasses.is_dataclass(allowed) and not isinstance(allowed, type)
-    return dataclasses.replace(allowed)
+    raise AssertionError(f"unshareable allowlist entry {allowed!r}")
+
+
+_ALLOWED_GLOBALS = {name: _shareable(value) for name, value in _allowed_globals().items()}
 
 
 # Argument sizes of the opcodes with fixed-size arguments (pickletools' table, flattened).
@@ -771,19 +777,15 @@ class _InertUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._path = path
         self.storages: dict[str, StorageRef] = {}
-        self._globals: dict[str, object] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":  # protocol 2 spells builtins the Python 2 way
             module, name = "builtins", _PY2_BUILTINS.get(name, name)
         qualified = f"{module}.{name}"
-        found = self._globals.get(qualified)
-        if found is None:
-            try:
-                found = self._globals[qualified] = _fresh(_ALLOWED_GLOBALS[qualified])
-            except KeyError:
-                raise UnsafePickle(self._path, qualified) from None
-        return found
+        try:
+            return _ALLOWED_GLOBALS[qualified]
+        except KeyError:
+            raise UnsafePickle(self._path, qualified) from None
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
