@@ -65,7 +65,11 @@ def _locate_target(source: str, out: str | None, mode: Mode) -> Located:
 def cmd_extract(args: argparse.Namespace) -> int:
     mode = Mode.WEIGHTS if args.weights_only else Mode.INFERENCE
     source = _locate_source(args.src)
-    target = _locate_target(args.src, args.output, mode)
+    try:
+        target = _locate_target(args.src, args.output, mode)
+    except BaseException:
+        os.close(source.dir_fd)
+        raise
     try:
         same = os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
         here = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)

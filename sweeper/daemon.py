@@ -262,7 +262,8 @@ class Watcher:
             if not self._stop():
                 self._notifier.ready()
             self._publish_status(force=True)
-            log.info("watching %d folders", len(self._watched))
+            count = len(self._watched)
+            log.info("watching %d folder%s", count, "" if count == 1 else "s")
             self._loop()
             self._notifier.stopping()
             log.info("stopping (%s)", self._stop.signal_name or "request")

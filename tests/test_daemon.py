@@ -396,7 +396,7 @@ def test_rescan_finds_a_run_folder_no_watch_covers(
     saved = save_full(outside / "epoch1.pt", epoch=1)
     daemon = start_daemon(str(tree / "run*"))
     daemon.wait_ready()
-    daemon.wait_log("watching 1 folders")
+    daemon.wait_log("watching 1 folder")
 
     os.rename(outside, tree / "run2")
 
