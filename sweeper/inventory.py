@@ -104,10 +104,6 @@ class Inventory:
     problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
     symlink_targets: frozenset[tuple[int, int]] = frozenset()  # (dev, ino) pinned by symlinks
 
-    @property
-    def file_count(self) -> int:
-        return sum(len(run.files) for run in self.runs)
-
 
 def open_folder(folder: FolderRef) -> int:
     """Reopen a scanned folder; fails if any component became a symlink or another directory."""
