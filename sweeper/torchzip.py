@@ -701,69 +701,67 @@ def _shareable(allowed: object) -> object:
 _ALLOWED_GLOBALS = {name: _shareable(value) for name, value in _allowed_globals().items()}
 
 
-# Argument sizes of the opcodes with fixed-size arguments (pickletools' table, flattened).
-_FIXED_ARGS = {op: 0 for op in b"(.0)12NRabdeilostu}]\x81\x85\x86\x87\x88\x89\x92\x93\x94Q"}
-_FIXED_ARGS.update(
-    {
-        ord("K"): 1,
-        ord("M"): 2,
-        ord("J"): 4,
-        ord("G"): 8,
-        ord("h"): 1,
-        ord("j"): 4,
-        ord("q"): 1,
-        ord("r"): 4,
-        0x80: 1,
-        0x82: 1,
-        0x83: 2,
-        0x84: 4,
-        0x95: 8,
-    }
+# How to step over each opcode's argument: a size for fixed arguments, or a negative code.
+_LENGTH1, _LENGTH4, _LENGTH8, _ONE_LINE, _TWO_LINES, _PUT4, _PUT_LINE, _STOP, _BAD = (
+    -1,
+    -4,
+    -8,
+    -10,
+    -11,
+    -12,
+    -13,
+    -14,
+    -99,
 )
-_LENGTH1 = frozenset(b"UC\x8c\x8a")  # a 1-byte length, then that many bytes
-_LENGTH4 = frozenset(b"TXB\x8b")
-_LENGTH8 = frozenset(b"\x8d\x8e\x96")
-_ONE_LINE = frozenset(b"IFLSVgpP")  # an argument ending at a newline
-_TWO_LINES = frozenset(b"ci")
+_STEP = [_BAD] * 256
+for _ops, _step in (
+    (b"(0)12NRabdeilostu}]\x81\x85\x86\x87\x88\x89\x92\x93\x94Q", 0),
+    (b"Khq\x80\x82", 1), (b"M\x83", 2), (b"Jj\x84", 4), (b"G\x95", 8),
+    (b"UC\x8c\x8a", _LENGTH1), (b"TXB\x8b", _LENGTH4), (b"\x8d\x8e\x96", _LENGTH8),
+    (b"IFLSVgP", _ONE_LINE), (b"ci", _TWO_LINES), (b"r", _PUT4), (b"p", _PUT_LINE), (b".", _STOP),
+):  # fmt: skip
+    for _op in _ops:
+        _STEP[_op] = _step
 
 
 def _memo_indices_are_sequential(data: bytes) -> bool:
-    """Walk the opcodes and check every memo PUT uses the next index, as any pickler writes it.
+    """Walk the opcodes and check every memo index a PUT names is at most the number of PUTs so
+    far, as any pickler writes them.
 
     CPython's unpickler sizes its memo by the largest index it is given, so a 200-byte pickle
     saying ``LONG_BINPUT 0x7fffffff`` would make sweeper allocate 32 GiB before any allowlist
-    is consulted.
+    is consulted.  (BINPUT takes one byte, so it needs no check; MEMOIZE has no index.)
     """
     i, end, puts = 0, len(data), 0
-    fixed, unpack = _FIXED_ARGS, struct.unpack_from
+    step, unpack = _STEP, struct.unpack_from
     try:
         while i < end:
-            op = data[i]
+            size = step[data[i]]
             i += 1
-            size = fixed.get(op)
-            if size is not None:
-                if op == 0x72:  # LONG_BINPUT
-                    if unpack("<I", data, i)[0] > puts:
-                        return False
-                    puts += 1
-                elif op in (0x71, 0x94):  # BINPUT (one byte: at most 255), MEMOIZE
-                    puts += 1
-                elif op == 0x2E:  # STOP
-                    return True
+            if size >= 0:
                 i += size
-            elif op in _LENGTH4:
+            elif size == _LENGTH4:
                 i += 4 + unpack("<I", data, i)[0]
-            elif op in _LENGTH1:
+            elif size == _LENGTH1:
                 i += 1 + data[i]
-            elif op in _ONE_LINE:
-                newline = data.index(b"\n", i)
-                if op == 0x70 and int(data[i:newline]) > puts:  # PUT, protocol 0
+            elif size == _PUT4:
+                if unpack("<I", data, i)[0] > puts + 256:
                     return False
-                puts += op == 0x70
-                i = newline + 1
-            elif op in _TWO_LINES:
+                puts += 1
+                i += 4
+            elif size == _STOP:
+                return True
+            elif size == _ONE_LINE:
+                i = data.index(b"\n", i) + 1
+            elif size == _TWO_LINES:
                 i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
-            elif op in _LENGTH8:
+            elif size == _PUT_LINE:
+                newline = data.index(b"\n", i)
+                if int(data[i:newline]) > puts + 256:
+                    return False
+                puts += 1
+                i = newline + 1
+            elif size == _LENGTH8:
                 i += 8 + unpack("<Q", data, i)[0]
             else:
                 return False  # not an opcode: let nothing this odd reach the unpickler
