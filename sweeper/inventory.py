@@ -14,6 +14,7 @@ import fcntl
 import fnmatch
 import logging
 import os
+import resource
 import signal
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -241,6 +242,7 @@ def scan(
 
 
 _PARALLEL_MIN_FOLDERS = 64
+_WORKER_MEMORY_BYTES = 2 * 1024**3  # address space a classifier may add to what it starts with
 
 
 def _classify_all(
@@ -280,6 +282,18 @@ def _init_worker(patterns: tuple[str, ...]) -> None:
     nothing in a worker reads, so SIGTERM from ``Pool.terminate`` must really end it)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # A crafted pickle can ask the unpickler for a huge memo; here a memory ceiling turns that
+    # into a MemoryError (the file is refused) at no cost per file.
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            virtual = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        ceiling = virtual + _WORKER_MEMORY_BYTES
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        if hard == resource.RLIM_INFINITY or hard >= ceiling:
+            resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
+            torchzip.rely_on_address_space_limit()
+    except (OSError, ValueError):
+        pass  # no ceiling: the opcode walk stays on
     global _worker_patterns, _worker_probes
     _worker_patterns = patterns
     _worker_probes = _Probes(_OpenForWriting(), None)

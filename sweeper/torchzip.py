@@ -724,6 +724,16 @@ for _ops, _step in (
         _STEP[_op] = _step
 
 
+_memo_walk_needed = True
+
+
+def rely_on_address_space_limit() -> None:
+    """For a worker process whose RLIMIT_AS is set: an oversized memo then fails as MemoryError
+    (a refused file), so the opcode walk below can be skipped."""
+    global _memo_walk_needed
+    _memo_walk_needed = False
+
+
 def _memo_indices_are_sequential(data: bytes) -> bool:
     """Walk the opcodes and check every memo index a PUT names is at most the number of PUTs so
     far, as any pickler writes them.
@@ -808,7 +818,7 @@ def load_inert(data: bytes, path: str) -> object:
 
 def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
     """The inert root object and every storage the pickle references."""
-    if not _memo_indices_are_sequential(data):
+    if _memo_walk_needed and not _memo_indices_are_sequential(data):
         raise FileRefused(path, "malformed pickle in data.pkl: memo index out of sequence")
     try:
         unpickler = _InertUnpickler(data, path)

@@ -252,3 +252,49 @@ def test_a_huge_memo_index_is_refused_before_unpickling(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "memo index out of sequence" in run.stderr
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB: < 1 GiB
+
+
+def test_a_huge_memo_index_is_refused_in_a_parallel_sweep(tmp_path: Path) -> None:
+    """Sweeps of many folders classify in forked workers that skip the opcode walk and rely on
+    an address-space ceiling instead: the file is still refused, and memory stays small."""
+    import resource
+    import struct
+
+    for index in range(70):  # enough folders for the worker pool
+        (tmp_path / f"run{index}").mkdir()
+    pickled = (
+        b"\x80\x02}q\x00(X\x05\x00\x00\x00epochK\x01X\x10\x00\x00\x00model_state_dict}r"
+        + struct.pack("<I", 0x1FFFFFFF)
+        + b"u."
+    )
+    with zipfile.ZipFile(tmp_path / "run0" / "memo.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/version", b"3\n")
+    save_full_checkpoint(tmp_path / "run1" / "good.pt")
+    for index in range(2, 70):
+        (tmp_path / f"run{index}" / "good.pt").write_bytes(
+            (tmp_path / "run1" / "good.pt").read_bytes()
+        )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "sweep",
+            str(tmp_path),
+            "--dry-run",
+            "--json",
+            f"--ledger={tmp_path / 'ledger.jsonl'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    entries = {e["path"]: e for e in json.loads(run.stdout)["entries"]}
+    memo = entries[str(tmp_path / "run0" / "memo.pt")]
+    assert memo["action"] == "skip"
+    assert "MemoryError" in memo["reason"]
+    assert entries[str(tmp_path / "run1" / "good.pt")]["action"] == "extract"
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB
