@@ -62,6 +62,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO
 
+import harness
+from harness import GNU_TIME, describe_digests, sweeper_command
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = "/tmp/sweeper-bench-daemon"
 MIB = 1024 * 1024
@@ -84,7 +87,7 @@ DEADLINE_S = 600.0
 
 # PYTHONDONTWRITEBYTECODE (set in some sandboxes) would leave an editable sweeper recompiling its
 # modules on every start; children run as a normal install does.
-CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+CHILD_ENV = dict(harness.CHILD_ENV)
 for _inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
     CHILD_ENV.pop(_inherited, None)
 
@@ -197,14 +200,6 @@ class Sample:
     at: float  # monotonic
     cpu_s: float
     switches: int  # voluntary + involuntary context switches, all threads
-
-
-def sweeper_command() -> list[str]:
-    beside = os.path.join(os.path.dirname(sys.executable), "sweeper")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("sweeper")
-    return [found] if found else [sys.executable, "-m", "sweeper"]
 
 
 class Daemon:
@@ -351,17 +346,6 @@ class Daemon:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def find_gnu_time() -> str | None:
-    path = "/usr/bin/time"
-    if not os.access(path, os.X_OK):
-        return None
-    probe = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
-    return path if "GNU" in probe.stdout + probe.stderr else None
-
-
-GNU_TIME = find_gnu_time()
 
 
 @dataclass(frozen=True)
@@ -697,6 +681,7 @@ import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from make_checkpoint import build_checkpoint
+
 checkpoint = build_checkpoint(int(sys.argv[2]), int(sys.argv[3]))
 print("ready", flush=True)
 for line in sys.stdin:
@@ -994,12 +979,6 @@ def sweeper_sources_digest() -> str:
             with open(os.path.join(package, name), "rb") as source:
                 digest.update(source.read())
     return digest.hexdigest()
-
-
-def describe_digests(before: str, after: str) -> str:
-    if before == after:
-        return before
-    return f"{before[:16]}.. -> {after[:16]}.. (sweeper's sources changed during the run)"
 
 
 def machine(workdir: str) -> dict[str, object]:

@@ -30,13 +30,14 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from harness import CHILD_ENV, GNU_TIME, CommandFailed, describe_digests, sweeper_command
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = os.path.join(BENCH_DIR, "out", "extract")
@@ -56,7 +57,6 @@ MIB = 1024 * 1024
 # Children may cache bytecode, as a normal install does.  A sandbox that sets
 # PYTHONDONTWRITEBYTECODE leaves an editable sweeper recompiling its modules on every start
 # (torch's and omegaconf's caches were written at install time), which would tilt the race.
-CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 @dataclass(frozen=True)
@@ -121,21 +121,6 @@ class Result:
         )  # fmt: skip
 
 
-class CommandFailed(Exception):
-    pass
-
-
-def find_gnu_time() -> str | None:
-    path = "/usr/bin/time"
-    if not os.access(path, os.X_OK):
-        return None
-    probe = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
-    return path if "GNU" in probe.stdout + probe.stderr else None
-
-
-GNU_TIME = find_gnu_time()
-
-
 def run_process(argv: Sequence[str], log_path: str) -> Run:
     """Run one process to completion: wall time from spawn to reap, and its peak RSS.
 
@@ -179,14 +164,6 @@ def read_through(path: str) -> None:
 def remove(path: str) -> None:
     if os.path.lexists(path):
         os.unlink(path)
-
-
-def sweeper_command() -> list[str]:
-    beside = os.path.join(os.path.dirname(sys.executable), "sweeper")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("sweeper")
-    return [found] if found else [sys.executable, "-m", "sweeper"]
 
 
 def build_checkpoint(path: str, shape: tuple[int, int], log_path: str) -> None:
@@ -318,12 +295,6 @@ def sweeper_sources_digest() -> str:
             with open(os.path.join(package, name), "rb") as source:
                 digest.update(source.read())
     return digest.hexdigest()
-
-
-def describe_digests(before: str, after: str) -> str:
-    if before == after:
-        return before
-    return f"{before[:16]}.. -> {after[:16]}.. (sweeper's sources changed during the run)"
 
 
 def to_json(result: Result, workdir: str) -> dict[str, object]:

@@ -46,6 +46,7 @@ from io import StringIO
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
+from harness import CHILD_ENV, GNU_TIME, CommandFailed, sweeper_command  # noqa: E402
 from make_tree import glob_root  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_WORKDIR = "/tmp/sweeper-bench"
@@ -57,7 +58,6 @@ KEEP_FULL = 2  # the bundled default: every run's 2 newest get an inference copy
 TARGET_SWEEPER_WALL_S = 4.0
 # PYTHONDONTWRITEBYTECODE (set in some sandboxes) would leave an editable sweeper recompiling its
 # modules on every start; children run as a normal install does.
-CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 MIB = 1024 * 1024
 
 
@@ -133,21 +133,6 @@ class Result:
         return num / den
 
 
-class CommandFailed(Exception):
-    pass
-
-
-def find_gnu_time() -> str | None:
-    path = "/usr/bin/time"
-    if not os.access(path, os.X_OK):
-        return None
-    probe = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
-    return path if "GNU" in probe.stdout + probe.stderr else None
-
-
-GNU_TIME = find_gnu_time()
-
-
 def run_process(argv: Sequence[str], stdout_path: str, log_path: str) -> Run:
     """Run one process to completion: wall time from spawn to reap, its CPU time and peak RSS.
 
@@ -174,14 +159,6 @@ def run_process(argv: Sequence[str], stdout_path: str, log_path: str) -> Run:
         os.unlink(usage_file)
         peak_kib, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
     return Run(wall, cpu, peak_kib)
-
-
-def sweeper_command() -> list[str]:
-    beside = os.path.join(os.path.dirname(sys.executable), "sweeper")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("sweeper")
-    return [found] if found else [sys.executable, "-m", "sweeper"]
 
 
 def check_plan(stdout_path: str, files: int, tree: str, ledger: str) -> dict[str, int]:

@@ -1,0 +1,41 @@
+"""What the benchmarks share: how children are run and timed, and which sweeper they run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+# Children run as a normal install would: this sandbox sets PYTHONDONTWRITEBYTECODE, which would
+# make an editable sweeper recompile its modules on every start.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def find_gnu_time() -> str | None:
+    path = "/usr/bin/time"
+    if not os.access(path, os.X_OK):
+        return None
+    probe = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    return path if "GNU" in probe.stdout + probe.stderr else None
+
+
+GNU_TIME = find_gnu_time()
+
+
+def sweeper_command() -> list[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "sweeper")
+    if os.access(beside, os.X_OK):
+        return [beside]
+    found = shutil.which("sweeper")
+    return [found] if found else [sys.executable, "-m", "sweeper"]
+
+
+def describe_digests(before: str, after: str) -> str:
+    if before == after:
+        return before
+    return f"{before[:16]}.. -> {after[:16]}.. (sweeper's sources changed during the run)"
