@@ -48,7 +48,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -63,7 +62,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO
 
 import harness
-from harness import GNU_TIME, describe_digests, sweeper_command
+from harness import GNU_TIME, describe_digests, machine, sweeper_command
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = "/tmp/sweeper-bench-daemon"
@@ -981,34 +980,6 @@ def sweeper_sources_digest() -> str:
     return digest.hexdigest()
 
 
-def machine(workdir: str) -> dict[str, object]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    fs = "?"
-    try:
-        best = ""
-        real = os.path.realpath(os.path.dirname(workdir.rstrip("/")) or "/")
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, point, kind = line.split()[:3]
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, fs = point, f"{device} ({kind} on {point})"
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "workdir_filesystem": fs,
-    }
-
-
 @dataclass(frozen=True)
 class Figure:
     phase: str
@@ -1094,7 +1065,7 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
         "benchmark": "daemon",
         "quick": result.quick,
         "sweeper_sources_sha256": result.sources_digest,
-        "machine": machine(workdir),
+        "machine": machine(os.path.dirname(workdir.rstrip("/")) or "/"),
         "idle": {
             **asdict(idle),
             "cpu_percent": round(idle.cpu_percent, 4),

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from harness import CHILD_ENV, GNU_TIME, CommandFailed, describe_digests, sweeper_command
+from harness import CHILD_ENV, GNU_TIME, CommandFailed, describe_digests, machine, sweeper_command
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = os.path.join(BENCH_DIR, "out", "extract")
@@ -251,38 +250,9 @@ def benchmark(rounds: int, workdir: str, keep: bool) -> Result:
             os.rmdir(workdir)
 
 
-def filesystem_of(path: str) -> str:
-    """The device and filesystem type holding ``path``, from /proc/mounts."""
-    best = ("", "?", "?")
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, mount_point, fs_type = line.split()[:3]
-                inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-                if inside and len(mount_point) >= len(best[0]):
-                    best = (mount_point, device, fs_type)
-    except OSError:
-        pass
-    return f"{best[1]} ({best[2]} on {best[0]})"
-
-
-def machine(workdir: str) -> dict[str, object]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
+def describe_machine(workdir: str) -> dict[str, object]:
     cp = subprocess.run(["cp", "--version"], capture_output=True, text=True, check=False)
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "cp": cp.stdout.partition("\n")[0],
-        "workdir_filesystem": filesystem_of(workdir),
-    }
+    return {**machine(workdir), "cp": cp.stdout.partition("\n")[0]}
 
 
 def sweeper_sources_digest() -> str:
@@ -302,7 +272,7 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
         "benchmark": "extract",
         "rounds": result.rounds,
         "sweeper_sources_sha256": result.sources_digest,
-        "machine": machine(workdir),
+        "machine": describe_machine(workdir),
         "source_bytes": result.source_bytes,
         "quarter_source_bytes": result.quarter_source_bytes,
         "peak_rss_from": "GNU time %M" if GNU_TIME else "os.wait4 (includes this process's RSS)",

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import pstats
 import shutil
 import statistics
@@ -46,7 +45,7 @@ from io import StringIO
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-from harness import CHILD_ENV, GNU_TIME, CommandFailed, sweeper_command  # noqa: E402
+from harness import CHILD_ENV, GNU_TIME, CommandFailed, machine, sweeper_command  # noqa: E402
 from make_tree import glob_root  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_WORKDIR = "/tmp/sweeper-bench"
@@ -295,34 +294,6 @@ def benchmark(
                 shutil.rmtree(os.path.join(workdir, str(size)), ignore_errors=True)
             if not os.listdir(workdir):
                 os.rmdir(workdir)
-
-
-def machine(workdir: str) -> dict[str, object]:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    fs = "?"
-    try:
-        best = ""
-        real = os.path.realpath(workdir)
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, point, kind = line.split()[:3]
-                inside = real == point or real.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, fs = point, f"{device} ({kind} on {point})"
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "workdir_filesystem": fs,
-    }
 
 
 def to_json(result: Result, workdir: str) -> dict[str, object]:
