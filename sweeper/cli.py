@@ -193,9 +193,9 @@ class _Progress:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
-    from sweeper.inventory import scan
+    from sweeper.inventory import Scan, scan
     from sweeper.ledger import AppendEach, action_lock
-    from sweeper.plan import plan_sweep
+    from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
 
     settings = _settings(args)
@@ -218,12 +218,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             now_ns=time.time_ns(),
         )
 
+    if args.dry_run and args.json:
+        # Streamed one run folder at a time: memory does not grow with the tree.
+        walk = Scan(settings.roots, settings.patterns, processes=len(os.sched_getaffinity(0)))
+        now_ns = time.time_ns()
+        entries = (
+            entry
+            for run in walk.runs(progress.scanned)
+            for entry in plan_run(
+                run,
+                keep_full=settings.keep_full,
+                min_age_seconds=settings.min_age_seconds,
+                now_ns=now_ns,
+            )
+        )
+        report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
+        progress.clear()
+        return EXIT_INTERRUPTED if stop() else EXIT_OK
     if args.dry_run:
-        plan = plan_now()
-        if args.json:
-            report.write_plan_json(plan, sys.stdout)
-        else:
-            print(report.plan_text(plan))
+        print(report.plan_text(plan_now()))
         return EXIT_INTERRUPTED if stop() else EXIT_OK
     # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
     # and the daemon) never act on the same tree at once, and the second sees the first's results.

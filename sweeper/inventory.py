@@ -208,37 +208,57 @@ def scan(
     With ``processes`` > 1 (one-shot sweeps, never the threaded daemon) folders are classified
     by that many forked worker processes; the walk and the result stay the same.
     """
-    problems: list[tuple[str, str]] = []
-    seen_folders: set[tuple[int, int]] = set()
-    # A symlink anywhere under the roots pins its target, wherever that target sits.
-    symlink_targets: set[tuple[int, int]] = set()
-    tasks: list[tuple[str, FolderRef, list[Listed]]] = []
-    for pattern in roots:
-        try:
-            folders = list(expand_root(pattern))
-        except OSError as error:
-            problems.append((pattern, f"cannot open root: {error.strerror}"))
-            continue
-        if not folders:
-            problems.append((pattern, "root matches no folder"))
-        for top in folders:
-            for folder, files in _walk(top, problems):
-                if (folder.dev, folder.ino) in seen_folders:
-                    continue
-                seen_folders.add((folder.dev, folder.ino))
-                symlink_targets |= _folder_symlink_targets(folder, files)
-                if any(_is_candidate(e, patterns) for e in files):
-                    tasks.append((pattern, folder, files))
-    runs: list[RunFolder] = []
-    files_seen = 0
-    for run in _classify_all(tasks, patterns, processes, cache):
-        if run.files:
-            runs.append(run)
-            files_seen += len(run.files)
-            if progress is not None:
-                progress(files_seen)
-    pinned_runs = tuple(_pin_symlink_targets(run, symlink_targets) for run in runs)
-    return Inventory(pinned_runs, tuple(problems), frozenset(symlink_targets))
+    walk = Scan(roots, patterns, processes=processes, cache=cache)
+    runs = tuple(walk.runs(progress))
+    return Inventory(runs, tuple(walk.problems), frozenset(walk.symlink_targets))
+
+
+class Scan:
+    """The walk of the roots, done up front (it finds the run folders and every symlink's
+    target), then ``runs()``: each run folder listed and classified as it is consumed.  Memory
+    holds folders, not files, so a caller can plan and print one run folder at a time."""
+
+    def __init__(
+        self,
+        roots: Sequence[str],
+        patterns: Sequence[str],
+        *,
+        processes: int = 1,
+        cache: ScanCache | None = None,
+    ) -> None:
+        self.patterns = tuple(patterns)
+        self.processes = processes
+        self.cache = cache
+        self.problems: list[tuple[str, str]] = []
+        # A symlink anywhere under the roots pins its target, wherever that target sits.
+        self.symlink_targets: set[tuple[int, int]] = set()
+        self._folders: list[tuple[str, FolderRef]] = []
+        seen: set[tuple[int, int]] = set()
+        for pattern in roots:
+            try:
+                folders = list(expand_root(pattern))
+            except OSError as error:
+                self.problems.append((pattern, f"cannot open root: {error.strerror}"))
+                continue
+            if not folders:
+                self.problems.append((pattern, "root matches no folder"))
+            for top in folders:
+                for folder, files in _walk(top, self.problems):
+                    if (folder.dev, folder.ino) in seen:
+                        continue
+                    seen.add((folder.dev, folder.ino))
+                    self.symlink_targets |= _folder_symlink_targets(folder, files)
+                    if any(_is_candidate(e, patterns) for e in files):
+                        self._folders.append((pattern, folder))
+
+    def runs(self, progress: Callable[[int], None] | None = None) -> Iterator[RunFolder]:
+        files_seen = 0
+        for run in _classify_all(self._folders, self.patterns, self.processes, self.cache):
+            if run.files:
+                files_seen += len(run.files)
+                if progress is not None:
+                    progress(files_seen)
+                yield _pin_symlink_targets(run, self.symlink_targets)
 
 
 _PARALLEL_MIN_FOLDERS = 64
@@ -246,15 +266,15 @@ _WORKER_MEMORY_BYTES = 2 * 1024**3  # address space a classifier may add to what
 
 
 def _classify_all(
-    tasks: list[tuple[str, FolderRef, list[Listed]]],
+    tasks: list[tuple[str, FolderRef]],
     patterns: Sequence[str],
     processes: int,
     cache: ScanCache | None,
 ) -> Iterator[RunFolder]:
     if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
         probes = _Probes(_OpenForWriting(), cache)
-        for pattern, folder, files in tasks:
-            yield RunFolder(pattern, folder, _classify_folder(folder, files, patterns, probes))
+        for pattern, folder in tasks:
+            yield _classify_listed(pattern, folder, patterns, probes)
         if cache is not None:
             cache.prune()
         return
@@ -299,12 +319,24 @@ def _init_worker(patterns: tuple[str, ...]) -> None:
     _worker_probes = _Probes(_OpenForWriting(), None)
 
 
-def _classify_task(task: tuple[str, FolderRef, list[Listed]]) -> RunFolder:
-    pattern, folder, files = task
+def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
     assert _worker_probes is not None
-    return RunFolder(
-        pattern, folder, _classify_folder(folder, files, _worker_patterns, _worker_probes)
-    )
+    return _classify_listed(task[0], task[1], _worker_patterns, _worker_probes)
+
+
+def _classify_listed(
+    pattern: str, folder: FolderRef, patterns: Sequence[str], probes: _Probes
+) -> RunFolder:
+    """List the folder (again: the walk kept no listings) and classify its checkpoints."""
+    try:
+        fd = open_folder(folder)
+    except (OSError, FileRefused):
+        return RunFolder(pattern, folder, ())  # gone since the walk: nothing to act on
+    try:
+        entries = _list(fd)
+    finally:
+        os.close(fd)
+    return RunFolder(pattern, folder, _classify_folder(folder, entries, patterns, probes))
 
 
 def _is_candidate(entry: Listed, patterns: Sequence[str]) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sweeper import policy
 from sweeper.extract import output_name
-from sweeper.inventory import FileEntry, FolderRef, Inventory
+from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder
 from sweeper.policy import Action, Candidate, Status
 from sweeper.torchzip import Kind, Mode
 
@@ -105,16 +105,38 @@ def plan_sweep(
 ) -> SweepPlan:
     entries: list[PlanEntry] = []
     for run in inventory.runs:
-        decisions = policy.decide(
-            [to_candidate(f) for f in run.files],
-            keep_full=keep_full,
-            min_age_seconds=min_age_seconds,
-            now_ns=now_ns,
-            settle_seconds=settle_seconds,
+        entries.extend(
+            plan_run(
+                run,
+                keep_full=keep_full,
+                min_age_seconds=min_age_seconds,
+                now_ns=now_ns,
+                settle_seconds=settle_seconds,
+            )
         )
-        for file, decision in zip(run.files, decisions, strict=True):
-            entries.append(_entry(run.root, run.folder, file, decision))
     return SweepPlan(tuple(entries), inventory.problems)
+
+
+def plan_run(
+    run: RunFolder,
+    *,
+    keep_full: int,
+    min_age_seconds: int,
+    now_ns: int,
+    settle_seconds: float = 0,
+) -> tuple[PlanEntry, ...]:
+    """The plan entries of one run folder (retention is decided per run folder)."""
+    decisions = policy.decide(
+        [to_candidate(f) for f in run.files],
+        keep_full=keep_full,
+        min_age_seconds=min_age_seconds,
+        now_ns=now_ns,
+        settle_seconds=settle_seconds,
+    )
+    return tuple(
+        _entry(run.root, run.folder, file, decision)
+        for file, decision in zip(run.files, decisions, strict=True)
+    )
 
 
 def _entry(root: str, folder: FolderRef, file: FileEntry, decision: policy.Decision) -> PlanEntry:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from sweeper.policy import Action
@@ -197,29 +197,24 @@ def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
     }
 
 
-def plan_json(plan: SweepPlan) -> dict[str, object]:
-    summary = plan_json_summary(plan)
-    problems = summary.pop("problems")
-    return {**summary, "entries": [plan_entry_json(e) for e in plan.entries], "problems": problems}
-
-
-def write_plan_json(plan: SweepPlan, stream: TextIO) -> None:
-    """``plan_json(plan)`` as one JSON object, written entry by entry: a plan of a million
-    files never exists as one string (or as a million dicts) in memory."""
-    head = {k: v for k, v in plan_json_summary(plan).items() if k != "problems"}
-    stream.write(to_json(head)[:-1] + ', "entries": [')
-    for index, entry in enumerate(plan.entries):
+def write_streamed_plan_json(
+    entries: Iterable[PlanEntry], problems: Sequence[tuple[str, str]], stream: TextIO
+) -> None:
+    """The dry run's JSON object, written as the entries are planned: the totals come last,
+    so no entry is held after it is written."""
+    counts = dict.fromkeys((action.value for action in Action), 0)
+    expected = 0
+    stream.write('{"dry_run": true, "entries": [')
+    for index, entry in enumerate(entries):
         stream.write((", " if index else "") + to_json(plan_entry_json(entry)))
-    stream.write('], "problems": ' + to_json(plan_json_summary(plan)["problems"]) + "}\n")
-
-
-def plan_json_summary(plan: SweepPlan) -> dict[str, object]:
-    return {
-        "dry_run": True,
-        "expected_reclaimed_bytes": plan.expected_reclaimed_bytes,
-        "counts": {action.value: plan.count(action) for action in Action},
-        "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
+        counts[entry.action.value] += 1
+        expected += entry.reclaimed_bytes
+    tail = {
+        "expected_reclaimed_bytes": expected,
+        "counts": counts,
+        "problems": [{"path": path, "reason": reason} for path, reason in problems],
     }
+    stream.write("], " + to_json(tail)[1:] + "\n")
 
 
 def plan_text(plan: SweepPlan) -> str:
