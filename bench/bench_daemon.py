@@ -62,7 +62,13 @@ from dataclasses import asdict, dataclass, field
 from typing import IO
 
 import harness
-from harness import GNU_TIME, describe_digests, machine, sweeper_command
+from harness import (
+    CommandFailed,
+    describe_digests,
+    machine,
+    sweeper_command,
+    timed_process,
+)
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = "/tmp/sweeper-bench-daemon"
@@ -109,7 +115,7 @@ FULL_SCALE = Scale(idle_seconds=60.0, quiet_seconds=5.0, rescan_seconds=15.0, re
 QUICK_SCALE = Scale(idle_seconds=15.0, quiet_seconds=3.0, rescan_seconds=10.0, rescans=2, trials=3)
 
 
-class BenchFailed(Exception):
+class BenchFailed(CommandFailed):
     pass
 
 
@@ -354,29 +360,8 @@ class Run:
 
 
 def run_process(argv: Sequence[str], log_path: str, stdout: IO[bytes] | None = None) -> Run:
-    """One process to completion: wall time from spawn to reap, and its own peak RSS (through
-    GNU time: the bench's wait4 would report at least the bench's RSS)."""
-    rss_file = log_path + ".rss"
-    wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv] if GNU_TIME else list(argv)
-    with open(log_path, "ab") as log:
-        started = time.perf_counter()
-        child = subprocess.Popen(
-            wrapped,
-            stdout=stdout if stdout is not None else subprocess.DEVNULL,
-            stderr=log,
-            env=CHILD_ENV,
-        )
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
-    if child.returncode != 0:
-        raise BenchFailed(f"{' '.join(argv)} exited {child.returncode}; see {log_path}")
-    peak = usage.ru_maxrss
-    if GNU_TIME:
-        with open(rss_file) as report:
-            peak = int(report.read().split()[-1])
-        os.unlink(rss_file)
-    return Run(wall, peak)
+    timed = timed_process(argv, log_path, stdout, CHILD_ENV)
+    return Run(timed.wall_s, timed.peak_rss_kib)
 
 
 def wait_until(
@@ -1186,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = QUICK_SCALE if args.quick else FULL_SCALE
     try:
         result = benchmark(workdir, scale, args.quick)
-    except BenchFailed as error:
+    except CommandFailed as error:
         print(f"bench_daemon: {error}", file=sys.stderr)
         return 1
     print(json.dumps(to_json(result, workdir), indent=2) if args.json else render(result))

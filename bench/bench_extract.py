@@ -32,11 +32,17 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from harness import CHILD_ENV, GNU_TIME, CommandFailed, describe_digests, machine, sweeper_command
+from harness import (
+    GNU_TIME,
+    CommandFailed,
+    describe_digests,
+    machine,
+    sweeper_command,
+    timed_process,
+)
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WORKDIR = os.path.join(BENCH_DIR, "out", "extract")
@@ -121,29 +127,8 @@ class Result:
 
 
 def run_process(argv: Sequence[str], log_path: str) -> Run:
-    """Run one process to completion: wall time from spawn to reap, and its peak RSS.
-
-    The kernel carries a process's RSS high-water mark across exec, so a child spawned straight
-    from this Python process never reports less than this process's own RSS (~15 MiB; `cp`
-    would read as that).  GNU time, itself tiny, forks the command and reports the command's
-    own ru_maxrss from its wait4; without GNU time this process's wait4 figure is used.
-    """
-    rss_file = log_path + ".rss"
-    wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file, *argv] if GNU_TIME else list(argv)
-    with open(log_path, "ab") as log:
-        started = time.perf_counter()
-        child = subprocess.Popen(wrapped, stdout=subprocess.DEVNULL, stderr=log, env=CHILD_ENV)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
-    if child.returncode != 0:
-        raise CommandFailed(f"{' '.join(argv)} exited {child.returncode}; see {log_path}")
-    peak_kib = usage.ru_maxrss
-    if GNU_TIME:
-        with open(rss_file) as report:
-            peak_kib = int(report.read().split()[-1])
-        os.unlink(rss_file)
-    return Run(wall, peak_kib)
+    timed = timed_process(argv, log_path)
+    return Run(timed.wall_s, timed.peak_rss_kib)
 
 
 def run_sequence(commands: Sequence[Sequence[str]], log_path: str) -> Run:

@@ -35,9 +35,7 @@ import os
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import StringIO
@@ -45,7 +43,7 @@ from io import StringIO
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-from harness import CHILD_ENV, GNU_TIME, CommandFailed, machine, sweeper_command  # noqa: E402
+from harness import GNU_TIME, CommandFailed, machine, sweeper_command, timed_process  # noqa: E402
 from make_tree import glob_root  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_WORKDIR = "/tmp/sweeper-bench"
@@ -133,31 +131,9 @@ class Result:
 
 
 def run_process(argv: Sequence[str], stdout_path: str, log_path: str) -> Run:
-    """Run one process to completion: wall time from spawn to reap, its CPU time and peak RSS.
-
-    The kernel carries the RSS high-water mark across fork and exec, so a child spawned straight
-    from this process never reports less than this process's own RSS, which grows as it parses
-    10,000-entry plans (`true` spawned from a process holding 200 MiB reports 200 MiB).  GNU
-    time, itself tiny, forks the command and reports the command's own figures from its wait4;
-    without GNU time this process's wait4 figures are used, floor and all.
-    """
-    usage_file = log_path + ".usage"
-    wrapped = [GNU_TIME, "-f", "%M %U %S", "-o", usage_file, *argv] if GNU_TIME else list(argv)
-    with open(stdout_path, "wb") as out, open(log_path, "ab") as log:
-        started = time.perf_counter()
-        child = subprocess.Popen(wrapped, stdout=out, stderr=log, env=CHILD_ENV)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
-    if child.returncode != 0:
-        raise CommandFailed(f"{' '.join(argv)} exited {child.returncode}; see {log_path}")
-    peak_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
-    if GNU_TIME:
-        with open(usage_file) as report:
-            fields = report.read().split()[-3:]
-        os.unlink(usage_file)
-        peak_kib, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
-    return Run(wall, cpu, peak_kib)
+    with open(stdout_path, "wb") as out:
+        timed = timed_process(argv, log_path, out)
+    return Run(timed.wall_s, timed.cpu_s, timed.peak_rss_kib)
 
 
 def check_plan(stdout_path: str, files: int, tree: str, ledger: str) -> dict[str, int]:

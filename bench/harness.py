@@ -7,6 +7,10 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
 
 # Children run as a normal install would: this sandbox sets PYTHONDONTWRITEBYTECODE, which would
 # make an editable sweeper recompile its modules on every start.
@@ -73,3 +77,47 @@ def machine(path: str) -> dict[str, object]:
         "python": platform.python_version(),
         "workdir_filesystem": filesystem_of(path),
     }
+
+
+@dataclass(frozen=True)
+class Timed:
+    wall_s: float
+    cpu_s: float  # user + system, the command's own
+    peak_rss_kib: int
+
+
+def timed_process(
+    argv: Sequence[str],
+    log_path: str,
+    stdout: IO[bytes] | None = None,
+    env: Mapping[str, str] = CHILD_ENV,
+) -> Timed:
+    """Run one process to completion: wall time from spawn to reap, its CPU time and peak RSS.
+
+    The kernel carries the RSS high-water mark across fork and exec, so a child spawned straight
+    from a benchmark never reports less than the benchmark's own RSS.  GNU time, itself tiny,
+    forks the command and reports the command's own figures from its wait4; without GNU time the
+    benchmark's wait4 figures are used, floor and all.  stderr goes to ``log_path``.
+    """
+    usage_file = log_path + ".usage"
+    wrapped = [GNU_TIME, "-f", "%M %U %S", "-o", usage_file, *argv] if GNU_TIME else list(argv)
+    with open(log_path, "ab") as log:
+        started = time.perf_counter()
+        child = subprocess.Popen(
+            wrapped,
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,
+            stderr=log,
+            env=dict(env),
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen quiet
+    if child.returncode != 0:
+        raise CommandFailed(f"{' '.join(argv)} exited {child.returncode}; see {log_path}")
+    peak_kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    if GNU_TIME:
+        with open(usage_file) as report:
+            fields = report.read().split()[-3:]
+        os.unlink(usage_file)
+        peak_kib, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
+    return Timed(wall, cpu, peak_kib)
