@@ -111,7 +111,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     source = _locate_source(path)
     try:
-        fd, _ = open_regular(source.name, source.dir_fd, path)
+        fd, info = open_regular(source.name, source.dir_fd, path)
     finally:
         os.close(source.dir_fd)
     try:
@@ -122,7 +122,10 @@ def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
         os.close(fd)
     outputs: dict[Mode, int] = {}
     if checkpoint.kind is torchzip.Kind.FULL:
-        outputs = {mode: torchzip.plan_output(checkpoint, mode).total_size for mode in Mode}
+        made_from = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        outputs = {
+            mode: torchzip.plan_output(checkpoint, mode, made_from).total_size for mode in Mode
+        }
     return (
         report.inspect_text(checkpoint, outputs, verify),
         report.inspect_json(checkpoint, outputs, verify),
@@ -193,6 +196,7 @@ class _Progress:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
+    from sweeper.intact import Verifier, verify_inventory, verify_run
     from sweeper.inventory import Scan, scan
     from sweeper.ledger import AppendEach, action_lock
     from sweeper.plan import plan_run, plan_sweep
@@ -203,6 +207,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     stop = StopFlag()
     install_stop_handlers(stop)
 
+    rules = settings.rules()
+    verifier = Verifier()
+
     def plan_now() -> SweepPlan:
         inventory = scan(
             settings.roots,
@@ -210,13 +217,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=progress.scanned,
             processes=len(os.sched_getaffinity(0)),
         )
+        now_ns = time.time_ns()
+        inventory = verify_inventory(inventory, rules, now_ns=now_ns, verifier=verifier)
         progress.clear()
-        return plan_sweep(
-            inventory,
-            keep_full=settings.keep_full,
-            min_age_seconds=settings.min_age_seconds,
-            now_ns=time.time_ns(),
-        )
+        return plan_sweep(inventory, rules, now_ns=now_ns)
 
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
@@ -226,10 +230,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             entry
             for run in walk.runs(progress.scanned)
             for entry in plan_run(
-                run,
-                keep_full=settings.keep_full,
-                min_age_seconds=settings.min_age_seconds,
-                now_ns=now_ns,
+                verify_run(run, rules, now_ns=now_ns, verifier=verifier), rules, now_ns=now_ns
             )
         )
         report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
@@ -257,12 +258,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from sweeper.config import load_settings
-    from sweeper.ledger import read_ledger, summarise
+    from sweeper.ledger import read_ledger, summarise, user_name
+    from sweeper.ledger_views import source_for
 
     if args.ledger is not None:
         path = Path(args.ledger)
     else:
+        from sweeper.config import load_settings  # omegaconf: only when config gives the path
+
         path = load_settings(Path(args.config) if args.config else None, []).ledger
     since = None
     if args.since:
@@ -272,7 +275,15 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             raise ConfigError("--since", f"not an ISO date: {args.since!r}") from None
         if since.tzinfo is None:
             since = since.replace(tzinfo=timezone.utc)
-    read = read_ledger(path)
+    # Root and the ledger's owner read it all; anyone else reads the view of their own files.
+    source = source_for(path, os.geteuid())
+    if source.view_of is not None:
+        who = user_name(source.view_of)
+        if source.exists:
+            log.info("showing only the files owned by %s: %s is private to its owner", who, path)
+        else:
+            log.info("no records of files owned by %s in %s", who, path)
+    read = read_ledger(source.path)
     for warning in read.warnings:
         log.warning("%s", warning)
     rows = summarise(read.records, since=since, by=args.by)

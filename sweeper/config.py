@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sweeper.errors import ConfigError
+from sweeper.policy import DEFAULT_ROLLING_NAMES, BestMode, InferenceRules, Rules
 
 __all__ = [
     "FILE_KEY",
@@ -51,6 +52,16 @@ class ObserverKind(Enum):
 
 
 @dataclass
+class KeepInferenceSchema:
+    """Which inference copies stay once their full checkpoint is gone."""
+
+    all: bool = True
+    last: int = 0
+    best: int = 0
+    every: int = 0
+
+
+@dataclass
 class ConfigSchema:
     """What OmegaConf validates config.yaml and overrides against: types only, not policy.
 
@@ -69,6 +80,12 @@ class ConfigSchema:
     workers: int = 1
     queue_size: int = 10_000
     nice: int = 10
+    keep_best: int = 0
+    best_metric: str = "auto"
+    best_mode: BestMode = BestMode.auto
+    keep_every: int = 0
+    rolling_names: list[str] = field(default_factory=lambda: list(DEFAULT_ROLLING_NAMES))
+    keep_inference: KeepInferenceSchema = field(default_factory=KeepInferenceSchema)
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,27 @@ class Settings:
     workers: int
     queue_size: int
     nice: int
+    keep_best: int = 0
+    best_metric: str = "auto"
+    best_mode: BestMode = BestMode.auto
+    keep_every: int = 0
+    rolling_names: tuple[str, ...] = DEFAULT_ROLLING_NAMES
+    keep_inference: InferenceRules = field(default_factory=InferenceRules)
+
+    def rules(self, *, settle: bool = False) -> Rules:
+        """The retention policy these settings describe (``settle``: the daemon's quiet time
+        applies)."""
+        return Rules(
+            keep_full=self.keep_full,
+            min_age_seconds=self.min_age_seconds,
+            keep_best=self.keep_best,
+            best_metric=self.best_metric,
+            best_mode=self.best_mode,
+            keep_every=self.keep_every,
+            rolling_names=self.rolling_names,
+            keep_inference=self.keep_inference,
+            settle_seconds=self.settle_seconds if settle else 0,
+        )
 
     def __post_init__(self) -> None:
         if not self.roots:
@@ -102,6 +140,22 @@ class Settings:
             _check_pattern(pattern)
         # Keeping zero full checkpoints would delete the one a run needs to resume: fail closed.
         _check_at_least("keep_full", self.keep_full, 1)
+        _check_at_least("keep_best", self.keep_best, 0)
+        _check_at_least("keep_every", self.keep_every, 0)
+        _check_is_string("best_metric", self.best_metric)
+        if not self.best_metric.strip() or "\0" in self.best_metric:
+            raise ConfigError("best_metric", f"{self.best_metric!r} names no metric")
+        for pattern in self.rolling_names:
+            _check_pattern(pattern, "rolling_names")
+        inference = self.keep_inference
+        for name in ("last", "best", "every"):
+            _check_at_least(f"keep_inference.{name}", getattr(inference, name), 0)
+        if not inference.all and not (inference.last or inference.best or inference.every):
+            # Deleting every copy whose full checkpoint is gone loses those weights for good.
+            raise ConfigError(
+                "keep_inference",
+                "all=false needs at least one of last, best, every above 0",
+            )
         if "\0" in str(self.ledger):
             raise ConfigError("ledger", f"{str(self.ledger)!r} contains a NUL byte")
         if not self.ledger.is_absolute():
@@ -175,6 +229,17 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         workers=schema.workers,
         queue_size=schema.queue_size,
         nice=schema.nice,
+        keep_best=schema.keep_best,
+        best_metric=schema.best_metric,
+        best_mode=schema.best_mode,
+        keep_every=schema.keep_every,
+        rolling_names=tuple(schema.rolling_names),
+        keep_inference=InferenceRules(
+            all=schema.keep_inference.all,
+            last=schema.keep_inference.last,
+            best=schema.keep_inference.best,
+            every=schema.keep_inference.every,
+        ),
     )
 
 
@@ -304,14 +369,14 @@ def _check_root(root: str) -> None:
         )
 
 
-def _check_pattern(pattern: str) -> None:
-    _check_is_string("patterns", pattern)
+def _check_pattern(pattern: str, key: str = "patterns") -> None:
+    _check_is_string(key, pattern)
     if not pattern:
-        raise ConfigError("patterns", "an empty pattern matches no file")
+        raise ConfigError(key, "an empty pattern matches no file")
     if "\0" in pattern:
-        raise ConfigError("patterns", f"{pattern!r} contains a NUL byte")
+        raise ConfigError(key, f"{pattern!r} contains a NUL byte")
     if "/" in pattern:
-        raise ConfigError("patterns", f"{pattern!r} contains '/'; patterns match file names only")
+        raise ConfigError(key, f"{pattern!r} contains '/'; patterns match file names only")
 
 
 def _check_is_string(key: str, value: object) -> None:

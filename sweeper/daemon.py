@@ -44,6 +44,7 @@ from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.errors import ConfigError
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
+from sweeper.intact import Verifier, verify_inventory
 from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock
 from sweeper.notify import Notifier
@@ -228,6 +229,7 @@ class Watcher:
         self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
         self._symlink_seen = threading.Event()
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
+        self._verifier = Verifier()  # kept files are read in full once, not on every rescan
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -531,13 +533,10 @@ class Watcher:
         with lock as locked:
             if not locked:
                 return
-            plan = plan_sweep(
-                inventory(),
-                keep_full=settings.keep_full,
-                min_age_seconds=settings.min_age_seconds,
-                now_ns=time.time_ns(),
-                settle_seconds=settings.settle_seconds if settle else 0,
-            )
+            rules = settings.rules(settle=settle)
+            now_ns = time.time_ns()
+            found = verify_inventory(inventory(), rules, now_ns=now_ns, verifier=self._verifier)
+            plan = plan_sweep(found, rules, now_ns=now_ns)
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
             self._note_skipped(plan)

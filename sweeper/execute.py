@@ -62,6 +62,9 @@ class SweepReport:
         return sum(1 for outcome in self.outcomes if not outcome.ok)
 
 
+_WORK = (Action.EXTRACT, Action.REFRESH, Action.DELETE)
+
+
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -113,15 +116,19 @@ def execute_plan(
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SweepReport:
-    """Carry out the plan's extract and delete entries; keep and skip entries are left alone.
+    """Carry out the plan's extract, refresh and delete entries; keep and skip entries are left
+    alone.
 
     Per file, in this order: extract the inference copy (or, if it already exists, re-verify it
-    in full) -> ledger record of the copy -> ledger intent to delete -> delete (only if the name
-    still refers to the scanned file) -> ledger outcome.  Callers hold the action lock
+    in full; a stale copy is replaced only once the new one is verified) -> ledger record of
+    the copy -> re-check that the files justifying the deletion are still there, unchanged ->
+    ledger intent to delete -> delete (only if the name still refers to the scanned file and
+    no process holds it open) -> ledger outcome.  A full checkpoint is deleted without a copy
+    only when ``keep_inference`` says its copy is not wanted.  Callers hold the action lock
     (``ledger.action_lock``) from before the scan, so no other actor works on the same files.
     """
     context = _Context(ledger, run_id, clock, should_stop)
-    work = [e for e in plan.entries if e.action in (Action.EXTRACT, Action.DELETE)]
+    work = [e for e in plan.entries if e.action in _WORK]
     outcomes: list[Outcome] = []
     interrupted = False
     for folder, group in groupby(work, key=lambda e: e.folder):
@@ -160,33 +167,26 @@ def _execute_folder(
 
 
 def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
-    assert entry.output is not None
     source = Located(dir_fd, entry.name, entry.path)
-    copy = Located(dir_fd, os.path.basename(entry.output), entry.output)
     identity = FileIdentity(entry.dev, entry.ino, entry.size, entry.mtime_ns)
-    written = 0
+    written = replaced = 0
     try:
-        if entry.action is Action.EXTRACT or entry.extract_first:
-            result = extract(
-                source,
-                copy,
-                Mode.INFERENCE,
-                expected=identity,
-                should_stop=context.should_stop,
-                replace=False,
-            )
-            written = result.bytes_out
-            context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)
-            log.info("%s: wrote %s (%d bytes)", entry.path, entry.output, written)
-        else:
-            verify_existing_copy(source, copy, identity)
+        if entry.output is not None:
+            copy = Located(dir_fd, os.path.basename(entry.output), entry.output)
+            if entry.action is not Action.DELETE or entry.extract_first:
+                written, replaced = _write_copy(entry, source, copy, identity, context)
+            else:
+                verify_existing_copy(source, copy, identity)
         if entry.action is Action.DELETE:
+            _require_needs(entry, dir_fd)
             context.record(entry, LedgerAction.DELETE_INTENT, entry.reason, outcome=False)
             delete_if_same(source, identity)
             context.record(entry, LedgerAction.DELETE, entry.reason, deleted=entry.size)
-            log.info("%s: deleted (%d bytes); inference copy verified", entry.path, entry.size)
-            return Outcome(entry, True, "deleted", written, entry.size)
-        return Outcome(entry, True, "extracted", written, 0)
+            how = "inference copy verified" if entry.output else "no inference copy kept"
+            log.info("%s: deleted (%d bytes); %s", entry.path, entry.size, how)
+            return Outcome(entry, True, "deleted", written, entry.size + replaced)
+        detail = "refreshed" if replaced else "extracted"
+        return Outcome(entry, True, detail, written, replaced)
     except Interrupted:
         return Outcome(entry, False, "interrupted", written, 0)
     except FileRefused as error:
@@ -196,6 +196,53 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
     except Exception as error:  # one file's unforeseen failure is recorded, the sweep goes on
         log.exception("%s: unexpected error", entry.path)
         return _failed(entry, context, f"unexpected error: {type(error).__name__}", written)
+
+
+def _write_copy(
+    entry: PlanEntry, source: Located, copy: Located, identity: FileIdentity, context: _Context
+) -> tuple[int, int]:
+    """Write the inference copy, replacing the planned stale copy if there is one; ledger it.
+    Returns (bytes written, bytes of the stale copy replaced)."""
+    stale = FileIdentity(*entry.replaces) if entry.replaces is not None else None
+    result = extract(
+        source,
+        copy,
+        Mode.INFERENCE,
+        expected=identity,
+        should_stop=context.should_stop,
+        replace=False,
+        replacing=stale,
+    )
+    written = result.bytes_out
+    if stale is None:
+        context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)
+        log.info("%s: wrote %s (%d bytes)", entry.path, entry.output, written)
+        return written, 0
+    context.record(entry, LedgerAction.REFRESH, entry.reason, written=written, deleted=stale.size)
+    log.info("%s: refreshed stale %s (%d bytes)", entry.path, entry.output, written)
+    return written, stale.size
+
+
+def _require_needs(entry: PlanEntry, dir_fd: int) -> None:
+    """The files whose presence justified this deletion must still be there, unchanged (so
+    still the verified files the plan counted on); otherwise the deletion is not done."""
+    for need in entry.needs:
+        try:
+            now = os.stat(need.name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileRefused(
+                entry.path, f"not deleted: {need.name}, which justified it, is gone"
+            ) from None
+        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+            need.dev,
+            need.ino,
+            need.size,
+            need.mtime_ns,
+        ):
+            raise FileRefused(
+                entry.path,
+                f"not deleted: {need.name}, which justified it, changed since it was scanned",
+            )
 
 
 def _failed(entry: PlanEntry, context: _Context, reason: str, written: int = 0) -> Outcome:

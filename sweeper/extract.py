@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -131,11 +132,15 @@ def extract(
     expected: FileIdentity | None = None,
     delete_source: bool = False,
     replace: bool = True,
+    replacing: FileIdentity | None = None,
 ) -> ExtractResult:
     """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
 
     The output appears only complete and verified (every record's CRC and every tensor's dtype,
-    shape, stride, offset and storage sharing checked against the source).  With
+    shape, stride, offset and storage sharing checked against the source), and records which
+    version of which file it was made from (:class:`torchzip.Provenance`).  ``replacing`` is
+    the stale copy a refresh replaces: the rename goes ahead only while the target name still
+    holds that very file (``replace=False`` never replaces anything).  With
     ``delete_source`` the source is unlinked only after that, and only if the name still
     refers to the very file that was read.  ``expected`` is the file the caller listed; a
     different (or since modified) file under that name is refused.  Any failure leaves no temp
@@ -147,14 +152,15 @@ def extract(
         if expected is not None and FileIdentity.of(info) != expected:
             raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
-        plan = torchzip.plan_output(checkpoint, mode)
-        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop, replace)
-        deleted = 0
-        if delete_source:
-            delete_if_same(source, FileIdentity.of(info))
-            deleted = info.st_size
+        provenance = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        plan = torchzip.plan_output(checkpoint, mode, provenance)
+        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing)
     finally:
         os.close(fd)
+    deleted = 0
+    if delete_source:  # after closing: our own descriptor would count as the file being open
+        delete_if_same(source, FileIdentity.of(info))
+        deleted = info.st_size
     return ExtractResult(
         source.display,
         target.display,
@@ -177,6 +183,7 @@ def _write_verified(
     target: Located,
     should_stop: Callable[[], bool],
     replace: bool,
+    replacing: FileIdentity | None,
 ) -> None:
     temp = _temp_name(target.name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -204,7 +211,10 @@ def _write_verified(
                 ) from None
             raise FileRefused(target.display, f"write failed: {error.strerror}") from None
         _refuse_non_file_target(target)
-        if replace:
+        if replacing is not None:
+            _require_target(target, replacing)
+            os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+        elif replace:
             os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
         else:
             _link_no_replace(temp, target)
@@ -214,6 +224,16 @@ def _write_verified(
     finally:
         os.close(out)
     os.fsync(target.dir_fd)
+
+
+def _require_target(target: Located, expected: FileIdentity) -> None:
+    """The stale copy a refresh was planned for must still be the file at the target name."""
+    try:
+        now = os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileRefused(target.display, "vanished before it could be refreshed") from None
+    if not stat.S_ISREG(now.st_mode) or FileIdentity.of(now) != expected:
+        raise FileRefused(target.display, "changed since it was scanned; not replaced")
 
 
 def _link_no_replace(temp: str, target: Located) -> None:
@@ -287,15 +307,21 @@ def _remove_quietly(name: str, dir_fd: int) -> None:
 
 def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity) -> None:
     """Prove ``copy`` is exactly the inference copy extraction would write from ``source``:
-    same records and CRCs (read in full), same tensors and metadata.  Raises FileRefused."""
+    same records and CRCs (read in full), same tensors and metadata, made from this very
+    version of the source (or, for copies written before copies named their source, naming
+    none).  Raises FileRefused."""
     fd, info = open_regular(source.name, source.dir_fd, source.display)
     try:
         if FileIdentity.of(info) != expected:
             raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
-        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+        provenance = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
         copy_fd, _ = open_regular(copy.name, copy.dir_fd, copy.display)
         try:
+            archive = torchzip.read_archive(copy_fd, copy.display)
+            if torchzip.read_provenance(copy_fd, archive, copy.display) is None:
+                plan = torchzip.without_provenance(plan)
             torchzip.verify_output(copy_fd, plan, checkpoint, Mode.INFERENCE, copy.display)
         finally:
             os.close(copy_fd)
@@ -305,23 +331,81 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
 
 def delete_if_same(source: Located, expected: FileIdentity) -> None:
     """Unlink ``source`` if its name still refers to the very file ``expected`` describes (same
-    inode, size and mtime) with exactly one link, then fsync the directory.
+    inode, size and mtime) with exactly one link, that no process holds open (for reading
+    too: a resuming run may be loading it), then fsync the directory.
 
     Callers must already have proven the file replaceable: its inference copy written (or found)
-    and verified, and the intent recorded in the ledger.
+    and verified, the files that justify the deletion re-checked, and the intent recorded in
+    the ledger.
     """
     try:
-        now = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        raise FileRefused(source.display, "vanished before it could be deleted") from None
-    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
-        raise FileRefused(source.display, "replaced since it was read; not deleted")
-    if now.st_nlink != 1:
-        raise FileRefused(source.display, f"has {now.st_nlink} hard links; not deleted")
-    if FileIdentity.of(now) != expected:
-        raise FileRefused(source.display, "modified since it was read; not deleted")
+        fd, now = open_regular(source.name, source.dir_fd, source.display)
+    except FileRefused as error:
+        if error.reason.endswith("No such file or directory"):
+            raise FileRefused(source.display, "vanished before it could be deleted") from None
+        raise
+    try:
+        if (now.st_dev, now.st_ino) != (expected.dev, expected.ino):
+            raise FileRefused(source.display, "replaced since it was read; not deleted")
+        if now.st_nlink != 1:
+            raise FileRefused(source.display, f"has {now.st_nlink} hard links; not deleted")
+        if FileIdentity.of(now) != expected:
+            raise FileRefused(source.display, "modified since it was read; not deleted")
+        if open_elsewhere(fd, now):
+            raise FileRefused(source.display, "open by a process; not deleted")
+    finally:
+        os.close(fd)
     os.unlink(source.name, dir_fd=source.dir_fd)
     os.fsync(source.dir_fd)
+
+
+def open_elsewhere(fd: int, info: os.stat_result) -> bool:
+    """Whether any other open file description refers to the file ``fd`` has open (this one
+    aside), for reading or writing.  The kernel grants a write lease only when there is none;
+    where leases are refused (no CAP_LEASE on someone else's file, network filesystems) every
+    process's descriptors are looked at in /proc."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EBUSY):
+            return True
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    return (info.st_dev, info.st_ino) in opened_by_processes(exclude_self=True)[0]
+
+
+def opened_by_processes(*, exclude_self: bool) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """(dev, ino) of every file some process can be seen holding open, from /proc: (open at
+    all, open for writing)."""
+    opened: set[tuple[int, int]] = set()
+    writing: set[tuple[int, int]] = set()
+    own = str(os.getpid())
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and not (exclude_self and p == own)]
+    except OSError:
+        return opened, writing
+    for pid in pids:
+        base = f"/proc/{pid}"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:
+            continue
+        for number in fds:
+            try:
+                with open(f"{base}/fdinfo/{number}", encoding="ascii") as info:
+                    flags = next(
+                        (int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0
+                    )
+                target = os.stat(f"{base}/fd/{number}")
+            except (OSError, ValueError, IndexError):
+                continue
+            if not stat.S_ISREG(target.st_mode):
+                continue
+            opened.add((target.st_dev, target.st_ino))
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                writing.add((target.st_dev, target.st_ino))
+    return opened, writing
 
 
 def remove_stale_temps(dir_fd: int, older_than: float, now: float) -> list[str]:

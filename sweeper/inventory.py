@@ -23,7 +23,14 @@ from typing import Any
 
 from sweeper import torchzip
 from sweeper.errors import FileRefused
-from sweeper.extract import is_sweeper_output, is_sweeper_temp, open_regular, output_name
+from sweeper.extract import (
+    is_sweeper_output,
+    is_sweeper_temp,
+    open_regular,
+    opened_by_processes,
+    output_name,
+)
+from sweeper.policy import CopyStatus
 from sweeper.torchzip import Kind, Mode
 
 log = logging.getLogger(__name__)
@@ -59,12 +66,19 @@ class FolderRef:
 
 @dataclass(frozen=True, slots=True)
 class CopyState:
-    """The inference copy beside a full checkpoint, as far as its directory tells."""
+    """The inference copy beside a full checkpoint, as far as its directory tells.
+
+    ``current``: its records (names, sizes, CRCs) are exactly what extraction would write now;
+    ``stale``: sweeper made it from an earlier version of this same file (it names that version
+    and has the source's owner); ``foreign``: anything else under the copy's name, which is
+    never overwritten.  ``identity`` (dev, ino, size, mtime_ns) is what a refresh replaces.
+    """
 
     name: str
-    exists: bool
-    matches: bool  # its records (names, sizes, CRCs) are exactly what extraction would write
+    status: CopyStatus
     problem: str | None = None
+    size: int = 0
+    identity: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,10 @@ class FileEntry:
     own_output: bool = False
     pinned: str | None = None  # ".keep file", "shared flock held", "target of a symlink"
     writing: bool = False  # a process holds it open for writing
+    in_use: bool = False  # a process holds it open (for reading too)
+    metrics: tuple[tuple[str, float], ...] = ()  # top level, then one level down ("a.b")
+    source_name: str | None = None  # sweeper's copies: the file the copy names as its source
+    verified: bool = False  # every record's CRC read and checked (see Verifier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +115,7 @@ class RunFolder:
     root: str
     folder: FolderRef
     files: tuple[FileEntry, ...]
+    owner_uid: int | None = None  # the folder's owner: only their files count toward keep rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,9 +353,11 @@ def _classify_listed(
         return RunFolder(pattern, folder, ())  # gone since the walk: nothing to act on
     try:
         entries = _list(fd)
+        owner = os.fstat(fd).st_uid
     finally:
         os.close(fd)
-    return RunFolder(pattern, folder, _classify_folder(folder, entries, patterns, probes))
+    files = _classify_folder(folder, entries, patterns, probes)
+    return RunFolder(pattern, folder, files, owner)
 
 
 def _is_candidate(entry: Listed, patterns: Sequence[str]) -> bool:
@@ -354,7 +375,7 @@ def _pin_symlink_targets(run: RunFolder, targets: set[tuple[int, int]]) -> RunFo
         else file
         for file in run.files
     )
-    return RunFolder(run.root, run.folder, files)
+    return RunFolder(run.root, run.folder, files, run.owner_uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,11 +455,12 @@ def scan_folder(
         return Inventory((), ((path, f"cannot open folder: {reason}"),))
     try:
         entries = _list(fd)
+        owner = os.fstat(fd).st_uid
     finally:
         os.close(fd)
     files = _classify_folder(folder, entries, patterns, _Probes(_OpenForWriting(), cache))
     targets = symlink_targets | _folder_symlink_targets(folder, entries)
-    run = _pin_symlink_targets(RunFolder(pattern, folder, files), set(targets))
+    run = _pin_symlink_targets(RunFolder(pattern, folder, files, owner), set(targets))
     return Inventory((run,) if files else (), (), frozenset(targets))
 
 
@@ -557,16 +579,18 @@ def _classify_file(
         info = opened
         if "pinned" not in found and _flock_held(fd):
             found["pinned"] = "pinned by a shared flock"
-        if probes.writers.holds(fd, opened):
+        held = probes.writers.held(fd, opened)
+        if held == "writing":
             found.update(problem="open for writing by a process", writing=True)
         else:
+            found["in_use"] = held == "open"
             key = probes.cache_key(dir_fd, entry.name, opened, names)
             cached = probes.cache.get(key) if probes.cache is not None else None
             if cached is not None:
                 found.update(cached)
             else:
                 before = dict(found)
-                _read_checkpoint(fd, dir_fd, entry.name, display, names, found)
+                _read_checkpoint(fd, dir_fd, entry.name, display, opened, names, found)
                 if probes.cache is not None:
                     probes.cache.put(key, {k: v for k, v in found.items() if k not in before})
         return _entry(entry.name, display, info, found)
@@ -591,7 +615,13 @@ def _entry(name: str, display: str, info: os.stat_result, found: dict[str, Any])
 
 
 def _read_checkpoint(
-    fd: int, dir_fd: int, name: str, display: str, names: set[str], found: dict[str, Any]
+    fd: int,
+    dir_fd: int,
+    name: str,
+    display: str,
+    info: os.stat_result,
+    names: set[str],
+    found: dict[str, Any],
 ) -> None:
     """Fill ``found`` with what the file's directory and pickle say."""
     own = is_sweeper_output(name)
@@ -606,17 +636,27 @@ def _read_checkpoint(
         epoch=checkpoint.epoch,
         step=checkpoint.step,
         metric=_headline_metric(checkpoint.metrics),
+        metrics=checkpoint.metrics + checkpoint.inner_metrics,
     )
+    if own:
+        try:
+            source = torchzip.read_provenance(fd, checkpoint.archive, display)
+        except FileRefused:
+            source = None
+        found["source_name"] = source.name if source is not None else None
     if checkpoint.kind is not Kind.FULL or own:
         return
+    provenance = torchzip.provenance_of(checkpoint, name, info.st_mtime_ns)
     try:
-        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
     except FileRefused as error:
         found["problem"] = error.reason
         return
     copy_name = output_name(name, Mode.INFERENCE)
-    copy = _copy_state(dir_fd, copy_name, plan, display) if copy_name in names else None
-    found.update(output_bytes=plan.total_size, copy=copy or CopyState(copy_name, False, False))
+    copy = CopyState(copy_name, CopyStatus.NONE)
+    if copy_name in names:
+        copy = _copy_state(dir_fd, copy_name, plan, provenance, info, display)
+    found.update(output_bytes=plan.total_size, copy=copy)
 
 
 def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:
@@ -626,19 +666,61 @@ def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float
     return metrics[0] if metrics else None
 
 
-def _copy_state(dir_fd: int, name: str, plan: torchzip.OutputPlan, display: str) -> CopyState:
+def _copy_state(
+    dir_fd: int,
+    name: str,
+    plan: torchzip.OutputPlan,
+    provenance: torchzip.Provenance,
+    source: os.stat_result,
+    display: str,
+) -> CopyState:
+    """Whether the file under the copy's name is this version's copy, sweeper's copy of an
+    earlier version of the same file (stale), or something sweeper must not overwrite."""
     copy_display = os.path.join(os.path.dirname(display), name)
     try:
-        fd, _ = open_regular(name, dir_fd, copy_display)
+        fd, info = open_regular(name, dir_fd, copy_display)
     except FileRefused as error:
-        return CopyState(name, True, False, error.reason)
+        return CopyState(name, CopyStatus.FOREIGN, error.reason)
+    identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def state(status: CopyStatus, problem: str | None = None) -> CopyState:
+        return CopyState(name, status, problem, info.st_size, identity)
+
     try:
-        matches = torchzip.archive_matches_plan(fd, plan, copy_display)
+        archive = torchzip.read_archive(fd, copy_display)
+        made_from = torchzip.read_provenance(fd, archive, copy_display)
+        if made_from is None:  # written before copies named their source, or not by sweeper
+            if torchzip.archive_matches_plan(
+                fd, torchzip.without_provenance(plan), copy_display, archive
+            ):
+                return state(CopyStatus.CURRENT)
+            return state(CopyStatus.FOREIGN, "names no source: not written by sweeper")
     except FileRefused as error:
-        return CopyState(name, True, False, error.reason)
+        return state(CopyStatus.FOREIGN, error.reason)
     finally:
         os.close(fd)
-    return CopyState(name, True, matches, None if matches else "differs from this checkpoint")
+    if made_from.name != provenance.name:
+        return state(CopyStatus.FOREIGN, f"a copy of {made_from.name!r}")
+    if info.st_uid != source.st_uid:
+        return state(CopyStatus.FOREIGN, "not owned by the checkpoint's owner")
+    if made_from != provenance:
+        return state(CopyStatus.STALE, "made from an earlier version of this file")
+    if not _matches(dir_fd, name, plan, copy_display):
+        return state(CopyStatus.STALE, "differs from what this file's copy holds")
+    return state(CopyStatus.CURRENT)
+
+
+def _matches(dir_fd: int, name: str, plan: torchzip.OutputPlan, display: str) -> bool:
+    try:
+        fd, _ = open_regular(name, dir_fd, display)
+    except FileRefused:
+        return False
+    try:
+        return torchzip.archive_matches_plan(fd, plan, display)
+    except FileRefused:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _flock_held(fd: int) -> bool:
@@ -703,52 +785,32 @@ class _Probes:
 
 
 class _OpenForWriting:
-    """Whether any process holds a file open for writing.
+    """Whether any process holds a file open: for writing, or at all.
 
-    First choice is a read lease (``F_SETLEASE``), which the kernel grants only while no one has
-    the file open for writing; where leases are refused (not the owner and no CAP_LEASE, network
-    filesystems) it falls back to one scan of ``/proc/*/fdinfo`` per sweep.
+    First choice is a lease (``F_SETLEASE``): the kernel grants a read lease only while no one
+    has the file open for writing, and a write lease only while no one else has it open at all.
+    Where leases are refused (not the owner and no CAP_LEASE, network filesystems) it falls
+    back to one scan of ``/proc/*/fdinfo`` per sweep.
     """
 
     def __init__(self) -> None:
-        self._proc: set[tuple[int, int]] | None = None
+        self._proc: tuple[set[tuple[int, int]], set[tuple[int, int]]] | None = None
 
-    def holds(self, fd: int, info: os.stat_result) -> bool:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EBUSY):
-                return True
-        else:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return False
-        if self._proc is None:
-            self._proc = open_for_writing_by_proc()
-        return (info.st_dev, info.st_ino) in self._proc
-
-
-def open_for_writing_by_proc() -> set[tuple[int, int]]:
-    """(dev, ino) of every file some process can see open for writing, from /proc."""
-    found: set[tuple[int, int]] = set()
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        base = f"/proc/{pid}"
-        try:
-            fds = os.listdir(f"{base}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+    def held(self, fd: int, info: os.stat_result) -> str | None:
+        """ "writing", "open" (by some other process, for reading), or None."""
+        for lease, answer in ((fcntl.F_RDLCK, "writing"), (fcntl.F_WRLCK, "open")):
             try:
-                with open(f"{base}/fdinfo/{fd}", encoding="ascii") as info:
-                    flags = next(
-                        (int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0
-                    )
-                if flags & (os.O_WRONLY | os.O_RDWR):
-                    target = os.stat(f"{base}/fd/{fd}")
-                    found.add((target.st_dev, target.st_ino))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, lease)
+            except OSError as error:
+                if error.errno in (errno.EAGAIN, errno.EBUSY):
+                    return answer
+                break  # leases refused here: ask /proc
+            else:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        else:
+            return None
+        if self._proc is None:
+            self._proc = opened_by_processes(exclude_self=True)
+        opened, writing = self._proc
+        key = (info.st_dev, info.st_ino)
+        return "writing" if key in writing else "open" if key in opened else None

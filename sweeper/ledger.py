@@ -63,6 +63,7 @@ class Action:
     """
 
     EXTRACT: Final = "extract"
+    REFRESH: Final = "refresh"  # a stale inference copy replaced: written, and the old copy's bytes
     DELETE_INTENT: Final = "delete-intent"
     DELETE: Final = "delete"
     FAIL: Final = "fail"

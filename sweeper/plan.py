@@ -11,10 +11,21 @@ import os
 from dataclasses import dataclass
 
 from sweeper import policy
-from sweeper.extract import output_name
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder
-from sweeper.policy import Action, Candidate, Status
-from sweeper.torchzip import Kind, Mode
+from sweeper.policy import Action, Candidate, CopyStatus, Rules, Status
+from sweeper.torchzip import Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """A file whose presence justifies a deletion, as it was when planned: the deletion goes
+    ahead only while this name still holds this very file."""
+
+    name: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +37,9 @@ class PlanEntry:
     action: Action
     reason: str
     size: int
-    output: str | None  # the inference copy's path, for extract and delete
+    output: str | None  # the inference copy's path, when one is written, refreshed or checked
     bytes_written: int  # expected
-    bytes_deleted: int  # expected
+    bytes_deleted: int  # expected (a refreshed copy's old bytes count as deleted)
     dev: int
     ino: int
     mtime_ns: int
@@ -36,6 +47,8 @@ class PlanEntry:
     epoch: int | None
     metric: tuple[str, float] | None
     extract_first: bool = False
+    needs: tuple[Need, ...] = ()  # DELETE: re-checked just before the unlink
+    replaces: tuple[int, int, int, int] | None = None  # the stale copy a refresh replaces
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -89,66 +102,76 @@ def to_candidate(file: FileEntry) -> Candidate:
         problem=problem,
         nlink=file.nlink,
         pinned=file.pinned,
-        copy_exists=copy.exists if copy else False,
-        copy_matches=copy.matches if copy else False,
+        copy=copy.status if copy else CopyStatus.NONE,
         copy_name=copy.name if copy else None,
+        uid=file.uid,
+        metrics=file.metrics,
+        verified=file.verified,
+        in_use=file.in_use,
+        source_name=file.source_name if file.kind is Kind.INFERENCE else None,
     )
 
 
-def plan_sweep(
-    inventory: Inventory,
-    *,
-    keep_full: int,
-    min_age_seconds: int,
-    now_ns: int,
-    settle_seconds: float = 0,
-) -> SweepPlan:
+def plan_sweep(inventory: Inventory, rules: Rules, *, now_ns: int) -> SweepPlan:
     entries: list[PlanEntry] = []
     for run in inventory.runs:
-        entries.extend(
-            plan_run(
-                run,
-                keep_full=keep_full,
-                min_age_seconds=min_age_seconds,
-                now_ns=now_ns,
-                settle_seconds=settle_seconds,
-            )
-        )
+        entries.extend(plan_run(run, rules, now_ns=now_ns))
     return SweepPlan(tuple(entries), inventory.problems)
 
 
-def plan_run(
-    run: RunFolder,
-    *,
-    keep_full: int,
-    min_age_seconds: int,
-    now_ns: int,
-    settle_seconds: float = 0,
-) -> tuple[PlanEntry, ...]:
-    """The plan entries of one run folder (retention is decided per run folder)."""
-    decisions = policy.decide(
-        [to_candidate(f) for f in run.files],
-        keep_full=keep_full,
-        min_age_seconds=min_age_seconds,
-        now_ns=now_ns,
-        settle_seconds=settle_seconds,
-    )
+def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:
+    """The plan entries of one run folder (retention is decided per run folder).  Run folders
+    should come through :func:`sweeper.intact.verify_run` first: a deletion that counts on a
+    full checkpoint not yet read in full is planned as keep."""
+    candidates = [to_candidate(f) for f in run.files]
+    decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
+    unverified = policy.needs_verification(candidates, decisions)
+    if unverified:  # fail safe: a deletion never rests on a file nobody read in full
+        decisions = tuple(_hold(d, unverified) for d in decisions)
+    files = {file.name: file for file in run.files}
     return tuple(
-        _entry(run.root, run.folder, file, decision)
+        _entry(run.root, run.folder, file, decision, files)
         for file, decision in zip(run.files, decisions, strict=True)
     )
 
 
-def _entry(root: str, folder: FolderRef, file: FileEntry, decision: policy.Decision) -> PlanEntry:
+def _hold(decision: policy.Decision, unverified: set[str]) -> policy.Decision:
+    if decision.action is not Action.DELETE or not unverified & set(decision.needs):
+        return decision
+    waiting = ", ".join(sorted(unverified & set(decision.needs)))
+    reason = f"{decision.reason}; not deleted: {waiting}, which it counts on, is not verified"
+    if decision.with_copy and decision.extract_first:
+        return policy.Decision(decision.name, Action.EXTRACT, reason)
+    return policy.Decision(decision.name, Action.KEEP, reason)
+
+
+def _entry(
+    root: str,
+    folder: FolderRef,
+    file: FileEntry,
+    decision: policy.Decision,
+    files: dict[str, FileEntry],
+) -> PlanEntry:
     written = deleted = 0
     output = None
-    if decision.action in (Action.EXTRACT, Action.DELETE):
-        output = os.path.join(folder.display, output_name(file.name, Mode.INFERENCE))
-        assert file.output_bytes is not None
-        if decision.action is Action.EXTRACT or decision.extract_first:
+    replaces = None
+    copy = file.copy
+    if decision.action is Action.DELETE:
+        deleted = file.size
+    if decision.action in (Action.EXTRACT, Action.REFRESH) or (
+        decision.action is Action.DELETE and decision.with_copy
+    ):
+        assert copy is not None and file.output_bytes is not None
+        output = os.path.join(folder.display, copy.name)
+        if decision.action is not Action.DELETE or decision.extract_first:
             written = file.output_bytes
-        if decision.action is Action.DELETE:
-            deleted = file.size
+            if copy.status is CopyStatus.STALE:
+                replaces = copy.identity
+                deleted += copy.size
+    needs = tuple(
+        Need(name, files[name].dev, files[name].ino, files[name].size, files[name].mtime_ns)
+        for name in decision.needs
+    )
     return PlanEntry(
         root=root,
         folder=folder,
@@ -167,4 +190,6 @@ def _entry(root: str, folder: FolderRef, file: FileEntry, decision: policy.Decis
         epoch=file.epoch,
         metric=file.metric,
         extract_first=decision.extract_first,
+        needs=needs,
+        replaces=replaces,
     )

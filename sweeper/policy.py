@@ -1,30 +1,100 @@
 """Retention: a pure function from one run folder's checkpoints to a decision for each.
 
 No I/O and no clock: ``now_ns`` is passed in.  Every decision carries its reason in words.
+
+Keep rules are a union (as Orbax's preservation policies): a full checkpoint stays full when
+any rule keeps it.  Only *counted* checkpoints take part in the rules: intact full checkpoints
+owned by the run folder's owner, with one link, not under a rolling name.  Everything else is
+never deleted by them.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 
 class Action(enum.Enum):
     EXTRACT = "extract"  # write the inference copy; the full checkpoint stays
     DELETE = "delete"  # demote: make sure the inference copy exists and verifies, then delete
+    REFRESH = "refresh"  # replace a stale inference copy with a current one; the full stays
     KEEP = "keep"  # nothing to do
     SKIP = "skip"  # not a usable full checkpoint; reported, never touched
 
 
 class Status(enum.Enum):
-    FULL = "full"  # complete, intact full training checkpoint
+    FULL = "full"  # complete full training checkpoint (intact once ``verified``)
     INFERENCE = "inference"  # content is already an inference checkpoint
     WEIGHTS = "weights"  # content is bare weights
     OWN_OUTPUT = "own-output"  # named like sweeper's outputs (*_inference.*, *_weights.*)
     SYMLINK = "symlink"
     WRITING = "writing"  # a process holds it open for writing
     UNUSABLE = "unusable"  # truncated, corrupt, unsafe, unreadable, not a checkpoint
+
+
+class CopyStatus(enum.Enum):
+    NONE = "none"  # no file under the copy's name
+    CURRENT = "current"  # the copy of this very version
+    STALE = "stale"  # sweeper's copy of an earlier version of the same name: refreshed
+    FOREIGN = "foreign"  # someone else's file under the copy's name: never overwritten
+
+
+class BestMode(enum.Enum):
+    auto = "auto"  # min for names with loss/error/perplexity/wer, else max
+    max = "max"
+    min = "min"
+
+
+AUTO_METRICS = (
+    "best_val_acc",
+    "val_acc",
+    "best_val_loss",
+    "val_loss",
+    "best_metric",
+    "metric",
+    "loss",
+)
+DEFAULT_ROLLING_NAMES = ("best*", "last*", "latest*", "model_best*", "*_best.*", "*_last.*")
+_LOWER_IS_BETTER = ("loss", "error", "perplexity", "wer")
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRules:
+    """Which inference copies stay once their full checkpoint is gone (``all``: every one)."""
+
+    all: bool = True
+    last: int = 0
+    best: int = 0
+    every: int = 0
+
+    def describe(self) -> str:
+        if self.all:
+            return "keep_inference.all"
+        rules = (("last", self.last), ("best", self.best), ("every", self.every))
+        parts = [f"{name}={value}" for name, value in rules if value]
+        return "keep_inference " + ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The retention policy; validated by :mod:`sweeper.config`."""
+
+    keep_full: int = 2
+    min_age_seconds: int = 600
+    keep_best: int = 0
+    best_metric: str = "auto"
+    best_mode: BestMode = BestMode.auto
+    keep_every: int = 0
+    rolling_names: tuple[str, ...] = DEFAULT_ROLLING_NAMES
+    keep_inference: InferenceRules = field(default_factory=InferenceRules)
+    settle_seconds: float = 0
+
+    def __post_init__(self) -> None:
+        if self.keep_full < 1:
+            raise ValueError("keep_full must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +108,13 @@ class Candidate:
     problem: str | None = None
     nlink: int = 1
     pinned: str | None = None
-    copy_exists: bool = False
-    copy_matches: bool = False
+    copy: CopyStatus = CopyStatus.NONE
     copy_name: str | None = None
+    uid: int = 0
+    metrics: tuple[tuple[str, float], ...] = ()
+    verified: bool = True  # every record's CRC checked; only verified files may justify deletions
+    in_use: bool = False  # some process holds it open (reading counts)
+    source_name: str | None = None  # own outputs: the file this copy was made from
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +123,13 @@ class Decision:
     action: Action
     reason: str
     extract_first: bool = False  # DELETE only: the copy is written (and verified) first
+    # DELETE only: the files whose presence justifies it (the ones kept by the keep rules); each
+    # must be verified intact before the plan counts on it, and unchanged when the deletion runs.
+    needs: tuple[str, ...] = ()
+    with_copy: bool = True  # DELETE of a full checkpoint: False when keep_inference drops its copy
 
 
-def _newest_first_key(candidate: Candidate) -> tuple[int, int, int]:
+def _progress_key(candidate: Candidate) -> tuple[int, int, int]:
     """Epoch, then step, as stored in the file; mtime only breaks ties; names never decide."""
     epoch = candidate.epoch if candidate.epoch is not None else -1
     step = candidate.step if candidate.step is not None else -1
@@ -75,93 +153,326 @@ _SKIP_REASONS = {
 }
 
 
+def rolling_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    """The first ``rolling_names`` pattern ``name`` matches: a file the trainer rewrites."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def lower_is_better(metric: str, mode: BestMode) -> bool:
+    if mode is BestMode.auto:
+        return any(word in metric.lower() for word in _LOWER_IS_BETTER)
+    return mode is BestMode.min
+
+
+def metric_value(candidate: Candidate, metric: str) -> float | None:
+    """``metric`` stored at the top level, else one level down (``metrics.val_acc``)."""
+    values = dict(candidate.metrics)
+    value = values.get(metric)
+    if value is None:
+        value = next((v for k, v in candidate.metrics if k.endswith("." + metric)), None)
+    return None if value is None or math.isnan(value) else value
+
+
+def choose_metric(candidates: Sequence[Candidate], best_metric: str) -> str | None:
+    """The metric keep_best ranks by: the configured name, or under ``auto`` the first of
+    :data:`AUTO_METRICS` that any of these checkpoints stores."""
+    names = (best_metric,) if best_metric != "auto" else AUTO_METRICS
+    for name in names:
+        if any(metric_value(c, name) is not None for c in candidates):
+            return name
+    return None
+
+
+def _best(
+    candidates: Sequence[Candidate], count: int, metric: str | None, mode: BestMode
+) -> list[Candidate]:
+    if count < 1 or metric is None:
+        return []
+    scored = [(metric_value(c, metric), c) for c in candidates]
+    ranked = [(v, c) for v, c in scored if v is not None]
+    low = lower_is_better(metric, mode)
+    ranked.sort(key=lambda item: (item[0] if low else -item[0], -item[1].mtime_ns))
+    return [c for _, c in ranked[:count]]
+
+
+def _restart(counted: Sequence[Candidate]) -> str | None:
+    """'restart: epochs start over at 1 after epoch 10' when a file written later stores
+    less progress than one written before it."""
+    highest: Candidate | None = None
+    for candidate in sorted(counted, key=lambda c: c.mtime_ns):
+        if candidate.epoch is None and candidate.step is None:
+            continue
+        if highest is not None and _progress_key(candidate)[:2] < _progress_key(highest)[:2]:
+            unit = "epochs" if candidate.epoch is not None else "steps"
+            again = _describe(candidate).split()[-1]
+            return f"restart: {unit} start over at {again} after {_describe(highest)}"
+        if highest is None or _progress_key(candidate)[:2] > _progress_key(highest)[:2]:
+            highest = candidate
+    return None
+
+
 def decide(
     candidates: Sequence[Candidate],
+    rules: Rules,
     *,
-    keep_full: int,
-    min_age_seconds: int,
     now_ns: int,
-    settle_seconds: float = 0,
+    folder_uid: int | None = None,
 ) -> tuple[Decision, ...]:
     """Decide every file of one run folder.
 
-    The ``keep_full`` newest intact full checkpoints stay full; every intact full checkpoint gets
-    an inference copy; an older one is deleted only once its copy exists and verifies, and never
-    when it is the newest, younger than ``min_age_seconds``, pinned (a ``.keep`` file, a flock,
-    a symlink pointing at it), hard-linked, or when a different file already holds its copy's
-    name.  Anything else (incomplete, corrupt, open for writing, not a full checkpoint) is
-    skipped: it neither counts toward ``keep_full`` nor is ever deleted.  The daemon passes
-    ``settle_seconds``: a file changed more recently than that is not acted on yet.
+    A full checkpoint stays full while any rule keeps it: among the ``keep_full`` newest by
+    the epoch/step stored in it *or* among the ``keep_full`` most recently written;
+    ``keep_best`` best by ``best_metric``; an epoch divisible by ``keep_every``.  Rolling names
+    (``best_model.pt``, ``last.ckpt``), hard-linked files and files of another owner never
+    count and are never deleted; every full checkpoint gets a current inference copy.  Any
+    other full checkpoint is deleted once its copy exists and verifies, except when it is
+    younger than ``min_age_seconds``, pinned, held open, or when a foreign file holds its
+    copy's name.  Anything else (incomplete, corrupt, open for writing, not a full checkpoint)
+    is skipped.  A file changed within ``settle_seconds`` is not acted on yet.
     """
-    if keep_full < 1:
-        raise ValueError("keep_full must be at least 1")
     decisions: dict[str, Decision] = {}
-    full = []
+    counted: list[Candidate] = []
+    uncounted: list[tuple[Candidate, str]] = []
     for candidate in candidates:
         if candidate.status is Status.FULL:
             age_s = (now_ns - candidate.mtime_ns) / 1e9
-            if age_s < settle_seconds:
+            rolling = rolling_pattern(candidate.name, rules.rolling_names)
+            if age_s < rules.settle_seconds:
                 decisions[candidate.name] = Decision(
                     candidate.name,
                     Action.SKIP,
                     f"skipped: changed {age_s:.0f} s ago, not yet quiet for "
-                    f"settle_seconds={settle_seconds:g}",
+                    f"settle_seconds={rules.settle_seconds:g}",
                 )
+            elif rolling is not None:
+                why = f"a rolling name (rolling_names {rolling!r}), rewritten in place"
+                uncounted.append((candidate, why))
+            elif candidate.nlink > 1:
+                uncounted.append((candidate, f"has {candidate.nlink} hard links"))
+            elif folder_uid is not None and candidate.uid != folder_uid:
+                why = f"owned by uid {candidate.uid}, not the folder's owner (uid {folder_uid})"
+                uncounted.append((candidate, why))
             else:
-                full.append(candidate)
+                counted.append(candidate)
         elif candidate.status is Status.UNUSABLE:
             problem = candidate.problem or "unusable"
             decisions[candidate.name] = Decision(candidate.name, Action.SKIP, f"skipped: {problem}")
-        else:
+        elif candidate.status is not Status.OWN_OUTPUT:
             decisions[candidate.name] = Decision(
                 candidate.name, Action.SKIP, _SKIP_REASONS[candidate.status]
             )
-    full.sort(key=_newest_first_key, reverse=True)
-    for rank, candidate in enumerate(full):
-        decisions[candidate.name] = _decide_full(
-            candidate, rank, keep_full, min_age_seconds, now_ns
-        )
+    for candidate, why in uncounted:
+        reason = f"kept: {why}; never counted or deleted ({_describe(candidate)})"
+        decisions[candidate.name] = _keep_with_copy(candidate, reason)
+
+    kept = _rule_reasons(counted, rules)
+    needs = tuple(sorted(c.name for c in counted if c.name in kept))
+    inference_kept = _inference_kept(counted, kept, candidates, rules)
+    for candidate in counted:
+        if candidate.name in kept:
+            reason = f"kept: {'; '.join(kept[candidate.name])} ({_describe(candidate)})"
+            decisions[candidate.name] = _keep_with_copy(candidate, reason)
+        else:
+            decisions[candidate.name] = _demote(
+                candidate, rules, now_ns, needs, candidate.name in inference_kept
+            )
+    _decide_own_outputs(candidates, decisions, inference_kept, rules)
     return tuple(decisions[c.name] for c in candidates)
 
 
-def _decide_full(
-    candidate: Candidate, rank: int, keep_full: int, min_age_seconds: int, now_ns: int
+def _rule_reasons(counted: Sequence[Candidate], rules: Rules) -> dict[str, list[str]]:
+    """name -> the rules that keep it, in words."""
+    n = rules.keep_full
+    kept: dict[str, list[str]] = {}
+
+    def add(candidate: Candidate, why: str) -> None:
+        kept.setdefault(candidate.name, []).append(why)
+
+    by_progress = sorted(counted, key=_progress_key, reverse=True)
+    by_mtime = sorted(counted, key=lambda c: (c.mtime_ns, *_progress_key(c)), reverse=True)
+    newest = {c.name for c in by_progress[:n]}
+    restart = _restart(counted)
+    for rank, candidate in enumerate(by_progress[:n]):
+        add(
+            candidate,
+            "the newest intact full checkpoint"
+            if rank == 0
+            else f"one of the {n} newest intact full checkpoints",
+        )
+    for rank, candidate in enumerate(by_mtime[:n]):
+        if candidate.name in newest:
+            continue
+        why = (
+            "the most recently written intact full checkpoint"
+            if rank == 0
+            else f"one of the {n} most recently written intact full checkpoints"
+        )
+        add(candidate, why + (f" — {restart}" if restart else " — newest by mtime, not by epoch"))
+    metric = choose_metric(counted, rules.best_metric)
+    for rank, candidate in enumerate(_best(counted, rules.keep_best, metric, rules.best_mode)):
+        assert metric is not None
+        value = metric_value(candidate, metric)
+        direction = "lowest" if lower_is_better(metric, rules.best_mode) else "highest"
+        which = "the" if rank == 0 else f"one of the {rules.keep_best}"
+        add(candidate, f"keep_best: {metric}={value:g}, {which} {direction}")
+    if rules.keep_every > 0:
+        for candidate in counted:
+            if candidate.epoch is not None and candidate.epoch % rules.keep_every == 0:
+                add(candidate, f"keep_every: epoch divisible by {rules.keep_every}")
+    return kept
+
+
+def _inference_kept(
+    counted: Sequence[Candidate],
+    kept_full: dict[str, list[str]],
+    candidates: Sequence[Candidate],
+    rules: Rules,
+) -> set[str]:
+    """Names (full checkpoints, and orphan copies) whose inference copy stays.  With
+    ``keep_inference.all`` that is every one; otherwise those the rules pick among the folder's
+    checkpoints whose full file is demoted or already gone."""
+    names = {c.name for c in candidates}
+    orphans = [
+        c
+        for c in candidates
+        if c.status is Status.OWN_OUTPUT
+        and c.source_name is not None
+        and c.source_name not in names
+    ]
+    everything = {c.name for c in counted} | {c.name for c in orphans}
+    inference = rules.keep_inference
+    if inference.all:
+        return everything
+    pool = [c for c in counted if c.name not in kept_full] + orphans
+    keep = set(kept_full)
+    keep |= {c.name for c in sorted(pool, key=_progress_key, reverse=True)[: inference.last]}
+    metric = choose_metric(pool, rules.best_metric)
+    keep |= {c.name for c in _best(pool, inference.best, metric, rules.best_mode)}
+    if inference.every > 0:
+        keep |= {c.name for c in pool if c.epoch is not None and c.epoch % inference.every == 0}
+    for orphan in orphans:
+        if orphan.source_name and rolling_pattern(orphan.source_name, rules.rolling_names):
+            keep.add(orphan.name)
+    return keep
+
+
+def _decide_own_outputs(
+    candidates: Sequence[Candidate],
+    decisions: dict[str, Decision],
+    inference_kept: set[str],
+    rules: Rules,
+) -> None:
+    by_name = {c.name: c for c in candidates}
+    for candidate in candidates:
+        if candidate.status is not Status.OWN_OUTPUT:
+            continue
+        skip = Decision(candidate.name, Action.SKIP, _SKIP_REASONS[Status.OWN_OUTPUT])
+        source = by_name.get(candidate.source_name or "")
+        if candidate.source_name is None:  # names no source: not ours to thin
+            decisions[candidate.name] = skip
+        elif source is None:  # an orphan: its full checkpoint is gone
+            if candidate.name in inference_kept:
+                decisions[candidate.name] = skip
+            else:
+                decisions[candidate.name] = Decision(
+                    candidate.name,
+                    Action.DELETE,
+                    f"thinned: inference copy of {candidate.source_name} (now deleted) not kept "
+                    f"by {rules.keep_inference.describe()} ({_describe(candidate)})",
+                    with_copy=False,
+                )
+        elif (
+            decisions.get(source.name, skip).action is Action.DELETE
+            and not decisions[source.name].with_copy
+            and source.copy in (CopyStatus.CURRENT, CopyStatus.STALE)
+        ):
+            decisions[candidate.name] = Decision(
+                candidate.name,
+                Action.DELETE,
+                f"thinned: inference copy of {source.name}, demoted and not kept by "
+                f"{rules.keep_inference.describe()} ({_describe(source)})",
+                needs=decisions[source.name].needs,
+                with_copy=False,
+            )
+        else:
+            decisions[candidate.name] = skip
+
+
+def _demote(
+    candidate: Candidate, rules: Rules, now_ns: int, needs: tuple[str, ...], copy_kept: bool
 ) -> Decision:
     what = _describe(candidate)
-    if rank < keep_full:
-        reason = f"kept: one of the {keep_full} newest intact full checkpoints ({what})"
-        if rank == 0:
-            reason = f"kept: the newest intact full checkpoint ({what})"
-        return _keep_with_copy(candidate, reason)
     age_s = (now_ns - candidate.mtime_ns) / 1e9
     protection = None
     if candidate.pinned:
         protection = candidate.pinned
-    elif candidate.nlink > 1:
-        protection = f"has {candidate.nlink} hard links"
-    elif age_s < min_age_seconds:
-        protection = f"modified {age_s:.0f} s ago, younger than min_age_seconds={min_age_seconds}"
+    elif candidate.in_use:
+        protection = "open by a process"
+    elif age_s < rules.min_age_seconds:
+        protection = (
+            f"modified {age_s:.0f} s ago, younger than min_age_seconds={rules.min_age_seconds}"
+        )
     if protection is not None:
         return _keep_with_copy(candidate, f"kept: {protection} ({what})")
-    if candidate.copy_exists and not candidate.copy_matches:
+    older = (
+        f"demoted: older than the {rules.keep_full} newest intact full checkpoints, by "
+        f"epoch/step and by mtime{_other_rules(rules)} ({what})"
+    )
+    if not copy_kept:
+        return Decision(
+            candidate.name,
+            Action.DELETE,
+            f"{older}; no inference copy kept ({rules.keep_inference.describe()})",
+            needs=needs,
+            with_copy=False,
+        )
+    if candidate.copy is CopyStatus.FOREIGN:
         return Decision(
             candidate.name,
             Action.KEEP,
-            f"kept: {candidate.copy_name} exists and is not this checkpoint's copy ({what})",
+            f"kept: {candidate.copy_name} exists and is not this checkpoint's copy; "
+            f"never overwritten ({what})",
         )
-    older = f"demoted: older than the {keep_full} newest intact full checkpoints ({what})"
-    if candidate.copy_exists:
-        return Decision(candidate.name, Action.DELETE, f"{older}; inference copy present")
+    if candidate.copy is CopyStatus.CURRENT:
+        return Decision(
+            candidate.name, Action.DELETE, f"{older}; inference copy present", needs=needs
+        )
+    first = "inference copy written first"
+    if candidate.copy is CopyStatus.STALE:
+        first = f"stale {candidate.copy_name} refreshed first"
     return Decision(
-        candidate.name, Action.DELETE, f"{older}; inference copy written first", extract_first=True
+        candidate.name, Action.DELETE, f"{older}; {first}", extract_first=True, needs=needs
     )
+
+
+def _other_rules(rules: Rules) -> str:
+    parts = [f"keep_best={rules.keep_best}"] if rules.keep_best else []
+    if rules.keep_every:
+        parts.append(f"keep_every={rules.keep_every}")
+    return f"; kept by none of {', '.join(parts)}" if parts else ""
 
 
 def _keep_with_copy(candidate: Candidate, reason: str) -> Decision:
-    if not candidate.copy_exists:
+    if candidate.copy is CopyStatus.NONE:
         return Decision(candidate.name, Action.EXTRACT, f"{reason}; inference copy to write")
-    if candidate.copy_matches:
+    if candidate.copy is CopyStatus.CURRENT:
         return Decision(candidate.name, Action.KEEP, f"{reason}; inference copy present")
+    if candidate.copy is CopyStatus.STALE:
+        return Decision(
+            candidate.name,
+            Action.REFRESH,
+            f"{reason}; {candidate.copy_name} is stale (made from an earlier version): refreshed",
+        )
     return Decision(
-        candidate.name, Action.KEEP, f"{reason}; {candidate.copy_name} exists and differs"
+        candidate.name,
+        Action.KEEP,
+        f"{reason}; {candidate.copy_name} exists and is not this checkpoint's copy; "
+        "never overwritten",
     )
+
+
+def needs_verification(candidates: Sequence[Candidate], decisions: Sequence[Decision]) -> set[str]:
+    """Unverified full checkpoints that a planned deletion counts on: verify these, mark any
+    corrupt one unusable, and decide again, until none is left."""
+    unverified = {c.name for c in candidates if c.status is Status.FULL and not c.verified}
+    return {name for d in decisions if d.action is Action.DELETE for name in d.needs} & unverified

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import functools
 import io
+import json
 import os
 import pickle
 import queue
@@ -883,6 +884,9 @@ class Checkpoint:
     metrics: tuple[tuple[str, float], ...]
     archive: Archive = field(repr=False)
     root: object = field(repr=False, compare=False)
+    # Numbers one level down (``{"metrics": {"val_acc": 0.9}}`` -> ``metrics.val_acc``), outside
+    # training state: where keep_best looks when the top level holds no such name.
+    inner_metrics: tuple[tuple[str, float], ...] = ()
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -920,7 +924,33 @@ def open_checkpoint(fd: int, path: str) -> Checkpoint:
                 step = number if step is None else step
             elif not isinstance(number, bool):
                 metrics.append((key, float(number)))
-    return Checkpoint(path, archive.file_size, kind, epoch, step, tuple(metrics), archive, root)
+    return Checkpoint(
+        path,
+        archive.file_size,
+        kind,
+        epoch,
+        step,
+        tuple(metrics),
+        archive,
+        root,
+        _inner_metrics(root),
+    )
+
+
+def _inner_metrics(root: object) -> tuple[tuple[str, float], ...]:
+    if not isinstance(root, dict):
+        return ()
+    found = []
+    for key, value in root.items():
+        if not isinstance(key, str) or key == MODEL_KEY or is_training_state_key(key):
+            continue
+        if not isinstance(value, dict) or isinstance(value, InertOrderedDict):
+            continue
+        for inner, item in value.items():
+            number = _as_number(item)
+            if isinstance(inner, str) and number is not None and not isinstance(number, bool):
+                found.append((f"{key}.{inner}", float(number)))
+    return tuple(found)
 
 
 def _classify(root: object) -> Kind:
@@ -1163,10 +1193,68 @@ class OutputPlan:
 
 
 _ARCHIVE_PREFIX = "archive"
+# Where a copy says which version of which file it was made from.  torch.load reads only the
+# records data.pkl names, so an extra record is invisible to it.
+PROVENANCE_RECORD = ".data/sweeper_source.json"
+_MAX_PROVENANCE_BYTES = 64 * 1024
 
 
-def plan_output(checkpoint: Checkpoint, mode: Mode) -> OutputPlan:
-    """Lay out the output archive: a new data.pkl and the storage records it references."""
+@dataclass(frozen=True)
+class Provenance:
+    """The version of the source a copy was made from: enough to tell a copy of an earlier
+    version of the same name (stale) from a current one, after the source itself is gone."""
+
+    name: str  # the source's file name (no folder)
+    size: int
+    mtime_ns: int
+    pickle_crc32: int  # CRC-32 of the source's data.pkl record
+
+    def encode(self) -> bytes:
+        fields = {
+            "source": self.name,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "pickle_crc32": self.pickle_crc32,
+        }
+        return json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Provenance | None:
+        try:
+            fields = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(fields, dict):
+            return None
+        name, size = fields.get("source"), fields.get("size")
+        mtime_ns, crc = fields.get("mtime_ns"), fields.get("pickle_crc32")
+        if not isinstance(name, str) or not all(type(n) is int for n in (size, mtime_ns, crc)):
+            return None
+        assert isinstance(size, int) and isinstance(mtime_ns, int) and isinstance(crc, int)
+        return cls(name, size, mtime_ns, crc)
+
+
+def provenance_of(checkpoint: Checkpoint, name: str, mtime_ns: int) -> Provenance:
+    """What a copy made now from ``checkpoint`` (file ``name``, modified at ``mtime_ns``)
+    records about its source."""
+    pickle_record = checkpoint.archive.records["data.pkl"]
+    return Provenance(name, checkpoint.file_size, mtime_ns, pickle_record.crc32)
+
+
+def read_provenance(fd: int, archive: Archive, path: str) -> Provenance | None:
+    """The source a copy names, or None when it names none (not written by this sweeper)."""
+    if PROVENANCE_RECORD not in archive.records:
+        return None
+    return Provenance.decode(
+        read_record(fd, archive, PROVENANCE_RECORD, path, _MAX_PROVENANCE_BYTES)
+    )
+
+
+def plan_output(
+    checkpoint: Checkpoint, mode: Mode, provenance: Provenance | None = None
+) -> OutputPlan:
+    """Lay out the output archive: a new data.pkl, the storage records it references, and
+    (when given) the record of the source version it is made from."""
     selected = select_output(checkpoint, mode)
     writer = _PickleWriter()
     try:
@@ -1189,6 +1277,8 @@ def plan_output(checkpoint: Checkpoint, mode: Mode) -> OutputPlan:
         assert source is not None  # open_checkpoint checked every storage has its record
         entries.append(OutputEntry(f"data/{new_key}", source.size, source.crc32, None, source))
     entries.append(_inline("version", b"3\n"))
+    if provenance is not None:
+        entries.append(_inline(PROVENANCE_RECORD, provenance.encode()))
     source_keys = {new_key: storage.key for new_key, storage in writer.storages}
     return OutputPlan(tuple(entries), _layout(entries)[1], source_keys)
 
@@ -1466,10 +1556,18 @@ def verify_records(fd: int, archive: Archive, path: str) -> None:
             raise FileRefused(path, f"CRC mismatch in record {record.name!r}: the file is corrupt")
 
 
-def archive_matches_plan(fd: int, plan: OutputPlan, path: str) -> bool:
+def without_provenance(plan: OutputPlan) -> OutputPlan:
+    """The same output as written before copies recorded their source."""
+    entries = [entry for entry in plan.entries if entry.name != PROVENANCE_RECORD]
+    return OutputPlan(tuple(entries), _layout(entries)[1], plan.source_keys)
+
+
+def archive_matches_plan(
+    fd: int, plan: OutputPlan, path: str, archive: Archive | None = None
+) -> bool:
     """Whether an existing file's directory is exactly what ``plan`` would write (same records,
     sizes and CRCs, so the same pickle): cheap, reads only the directory."""
-    archive = read_archive(fd, path)
+    archive = archive or read_archive(fd, path)
     if archive.file_size != plan.total_size or len(archive.records) != len(plan.entries):
         return False
     for entry in plan.entries:

@@ -9,11 +9,22 @@ present and verified, so only deleted) and ``extract+delete`` (copy written firs
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from sweeper.policy import Action, Candidate, Decision, Status, decide
+from sweeper.policy import (
+    Action,
+    BestMode,
+    Candidate,
+    CopyStatus,
+    Decision,
+    InferenceRules,
+    Rules,
+    Status,
+    decide,
+    needs_verification,
+)
 
 SECOND = 1_000_000_000
 NOW = 1_800_000_000 * SECOND
@@ -55,6 +66,25 @@ class Row:
     min_age_seconds: int = 0
     now_ns: int = NOW
     settle_seconds: float = 0
+    keep_best: int = 0
+    best_metric: str = "auto"
+    best_mode: BestMode = BestMode.auto
+    keep_every: int = 0
+    keep_inference: InferenceRules = field(default_factory=InferenceRules)
+    folder_uid: int | None = None
+
+    @property
+    def rules(self) -> Rules:
+        return Rules(
+            keep_full=self.keep_full,
+            min_age_seconds=self.min_age_seconds,
+            keep_best=self.keep_best,
+            best_metric=self.best_metric,
+            best_mode=self.best_mode,
+            keep_every=self.keep_every,
+            keep_inference=self.keep_inference,
+            settle_seconds=self.settle_seconds,
+        )
 
 
 def spelled(decision: Decision) -> str:
@@ -100,23 +130,30 @@ ROWS = {
                 "extract",
                 "kept: the newest intact full checkpoint (epoch 10)",
             ),
-            ("checkpoint_epoch_8.pt", "extract+delete", "older than the 1 newest"),
-            ("checkpoint_epoch_9.pt", "extract+delete", "(epoch 9)"),
+            ("checkpoint_epoch_8.pt", "extract", "the most recently written intact full"),
+            (
+                "checkpoint_epoch_9.pt",
+                "extract+delete",
+                "older than the 1 newest intact full checkpoints, by epoch/step and by mtime "
+                "(epoch 9)",
+            ),
         ],
         keep_full=1,
     ),
-    "N newest by epoch, whatever the mtimes say": Row(
+    "N newest by epoch and N newest by mtime, both kept when they disagree": Row(
         [
             full("a.pt", 12, mtime_ns=OLD),
             full("b.pt", 3, mtime_ns=OLD + 9 * SECOND),
             full("c.pt", 11, mtime_ns=OLD + 5 * SECOND),
             full("d.pt", 4, mtime_ns=OLD + 7 * SECOND),
+            full("e.pt", 2, mtime_ns=OLD + 1 * SECOND),
         ],
         [
             ("a.pt", "extract", "kept: the newest intact full checkpoint (epoch 12)"),
-            ("b.pt", "extract+delete", "demoted: older than the 2 newest"),
+            ("b.pt", "extract", "kept: the most recently written intact full checkpoint"),
             ("c.pt", "extract", "kept: one of the 2 newest intact full checkpoints (epoch 11)"),
-            ("d.pt", "extract+delete", "(epoch 4); inference copy written first"),
+            ("d.pt", "extract", "one of the 2 most recently written intact full checkpoints"),
+            ("e.pt", "extract+delete", "(epoch 2); inference copy written first"),
         ],
     ),
     "step decides when no epoch is stored": Row(
@@ -127,7 +164,7 @@ ROWS = {
         ],
         [
             ("step_1000.pt", "extract", "newest intact full checkpoint (step 1000)"),
-            ("step_200.pt", "extract+delete", "(step 200)"),
+            ("step_200.pt", "extract", "restart: steps start over at 500 after step 1000"),
             ("step_500.pt", "extract+delete", "(step 500)"),
         ],
         keep_full=1,
@@ -146,7 +183,7 @@ ROWS = {
         [
             ("later.pt", "extract", "newest"),
             ("earlier.pt", "extract+delete", "(epoch 7)"),
-            ("older_epoch_newest_mtime.pt", "extract+delete", "(epoch 6)"),
+            ("older_epoch_newest_mtime.pt", "extract", "the most recently written"),
         ],
         keep_full=1,
     ),
@@ -162,7 +199,7 @@ ROWS = {
             ("m_third.pt", "extract", "the newest intact full checkpoint"),
         ],
     ),
-    "restarted run: a lower epoch written later still loses": Row(
+    "restarted run: the run being trained keeps its resume point, and the restart is named": Row(
         [
             full("run_epoch_5.pt", 5, mtime_ns=OLD),
             full("run_epoch_3.pt", 3, mtime_ns=OLD + 3600 * SECOND),  # resumed from epoch 2
@@ -170,8 +207,28 @@ ROWS = {
         ],
         [
             ("run_epoch_5.pt", "extract", "the newest intact full checkpoint (epoch 5)"),
-            ("run_epoch_3.pt", "extract+delete", "(epoch 3)"),
-            ("run_epoch_4.pt", "extract", "one of the 2 newest intact full checkpoints (epoch 4)"),
+            (
+                "run_epoch_3.pt",
+                "extract",
+                "the most recently written intact full checkpoint — restart: epochs start "
+                "over at 3 after epoch 5 (epoch 3)",
+            ),
+            ("run_epoch_4.pt", "extract+delete", "(epoch 4)"),
+        ],
+        keep_full=1,
+    ),
+    "the issue's restart: old_epoch8..10 a day old, restart_epoch1..3 in the last hour": Row(
+        [
+            *(full(f"old_epoch{n}.pt", n, mtime_ns=NOW - 86400 * SECOND + n) for n in (8, 9, 10)),
+            *(full(f"restart_epoch{n}.pt", n, mtime_ns=NOW - 3600 * SECOND + n) for n in (1, 2, 3)),
+        ],
+        [
+            ("old_epoch8.pt", "extract+delete", "(epoch 8)"),
+            ("old_epoch9.pt", "extract", "one of the 2 newest intact"),
+            ("old_epoch10.pt", "extract", "the newest intact"),
+            ("restart_epoch1.pt", "extract+delete", "(epoch 1)"),
+            ("restart_epoch2.pt", "extract", "restart: epochs start over at 1 after epoch 10"),
+            ("restart_epoch3.pt", "extract", "the most recently written"),
         ],
     ),
     "copied files: fresh mtimes in the wrong order, epochs decide": Row(
@@ -181,7 +238,7 @@ ROWS = {
             full("e3.pt", 3, mtime_ns=NOW - 20 * SECOND),
         ],
         [
-            ("e1.pt", "extract+delete", "(epoch 1)"),
+            ("e1.pt", "extract", "the most recently written"),
             ("e2.pt", "extract", "(epoch 2)"),
             ("e3.pt", "extract", "newest"),
         ],
@@ -221,7 +278,7 @@ ROWS = {
         keep_full=1,
     ),
     "the newest intact is never deleted, even with its copy in place": Row(
-        [full("only.pt", 1, copy_exists=True, copy_matches=True)],
+        [full("only.pt", 1, copy=CopyStatus.CURRENT)],
         [("only.pt", "keep", "kept: the newest intact full checkpoint (epoch 1)")],
         keep_full=1,
         min_age_seconds=0,
@@ -229,7 +286,7 @@ ROWS = {
     # --- protections for files older than the N newest -----------------------------------
     "min_age_seconds: exactly that old may go, one nanosecond younger may not": Row(
         [
-            full("newest.pt", 9),
+            full("newest.pt", 9, mtime_ns=NOW - MIN_AGE * SECOND + 2),
             full("exactly.pt", 2, mtime_ns=NOW - MIN_AGE * SECOND),
             full("just_younger.pt", 1, mtime_ns=NOW - MIN_AGE * SECOND + 1),
         ],
@@ -268,9 +325,7 @@ ROWS = {
     "a pinned file whose copy is already present is simply kept": Row(
         [
             full("newest.pt", 9),
-            full(
-                "kept.pt", 1, pinned="pinned by kept.pt.keep", copy_exists=True, copy_matches=True
-            ),
+            full("kept.pt", 1, pinned="pinned by kept.pt.keep", copy=CopyStatus.CURRENT),
         ],
         [("newest.pt", "extract", "newest"), ("kept.pt", "keep", "pinned by kept.pt.keep")],
         keep_full=1,
@@ -284,8 +339,8 @@ ROWS = {
     "existing copy: matches -> delete only; differs -> keep; missing -> write, then delete": Row(
         [
             full("newest.pt", 9),
-            full("matches.pt", 3, copy_exists=True, copy_matches=True),
-            full("differs.pt", 2, copy_exists=True, copy_matches=False),
+            full("matches.pt", 3, copy=CopyStatus.CURRENT),
+            full("differs.pt", 2, copy=CopyStatus.FOREIGN),
             full("missing.pt", 1),
         ],
         [
@@ -298,16 +353,171 @@ ROWS = {
     ),
     "kept ones: copy present -> keep; differs -> keep, not overwritten; missing -> extract": Row(
         [
-            full("a.pt", 3, copy_exists=True, copy_matches=True),
-            full("b.pt", 2, copy_exists=True, copy_matches=False),
+            full("a.pt", 3, copy=CopyStatus.CURRENT),
+            full("b.pt", 2, copy=CopyStatus.FOREIGN),
             full("c.pt", 1),
         ],
         [
             ("a.pt", "keep", "inference copy present"),
-            ("b.pt", "keep", "b_inference.pt exists and differs"),
+            ("b.pt", "keep", "b_inference.pt exists and is not this checkpoint's copy; never"),
             ("c.pt", "extract", "inference copy to write"),
         ],
         keep_full=3,
+    ),
+    # --- rolling names, owners and links never count ------------------------------------
+    "rolling names: never demoted, never take a keep_full slot, always get a copy": Row(
+        [
+            full("best_model.pt", 2, mtime_ns=NOW - 10 * SECOND),
+            full("last.pt", 9, mtime_ns=NOW - 5 * SECOND),
+            full("epoch_1.pt", 1),
+            full("epoch_2.pt", 2),
+            full("epoch_3.pt", 3),
+        ],
+        [
+            ("best_model.pt", "extract", "kept: a rolling name (rolling_names 'best*')"),
+            ("last.pt", "extract", "rolling_names 'last*'"),
+            ("epoch_1.pt", "extract+delete", "(epoch 1)"),
+            ("epoch_2.pt", "extract", "one of the 2 newest"),
+            ("epoch_3.pt", "extract", "the newest"),
+        ],
+    ),
+    "an old rolling name with a current copy is simply kept": Row(
+        [full("model_best.pt", 1, copy=CopyStatus.CURRENT), full("e9.pt", 9)],
+        [("model_best.pt", "keep", "rolling name"), ("e9.pt", "extract", "newest")],
+        keep_full=1,
+    ),
+    "a rolling name rewritten since its copy was made: the stale copy is refreshed": Row(
+        [full("best_model.pt", 7, copy=CopyStatus.STALE), full("e9.pt", 9)],
+        [
+            ("best_model.pt", "refresh", "best_model_inference.pt is stale"),
+            ("e9.pt", "extract", ""),
+        ],
+        keep_full=1,
+    ),
+    "another owner's file in the folder never counts and is never deleted": Row(
+        [
+            full("dropped.pt", 99, uid=666, mtime_ns=NOW - 700 * SECOND),
+            full("e2.pt", 2, uid=1000),
+            full("e1.pt", 1, uid=1000),
+        ],
+        [
+            ("dropped.pt", "extract", "owned by uid 666, not the folder's owner (uid 1000)"),
+            ("e2.pt", "extract", "the newest intact"),
+            ("e1.pt", "extract+delete", "(epoch 1)"),
+        ],
+        keep_full=1,
+        folder_uid=1000,
+    ),
+    "a hard link to someone's epoch-99 file does not push the owner's out": Row(
+        [full("linked.pt", 99, nlink=2, mtime_ns=NOW - 700 * SECOND), full("e2.pt", 2)],
+        [
+            ("linked.pt", "extract", "has 2 hard links; never counted"),
+            ("e2.pt", "extract", "newest"),
+        ],
+        keep_full=1,
+    ),
+    "a file some process holds open (reading) is not deleted": Row(
+        [full("e3.pt", 3), full("e1.pt", 1, in_use=True)],
+        [("e3.pt", "extract", "newest"), ("e1.pt", "extract", "kept: open by a process")],
+        keep_full=1,
+    ),
+    # --- stale and foreign copies of demoted files ---------------------------------------
+    "a demoted file with a stale copy: refreshed first, then deleted": Row(
+        [full("e3.pt", 3), full("e1.pt", 1, copy=CopyStatus.STALE)],
+        [("e3.pt", "extract", ""), ("e1.pt", "extract+delete", "stale e1_inference.pt refreshed")],
+        keep_full=1,
+    ),
+    # --- keep_best and keep_every, as a union with keep_full -----------------------------
+    "keep_best (auto metric: best_val_acc, higher is better)": Row(
+        [
+            full(f"e{n}.pt", n, metrics=(("best_val_acc", acc),))
+            for n, acc in ((1, 0.5), (2, 0.9), (3, 0.7), (4, 0.6), (5, 0.8))
+        ],
+        [
+            ("e1.pt", "extract+delete", "older than the 1 newest"),
+            ("e2.pt", "extract", "keep_best: best_val_acc=0.9, the highest"),
+            ("e3.pt", "extract+delete", "kept by none of keep_best=2"),
+            ("e4.pt", "extract+delete", ""),
+            ("e5.pt", "extract", "the newest intact full checkpoint; keep_best: best_val_acc=0.8"),
+        ],
+        keep_full=1,
+        keep_best=2,
+    ),
+    "keep_best auto: a loss one level down is lower-is-better": Row(
+        [
+            full("e1.pt", 1, metrics=(("metrics.val_loss", 0.2),)),
+            full("e2.pt", 2, metrics=(("metrics.val_loss", 0.5),)),
+            full("e3.pt", 3, metrics=(("metrics.val_loss", 0.3),)),
+        ],
+        [
+            ("e1.pt", "extract", "keep_best: val_loss=0.2, the lowest"),
+            ("e2.pt", "extract+delete", ""),
+            ("e3.pt", "extract", "the newest"),
+        ],
+        keep_full=1,
+        keep_best=1,
+    ),
+    "best_mode=min overrides auto; a named best_metric": Row(
+        [
+            full("e1.pt", 1, metrics=(("score", 3.0),)),
+            full("e2.pt", 2, metrics=(("score", 1.0),)),
+            full("e3.pt", 3, metrics=(("score", 2.0),)),
+        ],
+        [
+            ("e1.pt", "extract+delete", ""),
+            ("e2.pt", "extract", "keep_best: score=1, the lowest"),
+            ("e3.pt", "extract", "newest"),
+        ],
+        keep_full=1,
+        keep_best=1,
+        best_metric="score",
+        best_mode=BestMode.min,
+    ),
+    "keep_every: every epoch divisible by E stays full; a file kept twice names both rules": Row(
+        [full(f"e{n}.pt", n) for n in range(1, 7)],
+        [
+            ("e1.pt", "extract+delete", "kept by none of keep_every=3"),
+            ("e2.pt", "extract+delete", ""),
+            ("e3.pt", "extract", "keep_every: epoch divisible by 3"),
+            ("e4.pt", "extract+delete", ""),
+            ("e5.pt", "extract+delete", ""),
+            ("e6.pt", "extract", "the newest intact full checkpoint; keep_every: epoch divisible"),
+        ],
+        keep_full=1,
+        keep_every=3,
+    ),
+    # --- keep_inference: thinning copies whose full checkpoint is gone -------------------
+    "keep_inference all (default): orphan copies are never touched": Row(
+        [
+            other("e1_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="e1.pt"),
+            full("e5.pt", 5),
+        ],
+        [("e1_inference.pt", "skip", "sweeper's own output"), ("e5.pt", "extract", "newest")],
+        keep_full=1,
+    ),
+    "keep_inference last=1, every=2: the rest are thinned, or demoted without a copy": Row(
+        [
+            other("e1_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="e1.pt"),
+            other("e2_inference.pt", Status.OWN_OUTPUT, epoch=2, source_name="e2.pt"),
+            other("best_inference.pt", Status.OWN_OUTPUT, epoch=0, source_name="best.pt"),
+            other("mine_inference.pt", Status.OWN_OUTPUT, epoch=1),  # names no source
+            full("e3.pt", 3),
+            full("e4.pt", 4, copy=CopyStatus.CURRENT),
+            full("e5.pt", 5),
+            full("e6.pt", 6),
+        ],
+        [
+            ("e1_inference.pt", "delete", "thinned: inference copy of e1.pt (now deleted)"),
+            ("e2_inference.pt", "skip", "sweeper's own output"),
+            ("best_inference.pt", "skip", "sweeper's own output"),
+            ("mine_inference.pt", "skip", "sweeper's own output"),
+            ("e3.pt", "delete", "no inference copy kept (keep_inference last=1, every=2)"),
+            ("e4.pt", "delete", "inference copy present"),
+            ("e5.pt", "extract+delete", "inference copy written first"),
+            ("e6.pt", "extract", "newest"),
+        ],
+        keep_full=1,
+        keep_inference=InferenceRules(all=False, last=1, every=2),
     ),
     "empty folder": Row([], []),
 }
@@ -323,13 +533,7 @@ SKIPPED = {
 
 
 def check(row: Row) -> None:
-    decisions = decide(
-        row.candidates,
-        keep_full=row.keep_full,
-        min_age_seconds=row.min_age_seconds,
-        now_ns=row.now_ns,
-        settle_seconds=row.settle_seconds,
-    )
+    decisions = decide(row.candidates, row.rules, now_ns=row.now_ns, folder_uid=row.folder_uid)
     # One decision per candidate, in the candidates' order.
     assert [d.name for d in decisions] == [c.name for c in row.candidates]
     got = [(d.name, spelled(d), d.reason) for d in decisions]
@@ -340,6 +544,8 @@ def check(row: Row) -> None:
         assert want_reason in reason, (name, reason)
     for decision in decisions:
         assert decision.extract_first == (spelled(decision) == "extract+delete")
+        if decision.action is Action.DELETE:  # a deletion always rests on the kept files
+            assert decision.needs or decision.reason.startswith("thinned"), decision
 
 
 @pytest.mark.parametrize("row", ROWS.values(), ids=ROWS.keys())
@@ -365,7 +571,38 @@ def test_what_is_not_an_intact_full_checkpoint_never_counts_nor_goes(
     check(Row([impostor, *fulls], expected, keep_full=keep_full))
 
 
+def test_only_the_files_a_deletion_counts_on_need_verifying() -> None:
+    """Lazy verification: the kept files are checked only when something is to be deleted."""
+    unverified = [full("e3.pt", 3, verified=False), full("e2.pt", 2, verified=False)]
+    rules = Rules(keep_full=1, min_age_seconds=0)
+    decisions = decide(unverified, rules, now_ns=NOW)
+    assert needs_verification(unverified, decisions) == {"e3.pt"}
+    assert decisions[1].needs == ("e3.pt",)
+    only = [full("e3.pt", 3, verified=False)]
+    assert needs_verification(only, decide(only, rules, now_ns=NOW)) == set()
+
+
+def test_a_corrupt_newest_justifies_nothing() -> None:
+    """Once verification finds the newest corrupt (it becomes unusable), the next one is kept."""
+    files = [
+        other("e3.pt", Status.UNUSABLE, problem="CRC mismatch in record 'archive/data/0'"),
+        full("e2.pt", 2),
+        full("e1.pt", 1),
+    ]
+    check(
+        Row(
+            files,
+            [
+                ("e3.pt", "skip", "CRC mismatch"),
+                ("e2.pt", "extract", "the newest intact"),
+                ("e1.pt", "extract+delete", "(epoch 1)"),
+            ],
+            keep_full=1,
+        )
+    )
+
+
 @pytest.mark.parametrize("keep_full", [0, -1])
 def test_keep_full_below_one_is_refused(keep_full: int) -> None:
     with pytest.raises(ValueError, match="keep_full"):
-        decide([full("a.pt", 1)], keep_full=keep_full, min_age_seconds=0, now_ns=NOW)
+        decide([full("a.pt", 1)], Rules(keep_full=keep_full, min_age_seconds=0), now_ns=NOW)

@@ -10,6 +10,7 @@ from checkpoints import save_full_checkpoint
 
 from sweeper import torchzip
 from sweeper.inventory import ScanCache, scan
+from sweeper.policy import CopyStatus
 
 
 def epochs(root: Path, cache: ScanCache) -> dict[str, int | None]:
@@ -50,8 +51,8 @@ def test_an_inference_copy_appearing_changes_the_answer(tmp_path: Path) -> None:
     save_full_checkpoint(run / "a.pt", epoch=1)
     cache = ScanCache()
     first = scan([str(tmp_path)], ["*.pt"], cache=cache).runs[0].files[0]
-    assert first.copy is not None and not first.copy.exists
+    assert first.copy is not None and first.copy.status is CopyStatus.NONE
     (run / "a_inference.pt").write_bytes(b"not this checkpoint's copy")
     files = {f.name: f for f in scan([str(tmp_path)], ["*.pt"], cache=cache).runs[0].files}
     copy = files["a.pt"].copy
-    assert copy is not None and copy.exists and not copy.matches
+    assert copy is not None and copy.status is CopyStatus.FOREIGN

@@ -36,10 +36,11 @@ from trees import (
 )
 
 from sweeper.execute import execute_plan
-from sweeper.inventory import scan
+from sweeper.intact import Verifier, verify_inventory
+from sweeper.inventory import Inventory, scan
 from sweeper.ledger import AppendEach
-from sweeper.plan import plan_sweep
-from sweeper.policy import Action
+from sweeper.plan import SweepPlan, plan_sweep
+from sweeper.policy import Action, Rules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = ("*.pt", "*.pth", "*.ckpt")
@@ -76,6 +77,13 @@ def sweeper(tmp_path: Path, run_sweeper: Callable[..., CliRun]) -> Sweeper:
     return Sweeper(tmp_path, run_sweeper)
 
 
+def planned(inventory: Inventory, rules: Rules) -> SweepPlan:
+    """Verify what the deletions count on, then plan: what ``sweeper sweep`` does in process."""
+    now_ns = time.time_ns()
+    verified = verify_inventory(inventory, rules, now_ns=now_ns, verifier=Verifier())
+    return plan_sweep(verified, rules, now_ns=now_ns)
+
+
 def make_run(folder: Path, epochs: dict[str, int], *, age_days: float = 2) -> dict[str, Any]:
     """Full checkpoints named as given, each storing its epoch; mtimes old, increasing with the
     epoch (so neither mtime nor name is what the tests below rely on, unless they set them)."""
@@ -109,13 +117,23 @@ def assert_copy_matches(copy: Path, saved: dict[str, Any]) -> None:
 
 
 def test_ordering_traps(sweeper: Sweeper) -> None:
-    """Names, mtimes and restarts all point the wrong way; only stored epochs decide."""
+    """Names, mtimes and restarts point different ways: a file stays full while it is among the
+    N newest by stored epoch *or* among the N most recently written; names never decide."""
     names_trap = make_run(
         sweeper.root / "names",
-        {"checkpoint_epoch_8.pt": 8, "checkpoint_epoch_9.pt": 9, "checkpoint_epoch_10.pt": 10},
+        {
+            "checkpoint_epoch_7.pt": 7,
+            "checkpoint_epoch_8.pt": 8,
+            "checkpoint_epoch_9.pt": 9,
+            "checkpoint_epoch_10.pt": 10,
+        },
     )
-    # Written in reverse order of epoch: epoch 10 has the oldest mtime.
-    for name, days in (("checkpoint_epoch_8.pt", 1), ("checkpoint_epoch_10.pt", 3)):
+    # Written in reverse order of epoch: epoch 10 has the oldest mtime of the last three.
+    for name, days in (
+        ("checkpoint_epoch_7.pt", 5),
+        ("checkpoint_epoch_8.pt", 1),
+        ("checkpoint_epoch_10.pt", 3),
+    ):
         set_mtime(sweeper.root / "names" / name, days_ago(days))
     # A restarted run: epoch 3 was rewritten after epoch 5 (resumed from epoch 2).
     make_run(sweeper.root / "restarted", {"run_e4.pt": 4, "run_e5.pt": 5})
@@ -123,28 +141,31 @@ def test_ordering_traps(sweeper: Sweeper) -> None:
     # Copied from elsewhere: every mtime fresh, in scrambled order.
     copied = sweeper.root / "copied"
     copied.mkdir()
+    now = time.time_ns()
     for epoch, seconds_ago in ((1, 5), (2, 30), (3, 20)):
-        save_full(copied / f"c{epoch}.pt", epoch=epoch, mtime_ns=time.time_ns() - seconds_ago)
+        save_full(copied / f"c{epoch}.pt", epoch=epoch, mtime_ns=now - seconds_ago * 10**9)
 
     result = sweeper.json("min_age_seconds=0")
 
     assert names(sweeper.root / "names") == {
+        "checkpoint_epoch_8.pt",
         "checkpoint_epoch_9.pt",
         "checkpoint_epoch_10.pt",
-        "checkpoint_epoch_8_inference.pt",
-        "checkpoint_epoch_9_inference.pt",
-        "checkpoint_epoch_10_inference.pt",
+        *(inference(f"checkpoint_epoch_{n}.pt") for n in (7, 8, 9, 10)),
     }
     assert names(sweeper.root / "restarted") == {
+        "run_e3.pt",
         "run_e4.pt",
         "run_e5.pt",
         *(inference(f"run_e{n}.pt") for n in (3, 4, 5)),
     }
-    assert names(copied) == {"c2.pt", "c3.pt", *(inference(f"c{n}.pt") for n in (1, 2, 3))}
+    assert names(copied) == {"c1.pt", "c2.pt", "c3.pt", *(inference(f"c{n}.pt") for n in (1, 2, 3))}
     outcomes = by_name(result["outcomes"])
-    assert outcomes["checkpoint_epoch_8.pt"]["action"] == "delete"
-    assert "(epoch 8)" in outcomes["checkpoint_epoch_8.pt"]["reason"]
+    assert outcomes["checkpoint_epoch_7.pt"]["action"] == "delete"
+    assert "(epoch 7)" in outcomes["checkpoint_epoch_7.pt"]["reason"]
     assert "(epoch 10)" in outcomes["checkpoint_epoch_10.pt"]["reason"]
+    assert "most recently written" in outcomes["checkpoint_epoch_8.pt"]["reason"]
+    assert "restart: epochs start over at 3 after epoch 5" in outcomes["run_e3.pt"]["reason"]
     assert all(outcome["ok"] for outcome in result["outcomes"])
     for name, saved in names_trap.items():
         assert_copy_matches(sweeper.root / "names" / inference(name), saved)
@@ -168,7 +189,7 @@ def test_truncated_newest_file_is_skipped_and_does_not_count(sweeper: Sweeper) -
     }
     assert after[b"e4.pt"] == before[b"e4.pt"] and after[b"e5.pt"] == before[b"e5.pt"]
     assert "e4.pt" not in by_name(result["outcomes"])  # outcomes list only what was acted on
-    assert result["counts"] == {"extract": 2, "delete": 1, "keep": 0, "skip": 2}
+    assert result["counts"] == {"extract": 2, "delete": 1, "refresh": 0, "keep": 0, "skip": 2}
     plan = sweeper("--dry-run", "--json", "min_age_seconds=0").json()
     assert by_name(plan["entries"])["e4.pt"]["reason"].startswith("skipped: truncated")
     assert "FIFO" in by_name(plan["entries"])["e5.pt"]["reason"]
@@ -217,7 +238,7 @@ def test_files_open_for_writing_are_neither_deleted_nor_extracted(sweeper: Sweep
     assert after[b"e1.pt"] == before[b"e1.pt"]
     assert after[b"e4.pt"] == before[b"e4.pt"]
     assert names(run) == {"e1.pt", "e2.pt", "e3.pt", "e4.pt", "e2_inference.pt", "e3_inference.pt"}
-    assert result["counts"] == {"extract": 2, "delete": 0, "keep": 0, "skip": 2}
+    assert result["counts"] == {"extract": 2, "delete": 0, "refresh": 0, "keep": 0, "skip": 2}
     assert set(by_name(result["outcomes"])) == {"e2.pt", "e3.pt"}
 
 
@@ -332,8 +353,9 @@ def test_plan_equals_actual_equals_ledger(sweeper: Sweeper) -> None:
     saved = mixed_tree(sweeper.root)
     odd = sweeper.root / "alice" / "run1" / "ckpt_1.pt"
     os.chmod(odd, 0o640)
-    if os.geteuid() == 0:
-        os.chown(odd, 12345, 23456)
+    if os.geteuid() == 0:  # alice's own run folder and files: only the owner's files count
+        for path in (odd.parent, *odd.parent.iterdir()):
+            os.chown(path, 12345, 23456)
     odd_stat = os.stat(odd)
     size_before = apparent_size(sweeper.root)
 
@@ -459,8 +481,7 @@ def test_folder_swapped_for_a_symlink_mid_sweep(tmp_path: Path, swapped: str, ta
     roots = [os.fspath(root / "alice" / "run"), os.fspath(root / "bob")]
     if swapped != "the root itself":
         roots = [os.fspath(root)]
-    inventory = scan(roots, PATTERNS)
-    plan = plan_sweep(inventory, keep_full=1, min_age_seconds=0, now_ns=time.time_ns())
+    plan = planned(scan(roots, PATTERNS), Rules(keep_full=1, min_age_seconds=0))
     assert plan.count(Action.DELETE) == 4
 
     outside = tmp_path / "outside"
@@ -496,11 +517,8 @@ def test_output_path_turned_into_a_directory_mid_sweep(tmp_path: Path) -> None:
     """One file's extraction fails; the rest of the sweep completes."""
     run = tmp_path / "root" / "run"
     make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
-    plan = plan_sweep(
-        scan([os.fspath(tmp_path / "root")], PATTERNS),
-        keep_full=2,
-        min_age_seconds=0,
-        now_ns=time.time_ns(),
+    plan = planned(
+        scan([os.fspath(tmp_path / "root")], PATTERNS), Rules(keep_full=2, min_age_seconds=0)
     )
     (run / "e2_inference.pt").mkdir()
 

@@ -1,0 +1,114 @@
+"""Intact means verified: the full checkpoints a deletion counts on are read in full first.
+
+Planning reads only each file's directory and pickle, and a bit-flipped tensor record passes
+that (``torch.load`` accepts it silently too).  A file that justifies deleting others (one kept
+by a keep rule) must have had every record's CRC checked.  This step does it lazily: it asks
+the pure policy what it would delete, verifies only the unverified files those deletions count
+on, marks any corrupt one unusable, and asks again, until every deletion rests on verified
+files.  Results are remembered per file identity, so a daemon does not re-read kept files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections import OrderedDict
+
+from sweeper import policy, torchzip
+from sweeper.errors import FileRefused
+from sweeper.extract import open_regular
+from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder, open_folder
+from sweeper.plan import to_candidate
+from sweeper.policy import Rules
+
+log = logging.getLogger(__name__)
+
+_Identity = tuple[int, int, int, int]
+
+
+class Verifier:
+    """Reads every record of a file and checks its CRC, once per file identity (device, inode,
+    size, mtime): ``None`` when intact, else the problem in words."""
+
+    def __init__(self, remember: int = 100_000) -> None:
+        self._known: OrderedDict[_Identity, str | None] = OrderedDict()
+        self._remember = remember
+        self._lock = threading.Lock()  # the daemon's workers share one
+
+    def check(self, folder: FolderRef, file: FileEntry) -> str | None:
+        identity = (file.dev, file.ino, file.size, file.mtime_ns)
+        with self._lock:
+            if identity in self._known:
+                self._known.move_to_end(identity)
+                return self._known[identity]
+        try:
+            problem = _read_all_records(folder, file, identity)
+        except _Unsettled as error:  # not the file that was scanned: say so, remember nothing
+            return str(error)
+        with self._lock:
+            self._known[identity] = problem
+            if len(self._known) > self._remember:
+                self._known.popitem(last=False)
+        return problem
+
+
+class _Unsettled(Exception):
+    pass
+
+
+def _read_all_records(folder: FolderRef, file: FileEntry, identity: _Identity) -> str | None:
+    try:
+        dir_fd = open_folder(folder)
+    except (OSError, FileRefused) as error:
+        reason = error.reason if isinstance(error, FileRefused) else error.strerror
+        raise _Unsettled(f"cannot open its folder to verify it: {reason}") from None
+    try:
+        fd, info = open_regular(file.name, dir_fd, file.display)
+    except FileRefused as error:
+        raise _Unsettled(error.reason) from None
+    finally:
+        os.close(dir_fd)
+    try:
+        if (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) != identity:
+            raise _Unsettled("changed since it was scanned")
+        archive = torchzip.read_archive(fd, file.display)
+        torchzip.verify_records(fd, archive, file.display)
+    except FileRefused as error:
+        return error.reason
+    except OSError as error:
+        return f"read error while verifying: {error.strerror or error}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier) -> RunFolder:
+    """``run`` with every full checkpoint that a planned deletion counts on verified: marked
+    ``verified``, or made unusable (``problem``) when it is corrupt, so that planning ``run``
+    never deletes a file because a corrupt one was counted as a newer intact copy."""
+    files = {file.name: file for file in run.files}
+    while True:
+        candidates = [to_candidate(file) for file in files.values()]
+        decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
+        todo = policy.needs_verification(candidates, decisions)
+        if not todo:
+            break
+        for name in sorted(todo):
+            file = files[name]
+            problem = verifier.check(run.folder, file)
+            if problem is None:
+                files[name] = dataclasses.replace(file, verified=True)
+            else:
+                log.warning("%s: %s", file.display, problem)
+                files[name] = dataclasses.replace(file, problem=problem, kind=None)
+    return RunFolder(run.root, run.folder, tuple(files.values()), run.owner_uid)
+
+
+def verify_inventory(
+    inventory: Inventory, rules: Rules, *, now_ns: int, verifier: Verifier
+) -> Inventory:
+    """:func:`verify_run` for every run folder of ``inventory``."""
+    runs = tuple(verify_run(run, rules, now_ns=now_ns, verifier=verifier) for run in inventory.runs)
+    return Inventory(runs, inventory.problems, inventory.symlink_targets)
