@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from sweeper import __version__, report, torchzip
 from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
-from sweeper.extract import Located, extract, open_regular, output_name
+from sweeper.extract import Located, extract, open_regular, output_name, source_state
 from sweeper.logs import configure_logging
 from sweeper.torchzip import Mode
 
@@ -110,25 +110,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     source = _locate_source(path)
+    made_from: tuple[torchzip.Provenance, str] | None = None
     try:
         fd, info = open_regular(source.name, source.dir_fd, path)
+        try:
+            checkpoint = torchzip.open_checkpoint(fd, path)
+            if verify:
+                torchzip.verify_records(fd, checkpoint.archive, path)
+            named = torchzip.read_provenance(fd, checkpoint.archive, path)
+        finally:
+            os.close(fd)
+        if named is not None:
+            made_from = (named, source_state(source.dir_fd, named))
     finally:
         os.close(source.dir_fd)
-    try:
-        checkpoint = torchzip.open_checkpoint(fd, path)
-        if verify:
-            torchzip.verify_records(fd, checkpoint.archive, path)
-    finally:
-        os.close(fd)
     outputs: dict[Mode, int] = {}
     if checkpoint.kind is torchzip.Kind.FULL:
-        made_from = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        its_copy = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
         outputs = {
-            mode: torchzip.plan_output(checkpoint, mode, made_from).total_size for mode in Mode
+            mode: torchzip.plan_output(checkpoint, mode, its_copy).total_size for mode in Mode
         }
     return (
-        report.inspect_text(checkpoint, outputs, verify),
-        report.inspect_json(checkpoint, outputs, verify),
+        report.inspect_text(checkpoint, outputs, verify, made_from),
+        report.inspect_json(checkpoint, outputs, verify, made_from),
     )
 
 

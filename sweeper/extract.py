@@ -329,6 +329,26 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
         os.close(fd)
 
 
+def source_state(dir_fd: int, made_from: torchzip.Provenance) -> str:
+    """Whether the file a copy names as its source (in the copy's folder) is still the version
+    the copy was made from: "current", "stale" (rewritten since), or "gone"."""
+    try:
+        fd, info = open_regular(made_from.name, dir_fd, made_from.name)
+    except FileRefused:
+        return "gone"
+    try:
+        if (info.st_size, info.st_mtime_ns) != (made_from.size, made_from.mtime_ns):
+            return "stale"
+        archive = torchzip.read_archive(fd, made_from.name)
+        pickle_record = archive.records.get("data.pkl")
+    except FileRefused:
+        return "stale"
+    finally:
+        os.close(fd)
+    current = pickle_record is not None and pickle_record.crc32 == made_from.pickle_crc32
+    return "current" if current else "stale"
+
+
 def delete_if_same(source: Located, expected: FileIdentity) -> None:
     """Unlink ``source`` if its name still refers to the very file ``expected`` describes (same
     inode, size and mtime) with exactly one link, that no process holds open (for reading

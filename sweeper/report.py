@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TextIO
 
 from sweeper.policy import Action
-from sweeper.torchzip import Checkpoint, Kind, Mode, key_usage
+from sweeper.torchzip import Checkpoint, Kind, Mode, Provenance, key_usage
 
 if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one file
     from sweeper.execute import SweepReport
@@ -106,10 +107,27 @@ def _integrity(verified: bool) -> str:
     )
 
 
+def _made_from_json(made_from: tuple[Provenance, str] | None) -> dict[str, object] | None:
+    if made_from is None:
+        return None
+    source, state = made_from
+    return {
+        "name": source.name,
+        "size": source.size,
+        "mtime_ns": source.mtime_ns,
+        "pickle_crc32": source.pickle_crc32,
+        "state": state,
+    }
+
+
 def inspect_json(
-    checkpoint: Checkpoint, outputs: dict[Mode, int], verified: bool = False
+    checkpoint: Checkpoint,
+    outputs: dict[Mode, int],
+    verified: bool = False,
+    made_from: tuple[Provenance, str] | None = None,
 ) -> dict[str, object]:
     return {
+        "made_from": _made_from_json(made_from),
         "path": checkpoint.path,
         "kind": checkpoint.kind.name.lower(),
         "description": checkpoint.kind.value,
@@ -146,7 +164,19 @@ def _finite_or_name(value: float) -> float | str:
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
-def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int], verified: bool = False) -> str:
+_SOURCE_STATES = {
+    "current": "current (the source is still that version)",
+    "stale": "STALE: the source has been rewritten since; sweeper refreshes the copy",
+    "gone": "the source is gone; this copy is all that is left of it",
+}
+
+
+def inspect_text(
+    checkpoint: Checkpoint,
+    outputs: dict[Mode, int],
+    verified: bool = False,
+    made_from: tuple[Provenance, str] | None = None,
+) -> str:
     # Key and metric names come from the file: escaped so a hostile one cannot drive the terminal.
     lines = [
         f"{printable(checkpoint.path)}: {checkpoint.kind.value}, "
@@ -163,6 +193,13 @@ def inspect_text(checkpoint: Checkpoint, outputs: dict[Mode, int], verified: boo
     if checkpoint.metrics:
         lines.append(
             "  metrics: " + ", ".join(f"{printable(k)}={v:g}" for k, v in checkpoint.metrics)
+        )
+    if made_from is not None:
+        source, state = made_from
+        written = datetime.fromtimestamp(source.mtime_ns / 1e9, timezone.utc)
+        lines.append(
+            f"  made from: {printable(source.name)} ({human_size(source.size)}, modified "
+            f"{written:%Y-%m-%d %H:%M:%S} UTC); {_SOURCE_STATES[state]}"
         )
     if key_usage(checkpoint):
         rows = [["key", "role", "tensors", "bytes"]]

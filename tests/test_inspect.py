@@ -211,3 +211,32 @@ def test_verify_reads_tensor_data_and_catches_a_flipped_bit(
     assert full.stderr_lines == [
         f"ERROR sweeper: {path}: CRC mismatch in record '{record}': the file is corrupt"
     ]
+
+
+def test_a_copy_names_its_source_and_says_whether_it_is_current(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """The copy records which version of which file it was made from (a record torch.load
+    ignores); inspect compares it with the file on disk: current, stale after a rewrite, gone."""
+    path = tmp_path / "best_model.pt"
+    save_full_checkpoint(path, epoch=3)
+    assert run_sweeper("extract", path).returncode == 0
+    copy = tmp_path / "best_model_inference.pt"
+    torch.load(copy, weights_only=True)  # the extra record changes nothing for torch
+
+    made_from = run_sweeper("inspect", "--json", copy).json()["made_from"]
+    assert made_from["name"] == "best_model.pt"
+    assert (made_from["size"], made_from["mtime_ns"]) == (
+        path.stat().st_size,
+        path.stat().st_mtime_ns,
+    )
+    assert made_from["state"] == "current"
+    assert run_sweeper("inspect", "--json", path).json()["made_from"] is None
+
+    save_full_checkpoint(path, epoch=4)  # the trainer rewrites its best model in place
+    assert run_sweeper("inspect", "--json", copy).json()["made_from"]["state"] == "stale"
+    assert "STALE" in run_sweeper("inspect", copy).stdout
+
+    path.unlink()
+    text = run_sweeper("inspect", copy).stdout
+    assert "made from: best_model.pt" in text and "the source is gone" in text
