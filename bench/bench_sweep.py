@@ -150,7 +150,7 @@ def check_plan(stdout_path: str, files: int, tree: str, ledger: str) -> dict[str
         raise CommandFailed(f"sweeper planned a path outside {tree}")
     runs = files // PER_RUN
     expected = {"extract": KEEP_FULL * runs, "delete": (PER_RUN - KEEP_FULL) * runs,
-                "keep": 0, "skip": 0}  # fmt: skip
+                "refresh": 0, "keep": 0, "skip": 0}  # fmt: skip
     if counts != expected:
         raise CommandFailed(f"sweeper's plan counts {counts}, expected {expected}")
     if plan["problems"]:

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, Protocol
 
 from sweeper.errors import AlreadyRunning, FileRefused
+from sweeper.ledger_views import append_to_view
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ INSTANCE_LOCK_SUFFIX: Final = ".pid"
 ACTION_LOCK_SUFFIX: Final = ".actions.lock"
 
 _FILE_MODE: Final = 0o600
-_DIR_MODE: Final = 0o700
+# Traversable, not listable: users reach their own views (sweeper.ledger_views) through it, while
+# every file in it stays 0600.
+_DIR_MODE: Final = 0o711
 # O_NONBLOCK so that a FIFO planted where the ledger should be cannot hang the open; it has no
 # effect on regular files, and anything that is not a regular file is refused right after opening.
 _OPEN_SAFE: Final = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -355,7 +358,7 @@ def _open_private(path: str, flags: int, *, create: bool) -> int:
         flags |= os.O_CREAT
         parent = os.path.dirname(path)
         if parent:
-            os.makedirs(parent, mode=_DIR_MODE, exist_ok=True)
+            _make_ledger_dir(parent)
     try:
         fd = os.open(path, flags | _OPEN_SAFE, _FILE_MODE)
     except OSError as error:
@@ -373,6 +376,28 @@ def _open_private(path: str, flags: int, *, create: bool) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _make_ledger_dir(path: str) -> None:
+    """Create the ledger's folder, and any missing folder above it, unless it exists.
+
+    The folder itself gets exactly ``_DIR_MODE``: mkdir's mode goes through the umask (0077 under
+    the systemd units), which would close it to the users who read their views inside.
+    """
+    if os.path.isdir(path):
+        return
+    above = os.path.dirname(path)
+    if above:
+        os.makedirs(above, exist_ok=True)
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, _DIR_MODE)
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(path: str) -> None:
@@ -401,6 +426,7 @@ class Ledger:
         self.path = path
         self._fd: int | None = fd
         self._lock_fd: int | None = lock_fd
+        self._owner = os.fstat(fd).st_uid
         # Set when a write failed part-way, so the next record starts on a line of its own.
         self._torn = False
 
@@ -408,7 +434,7 @@ class Ledger:
     def open(cls, path: str | os.PathLike[str]) -> Ledger:
         """Take the writer lock (waiting for other writers), then open the ledger for appending.
 
-        Creates the ledger and its lock file (mode 0o600, directory 0o700) when missing; raises
+        Creates the ledger and its lock file (mode 0o600, directory 0o711) when missing; raises
         ``FileRefused`` when either is a symlink or not a regular file.
         """
         path = os.fspath(path)
@@ -439,7 +465,8 @@ class Ledger:
         return fd
 
     def append(self, record: LedgerRecord) -> None:
-        """Append one record with a single write, then fsync it."""
+        """Append one record with a single write, then fsync it; then copy it to the view of the
+        file's owner (``sweeper.ledger_views``), which never fails the append."""
         if self._fd is None:
             raise ValueError(f"ledger {self.path} is closed")
         line = encode_record(record)
@@ -452,6 +479,7 @@ class Ledger:
             self._torn = True
             raise
         os.fsync(self._fd)
+        append_to_view(self.path, record.uid, line, ledger_owner=self._owner)
 
     def close(self) -> None:
         """Close the ledger and release the writer lock; safe to call twice."""

@@ -149,11 +149,13 @@ def test_lines_are_strict_ascii_json_with_utc_time(tmp_path: Path) -> None:
 def test_each_record_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger_path = tmp_path / "ledger.jsonl"
     append_record(ledger_path, make_record())  # create the files before counting
+    ledger_inode = ledger_path.stat().st_ino
     real_write = os.write
     writes: list[bytes] = []
 
     def counting_write(fd: int, data: Any) -> int:
-        writes.append(bytes(data))
+        if os.fstat(fd).st_ino == ledger_inode:  # not the copy in the owner's view
+            writes.append(bytes(data))
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", counting_write)
@@ -290,17 +292,19 @@ def test_non_utf8_and_newline_names_round_trip(tmp_path: Path) -> None:
 # --- file safety --------------------------------------------------------------------------------
 
 
-def test_files_are_private(tmp_path: Path) -> None:
+@pytest.mark.parametrize("umask", [0o022, 0o077])  # 0o077: the systemd units' UMask=
+def test_files_are_private(tmp_path: Path, umask: int) -> None:
     state = tmp_path / "new" / "state"
     ledger_path = state / "ledger.jsonl"
-    old_umask = os.umask(0o022)
+    old_umask = os.umask(umask)
     try:
         append_record(ledger_path, make_record())
         acquire_instance_lock(ledger_path).release()
     finally:
         os.umask(old_umask)
 
-    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    # Traversable but not listable: users open their own views inside (test_ledger_views.py).
+    assert stat.S_IMODE(state.stat().st_mode) == 0o711
     assert stat.S_IMODE(ledger_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(Path(lock_path_for(ledger_path)).stat().st_mode) == 0o600
     assert stat.S_IMODE(Path(instance_lock_path_for(ledger_path)).stat().st_mode) == 0o600
