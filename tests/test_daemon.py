@@ -694,3 +694,43 @@ def test_filesystem_type_takes_the_longest_mount_point(tmp_path: Path) -> None:
     assert kind("/datax") == "ext4"  # a prefix of the name is not a mount point above it
     assert kind("/mnt/with space/run") == "fuse.sshfs"
     assert filesystem_type("/", str(tmp_path / "missing")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rolling names and the copies that follow them.
+
+
+def test_a_rolling_name_rewritten_in_place_gets_its_copy_refreshed(
+    tree: Path, start_daemon: StartDaemon
+) -> None:
+    """The trainer overwrites best_model.pt with a better epoch: the daemon replaces the stale
+    best_model_inference.pt with a copy of the new weights and records the refresh; best_model.pt
+    itself is never deleted and never takes one of keep_full's slots."""
+    run = tree / "run"
+    run.mkdir(exist_ok=True)
+    first = save_full(run / "best_model.pt", epoch=1, seed=1)
+    daemon = start_daemon(str(tree), "keep_full=1", "rescan_seconds=3600")
+    daemon.wait_ready()
+    copy = run / "best_model_inference.pt"
+    daemon.wait_until(copy.exists, "the first copy of best_model.pt")
+    assert_copy_matches(copy, first)
+    first_copy = copy.stat()
+
+    better = save_full(run / "best_model.pt", epoch=5, seed=5)
+    for epoch in (6, 7):
+        save_full(run / f"epoch{epoch}.pt", epoch=epoch, seed=epoch)
+
+    def refreshed() -> bool:
+        now = copy.stat()
+        return (now.st_ino, now.st_mtime_ns) != (first_copy.st_ino, first_copy.st_mtime_ns)
+
+    daemon.wait_until(refreshed, "the stale copy to be refreshed")
+    assert_copy_matches(copy, better)
+    daemon.wait_until((run / "epoch7_inference.pt").exists, "epoch 7's copy")
+    daemon.wait_until(lambda: not (run / "epoch6.pt").exists(), "epoch 6 to be demoted")
+    assert (run / "best_model.pt").exists() and (run / "epoch7.pt").exists()
+    records = ledger_lines(daemon.ledger)
+    assert [r["action"] for r in records if r["path"].endswith("best_model.pt")] == [
+        "extract",
+        "refresh",
+    ]
