@@ -1,7 +1,7 @@
 """Sweep planning benchmark (issue 3): `sweeper sweep --dry-run` against naive torch.load.
 
     python bench/bench_sweep.py [--rounds R] [--files N] [--scales A,B,...] [--workdir DIR]
-                                [--keep] [--json] [--profile]
+                                [--keep] [--json] [--profile] [--baseline SRC]
 
 Builds (with bench/make_tree.py) a tree of N / 10 run folders x 10 small full checkpoints
 (default N = 10,000) under DIR/N/data/user*/proj*/results/checkpoints/run*, plus one tree per
@@ -12,6 +12,8 @@ extra scale, then times, as whole processes, interleaved for R rounds:
   naive          python bench/naive_classify.py 'DIR/N/data/*/*/results/checkpoints'
                  (os.walk + torch.load(weights_only=False) on every file, classified by its keys)
   sweeper@A ...  the same dry run on the smaller trees: does peak RSS stay flat as trees grow?
+  baseline       with --baseline SRC: the same dry run by the sweeper source tree at SRC (e.g.
+                 `git worktree add /tmp/base REV`), side by side, to see what a change costs
 
 Every run's stdout is parsed and checked: sweeper must plan every file of its tree (one entry
 each, none skipped, and write no ledger), naive must classify every file as full.  Wall time is
@@ -43,7 +45,14 @@ from io import StringIO
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-from harness import GNU_TIME, CommandFailed, machine, sweeper_command, timed_process  # noqa: E402
+from harness import (  # noqa: E402
+    CHILD_ENV,
+    GNU_TIME,
+    CommandFailed,
+    machine,
+    sweeper_command,
+    timed_process,
+)
 from make_tree import glob_root  # noqa: E402  (bench/ is not a package)
 
 DEFAULT_WORKDIR = "/tmp/sweeper-bench"
@@ -74,6 +83,7 @@ class Series:
     command: str
     argv: list[str]
     runs: list[Run] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     @property
     def median_wall_s(self) -> float:
@@ -114,6 +124,10 @@ class Result:
         return self.find("naive", self.files)
 
     @property
+    def baseline(self) -> Series | None:
+        return next((s for s in self.series if s.method == "baseline"), None)
+
+    @property
     def scaling(self) -> list[Series]:
         return sorted((s for s in self.series if s.method == "sweeper"), key=lambda s: s.files)
 
@@ -130,9 +144,11 @@ class Result:
         return num / den
 
 
-def run_process(argv: Sequence[str], stdout_path: str, log_path: str) -> Run:
+def run_process(
+    argv: Sequence[str], stdout_path: str, log_path: str, env: dict[str, str] | None = None
+) -> Run:
     with open(stdout_path, "wb") as out:
-        timed = timed_process(argv, log_path, out)
+        timed = timed_process(argv, log_path, out, env if env is not None else CHILD_ENV)
     return Run(timed.wall_s, timed.cpu_s, timed.peak_rss_kib)
 
 
@@ -151,6 +167,8 @@ def check_plan(stdout_path: str, files: int, tree: str, ledger: str) -> dict[str
     runs = files // PER_RUN
     expected = {"extract": KEEP_FULL * runs, "delete": (PER_RUN - KEEP_FULL) * runs,
                 "refresh": 0, "keep": 0, "skip": 0}  # fmt: skip
+    if "refresh" not in counts:  # a baseline from before refresh entries existed
+        del expected["refresh"]
     if counts != expected:
         raise CommandFailed(f"sweeper's plan counts {counts}, expected {expected}")
     if plan["problems"]:
@@ -195,7 +213,13 @@ def profile(sweeper_argv: list[str], stdout_path: str, log: str, top: int = 25) 
 
 
 def benchmark(
-    rounds: int, files: int, scales: Sequence[int], workdir: str, keep: bool, profiled: bool
+    rounds: int,
+    files: int,
+    scales: Sequence[int],
+    workdir: str,
+    keep: bool,
+    profiled: bool,
+    baseline: str | None = None,
 ) -> Result:
     os.makedirs(workdir, exist_ok=True)
     log = os.path.join(workdir, "stderr.log")
@@ -213,6 +237,12 @@ def benchmark(
     naive_argv = [*naive, glob_root(os.path.join(workdir, str(files)))]
     all_series.insert(sizes.index(files) + 1,
                       Series("naive", files, " ".join(naive_argv), naive_argv))  # fmt: skip
+    if baseline is not None:
+        module = [sys.executable, "-m", "sweeper", *sweep_argv(files)[len(sweeper):]]
+        env = {**CHILD_ENV, "PYTHONPATH": os.path.abspath(baseline)}
+        all_series.insert(sizes.index(files) + 1,
+                          Series("baseline", files, f"PYTHONPATH={baseline} " + " ".join(module),
+                                 module, env=env))  # fmt: skip
     succeeded = False
     try:
         build_trees(workdir, sizes, log)
@@ -221,7 +251,7 @@ def benchmark(
 
         def run_and_check(series: Series) -> Run:
             nonlocal plan_counts, naive_counts
-            run = run_process(series.argv, stdout_path, log)
+            run = run_process(series.argv, stdout_path, log, series.env)
             if series.method == "naive":
                 naive_counts = check_naive(stdout_path, series.files)
             else:
@@ -301,6 +331,11 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
         ],
         "naive_over_sweeper_wall": round(naive.median_wall_s / sweeper.median_wall_s, 3),
         "naive_over_sweeper_cpu": round(naive.median_cpu_s / sweeper.median_cpu_s, 3),
+        "sweeper_over_baseline_wall": (
+            round(sweeper.median_wall_s / result.baseline.median_wall_s, 3)
+            if result.baseline is not None
+            else None
+        ),
         "sweeper_wall_target_s": TARGET_SWEEPER_WALL_S,
         "sweeper_wall_target_met": sweeper.median_wall_s <= TARGET_SWEEPER_WALL_S,
         "sweeper_peak_rss_kib_per_file": round(result.kib_per_file, 4),
@@ -331,6 +366,16 @@ def render(result: Result) -> str:
         f"plan: {result.plan_counts}; naive: {result.naive_counts}",
         f"naive / sweeper wall                 {naive.median_wall_s / sweeper.median_wall_s:8.2f}",
         f"naive / sweeper cpu                  {naive.median_cpu_s / sweeper.median_cpu_s:8.2f}",
+        *(
+            [
+                f"sweeper / baseline wall              "
+                f"{sweeper.median_wall_s / base.median_wall_s:8.2f}",
+                f"sweeper / baseline cpu               "
+                f"{sweeper.median_cpu_s / base.median_cpu_s:8.2f}",
+            ]
+            if (base := result.baseline) is not None
+            else []
+        ),
         f"sweeper wall s, {result.files} files        {sweeper.median_wall_s:8.3f}"
         f"  target <= {TARGET_SWEEPER_WALL_S:g}: {met}",
         f"sweeper peak RSS growth KiB/file     {result.kib_per_file:8.3f}"

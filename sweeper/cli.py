@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, TextIO
 
 from sweeper import __version__, report, torchzip
 from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
-from sweeper.extract import Located, extract, open_regular, output_name, source_state
+from sweeper.extract import (
+    Located,
+    extract,
+    folder_identity,
+    open_regular,
+    output_name,
+    source_state,
+)
 from sweeper.logs import configure_logging
 from sweeper.torchzip import Mode
 
@@ -122,11 +129,12 @@ def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
             os.close(fd)
         if named is not None:
             made_from = (named, source_state(source.dir_fd, named))
+        folder = folder_identity(source.dir_fd)
     finally:
         os.close(source.dir_fd)
     outputs: dict[Mode, int] = {}
     if checkpoint.kind is torchzip.Kind.FULL:
-        its_copy = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        its_copy = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns, folder)
         outputs = {
             mode: torchzip.plan_output(checkpoint, mode, its_copy).total_size for mode in Mode
         }

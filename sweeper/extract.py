@@ -152,7 +152,9 @@ def extract(
         if expected is not None and FileIdentity.of(info) != expected:
             raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
-        provenance = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
+        provenance = torchzip.provenance_of(
+            checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)
+        )
         plan = torchzip.plan_output(checkpoint, mode, provenance)
         _write_verified(fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing)
     finally:
@@ -315,13 +317,19 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
         if FileIdentity.of(info) != expected:
             raise FileRefused(source.display, "changed since it was scanned; not touched")
         checkpoint = torchzip.open_checkpoint(fd, source.display)
-        provenance = torchzip.provenance_of(checkpoint, source.name, info.st_mtime_ns)
-        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
+        provenance = torchzip.provenance_of(
+            checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)
+        )
         copy_fd, _ = open_regular(copy.name, copy.dir_fd, copy.display)
         try:
             archive = torchzip.read_archive(copy_fd, copy.display)
-            if torchzip.read_provenance(copy_fd, archive, copy.display) is None:
-                plan = torchzip.without_provenance(plan)
+            recorded = torchzip.read_provenance(copy_fd, archive, copy.display)
+            if recorded is None:  # written before copies named their source
+                plan = torchzip.without_provenance(torchzip.plan_output(checkpoint, Mode.INFERENCE))
+            elif recorded.same_version(provenance):  # (perhaps made in a folder since copied)
+                plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, recorded)
+            else:
+                raise FileRefused(copy.display, "made from another version of its source")
             torchzip.verify_output(copy_fd, plan, checkpoint, Mode.INFERENCE, copy.display)
         finally:
             os.close(copy_fd)
@@ -329,9 +337,17 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
         os.close(fd)
 
 
+def folder_identity(dir_fd: int) -> tuple[int, int]:
+    info = os.fstat(dir_fd)
+    return (info.st_dev, info.st_ino)
+
+
 def source_state(dir_fd: int, made_from: torchzip.Provenance) -> str:
     """Whether the file a copy names as its source (in the copy's folder) is still the version
-    the copy was made from: "current", "stale" (rewritten since), or "gone"."""
+    the copy was made from: "current", "stale" (rewritten since), "gone", or "elsewhere" (the
+    copy was made in another folder)."""
+    if made_from.folder is not None and made_from.folder != folder_identity(dir_fd):
+        return "elsewhere"
     try:
         fd, info = open_regular(made_from.name, dir_fd, made_from.name)
     except FileRefused:

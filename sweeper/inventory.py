@@ -24,6 +24,7 @@ from typing import Any
 from sweeper import torchzip
 from sweeper.errors import FileRefused
 from sweeper.extract import (
+    folder_identity,
     is_sweeper_output,
     is_sweeper_temp,
     open_regular,
@@ -646,7 +647,7 @@ def _read_checkpoint(
         found["source_name"] = source.name if source is not None else None
     if checkpoint.kind is not Kind.FULL or own:
         return
-    provenance = torchzip.provenance_of(checkpoint, name, info.st_mtime_ns)
+    provenance = torchzip.provenance_of(checkpoint, name, info.st_mtime_ns, folder_identity(dir_fd))
     try:
         plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
     except FileRefused as error:
@@ -689,38 +690,23 @@ def _copy_state(
     try:
         archive = torchzip.read_archive(fd, copy_display)
         made_from = torchzip.read_provenance(fd, archive, copy_display)
-        if made_from is None:  # written before copies named their source, or not by sweeper
-            if torchzip.archive_matches_plan(
-                fd, torchzip.without_provenance(plan), copy_display, archive
-            ):
-                return state(CopyStatus.CURRENT)
-            return state(CopyStatus.FOREIGN, "names no source: not written by sweeper")
     except FileRefused as error:
         return state(CopyStatus.FOREIGN, error.reason)
     finally:
         os.close(fd)
+    if made_from is None:  # written before copies named their source, or not by sweeper
+        if torchzip.same_content(archive, torchzip.without_provenance(plan)):
+            return state(CopyStatus.CURRENT)
+        return state(CopyStatus.FOREIGN, "names no source: not written by sweeper")
+    if made_from.same_version(provenance) and torchzip.same_content(archive, plan):
+        return state(CopyStatus.CURRENT)  # (made here, or in a folder since copied: the same)
     if made_from.name != provenance.name:
         return state(CopyStatus.FOREIGN, f"a copy of {made_from.name!r}")
+    if made_from.folder != provenance.folder:
+        return state(CopyStatus.FOREIGN, "a copy made in another folder")
     if info.st_uid != source.st_uid:
         return state(CopyStatus.FOREIGN, "not owned by the checkpoint's owner")
-    if made_from != provenance:
-        return state(CopyStatus.STALE, "made from an earlier version of this file")
-    if not _matches(dir_fd, name, plan, copy_display):
-        return state(CopyStatus.STALE, "differs from what this file's copy holds")
-    return state(CopyStatus.CURRENT)
-
-
-def _matches(dir_fd: int, name: str, plan: torchzip.OutputPlan, display: str) -> bool:
-    try:
-        fd, _ = open_regular(name, dir_fd, display)
-    except FileRefused:
-        return False
-    try:
-        return torchzip.archive_matches_plan(fd, plan, display)
-    except FileRefused:
-        return False
-    finally:
-        os.close(fd)
+    return state(CopyStatus.STALE, "made from an earlier version of this file")
 
 
 def _flock_held(fd: int) -> bool:

@@ -116,6 +116,7 @@ def _made_from_json(made_from: tuple[Provenance, str] | None) -> dict[str, objec
         "size": source.size,
         "mtime_ns": source.mtime_ns,
         "pickle_crc32": source.pickle_crc32,
+        "folder": list(source.folder) if source.folder is not None else None,
         "state": state,
     }
 
@@ -168,6 +169,7 @@ _SOURCE_STATES = {
     "current": "current (the source is still that version)",
     "stale": "STALE: the source has been rewritten since; sweeper refreshes the copy",
     "gone": "the source is gone; this copy is all that is left of it",
+    "elsewhere": "made in another folder; a file of that name here is not its source",
 }
 
 

@@ -1208,14 +1208,24 @@ class Provenance:
     size: int
     mtime_ns: int
     pickle_crc32: int  # CRC-32 of the source's data.pkl record
+    # (st_dev, st_ino) of the folder the source was in: a copy carried into another folder is
+    # not that folder's copy of a file of the same name, and is never refreshed there.
+    folder: tuple[int, int] | None = None
+
+    def same_version(self, other: Provenance) -> bool:
+        """Made from the same content of the same-named file (wherever the folder)."""
+        mine = (self.name, self.size, self.mtime_ns, self.pickle_crc32)
+        return mine == (other.name, other.size, other.mtime_ns, other.pickle_crc32)
 
     def encode(self) -> bytes:
-        fields = {
+        fields: dict[str, object] = {
             "source": self.name,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "pickle_crc32": self.pickle_crc32,
         }
+        if self.folder is not None:
+            fields["folder"] = list(self.folder)
         return json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii")
 
     @classmethod
@@ -1231,14 +1241,20 @@ class Provenance:
         if not isinstance(name, str) or not all(type(n) is int for n in (size, mtime_ns, crc)):
             return None
         assert isinstance(size, int) and isinstance(mtime_ns, int) and isinstance(crc, int)
-        return cls(name, size, mtime_ns, crc)
+        folder = fields.get("folder")
+        where = None
+        if isinstance(folder, list) and len(folder) == 2 and all(type(n) is int for n in folder):
+            where = (folder[0], folder[1])
+        return cls(name, size, mtime_ns, crc, where)
 
 
-def provenance_of(checkpoint: Checkpoint, name: str, mtime_ns: int) -> Provenance:
-    """What a copy made now from ``checkpoint`` (file ``name``, modified at ``mtime_ns``)
-    records about its source."""
+def provenance_of(
+    checkpoint: Checkpoint, name: str, mtime_ns: int, folder: tuple[int, int] | None
+) -> Provenance:
+    """What a copy made now from ``checkpoint`` (file ``name`` in the folder whose (st_dev,
+    st_ino) is ``folder``, modified at ``mtime_ns``) records about its source."""
     pickle_record = checkpoint.archive.records["data.pkl"]
-    return Provenance(name, checkpoint.file_size, mtime_ns, pickle_record.crc32)
+    return Provenance(name, checkpoint.file_size, mtime_ns, pickle_record.crc32, folder)
 
 
 def read_provenance(fd: int, archive: Archive, path: str) -> Provenance | None:
@@ -1554,6 +1570,19 @@ def verify_records(fd: int, archive: Archive, path: str) -> None:
     for record, crc in zip(records, crcs_of_ranges(fd, spans, path), strict=True):
         if crc != record.crc32:
             raise FileRefused(path, f"CRC mismatch in record {record.name!r}: the file is corrupt")
+
+
+def same_content(archive: Archive, plan: OutputPlan) -> bool:
+    """Whether an archive holds exactly the plan's records (names, sizes, CRCs), whatever
+    source record each carries: the same weights and metadata."""
+    wanted = {entry.name: entry for entry in plan.entries if entry.name != PROVENANCE_RECORD}
+    present = {name for name in archive.records if name != PROVENANCE_RECORD}
+    if present != set(wanted):
+        return False
+    return all(
+        (archive.records[name].size, archive.records[name].crc32) == (entry.size, entry.crc32)
+        for name, entry in wanted.items()
+    )
 
 
 def without_provenance(plan: OutputPlan) -> OutputPlan:

@@ -160,8 +160,9 @@ _HOLDER = textwrap.dedent(
 @contextlib.contextmanager
 def held_by_another_process(path: Path, how: str) -> Iterator[subprocess.Popen[str]]:
     """Another real process holds ``path`` while the block runs: ``how`` is ``"write"`` (open
-    for appending, as a training job mid-save) or ``"flock"`` (a shared flock, a user's pin)."""
-    assert how in ("write", "flock")
+    for appending, as a training job mid-save), ``"read"`` (open for reading, as an evaluation
+    job loading it) or ``"flock"`` (a shared flock, a user's pin)."""
+    assert how in ("write", "read", "flock")
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, how, os.fspath(path)],
         stdin=subprocess.PIPE,

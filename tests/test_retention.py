@@ -1,0 +1,524 @@
+"""Retention end to end: which full checkpoints stay, through the real ``sweeper sweep``.
+
+One section per failure of the retention issue (restarted runs, rolling names, stale copies,
+a corrupt newest file, a plan gone stale before its deletions, foreign files), then files held
+open for reading and the keep rules (``keep_best``, ``keep_every``, ``keep_inference``).  Each
+CLI scenario also checks the accounting: the dry run's expected bytes equal what the real sweep
+reclaimed, the ledger's outcome total and the tree's drop in apparent size, and a second sweep
+finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import (
+    flip_byte,
+    full_checkpoint,
+    overwrite,
+    record_span,
+    temp_files,
+    tiny_model,
+)
+from conftest import CliRun
+from test_sweep import PATTERNS, Sweeper, assert_copy_matches, by_name, inference, make_run, planned
+from trees import (
+    apparent_size,
+    days_ago,
+    held_by_another_process,
+    ledger_lines,
+    names,
+    outcome_total,
+    save_full,
+    set_mtime,
+    snapshot,
+)
+
+from sweeper.execute import execute_plan
+from sweeper.inventory import scan
+from sweeper.ledger import AppendEach
+from sweeper.policy import Action, Rules
+
+MINUTE_NS = 60 * 1_000_000_000
+NO_AGE = "min_age_seconds=0"
+
+
+@pytest.fixture
+def sweeper(tmp_path: Path, run_sweeper: Callable[..., CliRun]) -> Sweeper:
+    return Sweeper(tmp_path, run_sweeper)
+
+
+def sweep_and_account(sweeper: Sweeper, *args: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Dry run, real sweep, second sweep, all with ``args``.
+
+    The dry run changes nothing; its ``expected_reclaimed_bytes`` equals what the real sweep
+    reclaimed, the ledger's outcome total for that sweep and the tree's drop in apparent size;
+    the dry run planned the same action for every file the real sweep did; the second sweep has
+    no outcomes and reclaims nothing.  Returns (dry run, real sweep)."""
+    before = snapshot(sweeper.root)
+    plan = sweeper("--dry-run", "--json", *args).json()
+    assert snapshot(sweeper.root) == before
+    known = len(ledger_lines(sweeper.ledger)) if sweeper.ledger.exists() else 0
+    size_before = apparent_size(sweeper.root)
+
+    result = sweeper.json(*args)
+
+    size_after = apparent_size(sweeper.root)
+    records = ledger_lines(sweeper.ledger)[known:]
+    run_ids = {record["run_id"] for record in records}
+    assert len(run_ids) == (1 if records else 0)
+    assert all(outcome["ok"] for outcome in result["outcomes"]), result["outcomes"]
+    assert plan["counts"] == result["counts"]
+    planned_actions = {e["path"]: e["action"] for e in plan["entries"]}
+    for outcome in result["outcomes"]:
+        assert planned_actions[outcome["path"]] == outcome["action"]
+    expected = plan["expected_reclaimed_bytes"]
+    assert expected == sum(entry["reclaimed_bytes"] for entry in plan["entries"])
+    assert result["expected_reclaimed_bytes"] == expected
+    assert result["reclaimed_bytes"] == expected
+    assert outcome_total(records, run_ids.pop() if run_ids else None) == expected
+    assert size_before - size_after == expected
+
+    again = sweeper.json(*args)
+    assert again["outcomes"] == []
+    assert again["reclaimed_bytes"] == again["expected_reclaimed_bytes"] == 0
+    assert apparent_size(sweeper.root) == size_after
+    return plan, result
+
+
+def kept_full(folder: Path) -> set[str]:
+    """The full checkpoints left in ``folder`` (every name that is not a copy)."""
+    return {name for name in names(folder) if "_inference." not in name}
+
+
+def copies(folder: Path) -> set[str]:
+    return {name for name in names(folder) if "_inference." in name}
+
+
+def save_checkpoint(
+    path: Path, *, epoch: int, mtime_ns: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``torch.save`` a full checkpoint (tiny model seeded ``epoch``) with ``extra`` top-level
+    keys such as ``best_val_acc``; returns what was saved."""
+    checkpoint = full_checkpoint(epoch=epoch, model=tiny_model(epoch), extra=extra)
+    torch.save(checkpoint, path)
+    set_mtime(path, mtime_ns)
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A restarted run: both orderings keep their newest.
+
+
+def test_restarted_run_keeps_the_newest_by_epoch_and_the_newest_written(sweeper: Sweeper) -> None:
+    """An earlier run's epochs 8-10 (a day old) and a restarted run's epochs 1-3 (this hour)
+    share a folder.  keep_full=2 keeps the two newest by stored epoch (old_epoch10, 9) *and*
+    the two most recently written (restart_epoch3, 2); the reason of restart_epoch2 names the
+    restart.  Only old_epoch8 and restart_epoch1 are deleted, each after its copy."""
+    run = sweeper.root / "run"
+    run.mkdir()
+    saved = {}
+    for epoch in (8, 9, 10):
+        name = f"old_epoch{epoch}.pt"
+        saved[name] = save_full(run / name, epoch=epoch, seed=epoch, mtime_ns=days_ago(1) + epoch)
+    now = time.time_ns()
+    for epoch in (1, 2, 3):
+        name = f"restart_epoch{epoch}.pt"
+        mtime = now - (50 - 10 * epoch) * MINUTE_NS  # 40, 30 and 20 minutes ago
+        saved[name] = save_full(run / name, epoch=epoch, seed=100 + epoch, mtime_ns=mtime)
+
+    plan, result = sweep_and_account(sweeper, NO_AGE)
+
+    entries = by_name(plan["entries"])
+    assert {name for name, e in entries.items() if e["action"] == "delete"} == {
+        "old_epoch8.pt",
+        "restart_epoch1.pt",
+    }
+    reason = entries["restart_epoch2.pt"]["reason"]
+    assert "restart: epochs start over at 1 after epoch 10" in reason
+    assert "one of the 2 most recently written" in reason
+    assert "(epoch 9)" in entries["old_epoch9.pt"]["reason"]
+    assert result["counts"]["delete"] == 2
+    assert kept_full(run) == {
+        "old_epoch9.pt",
+        "old_epoch10.pt",
+        "restart_epoch2.pt",
+        "restart_epoch3.pt",
+    }
+    assert copies(run) == {inference(name) for name in saved}
+    for name, checkpoint in saved.items():
+        assert_copy_matches(run / inference(name), checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Rolling names are never deleted and never take a keep_full slot.
+
+
+def test_rolling_names_are_kept_with_a_copy_and_take_no_slot(sweeper: Sweeper) -> None:
+    """best_model.pt (an old epoch, the oldest mtime) and last.pt (the newest epoch, written
+    last) sit beside epoch_1..4.pt.  Neither is deleted, both get a copy, and neither takes a
+    keep_full slot: had last.pt counted, it would have been first by epoch and by mtime and
+    pushed epoch_3 out of keep_full=2."""
+    run = sweeper.root / "run"
+    saved = make_run(run, {f"epoch_{n}.pt": n for n in (1, 2, 3, 4)})
+    saved["best_model.pt"] = save_full(run / "best_model.pt", epoch=2, seed=2, mtime_ns=days_ago(9))
+    saved["last.pt"] = save_full(run / "last.pt", epoch=4, seed=4, mtime_ns=days_ago(0.5))
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "2", NO_AGE)
+
+    assert kept_full(run) == {"best_model.pt", "last.pt", "epoch_3.pt", "epoch_4.pt"}
+    assert copies(run) == {inference(name) for name in saved}
+    for name, checkpoint in saved.items():
+        assert_copy_matches(run / inference(name), checkpoint)
+    entries = by_name(plan["entries"])
+    for name in ("best_model.pt", "last.pt"):
+        assert entries[name]["action"] == "extract"
+        assert "rolling name" in entries[name]["reason"]
+    assert entries["epoch_1.pt"]["action"] == entries["epoch_2.pt"]["action"] == "delete"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Copies name their source: stale ones are refreshed, foreign ones never overwritten.
+
+
+def test_rewritten_rolling_checkpoint_gets_its_copy_refreshed(sweeper: Sweeper) -> None:
+    """After a sweep made best_model_inference.pt, training overwrites best_model.pt with a
+    later epoch.  The next dry run plans a refresh (writing the new copy's bytes, deleting the
+    old copy's); the real sweep puts a new file in its place (a new inode, no temporary left)
+    holding the new weights, and records a "refresh" in the ledger."""
+    run = sweeper.root / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    first = save_full(run / "best_model.pt", epoch=2, seed=2, mtime_ns=days_ago(1))
+    assert sweeper.json(NO_AGE)["failures"] == 0
+    copy = run / "best_model_inference.pt"
+    assert_copy_matches(copy, first)
+    old_copy = os.stat(copy)
+
+    newer = save_full(run / "best_model.pt", epoch=3, seed=33)
+    plan, result = sweep_and_account(sweeper, NO_AGE)
+
+    entry = by_name(plan["entries"])["best_model.pt"]
+    assert entry["action"] == "refresh"
+    assert "stale" in entry["reason"]
+    assert entry["bytes_deleted"] == old_copy.st_size
+    assert entry["bytes_written"] == os.stat(copy).st_size
+    assert [o["path"] for o in result["outcomes"]] == [os.fspath(run / "best_model.pt")]
+    assert result["outcomes"][0]["detail"] == "refreshed"
+    assert os.stat(copy).st_ino != old_copy.st_ino
+    assert temp_files(run) == []
+    assert_copy_matches(copy, newer)
+    refreshes = [r for r in ledger_lines(sweeper.ledger) if r["action"] == "refresh"]
+    assert [r["path"] for r in refreshes] == [os.fspath(run / "best_model.pt")]
+    assert refreshes[0]["output"] == os.fspath(copy)
+
+
+def test_training_rerun_into_the_same_folder_refreshes_and_demotes_again(sweeper: Sweeper) -> None:
+    """A run is swept (e1, e2 demoted, e3 kept), then trained again into the same folder:
+    e1..e3 are rewritten with new weights while the old copies are still there.  Every stale
+    copy is refreshed, and e1, e2 are demoted again rather than kept full for ever."""
+    run = sweeper.root / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    assert sweeper.json("--keep-full", "1", NO_AGE)["counts"]["delete"] == 2
+    assert kept_full(run) == {"e3.pt"}
+
+    rerun = {}
+    now = time.time_ns()
+    for epoch in (1, 2, 3):
+        name = f"e{epoch}.pt"
+        rerun[name] = save_full(
+            run / name, epoch=epoch, seed=50 + epoch, mtime_ns=now - (4 - epoch) * MINUTE_NS
+        )
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entries = by_name(plan["entries"])
+    assert entries["e3.pt"]["action"] == "refresh"
+    for name in ("e1.pt", "e2.pt"):
+        assert entries[name]["action"] == "delete"
+        assert "stale e" in entries[name]["reason"] and "refreshed first" in entries[name]["reason"]
+    assert names(run) == {"e3.pt", *(inference(name) for name in rerun)}
+    for name, checkpoint in rerun.items():
+        assert_copy_matches(run / inference(name), checkpoint)
+
+
+def test_a_users_file_under_the_copys_name_is_never_overwritten(sweeper: Sweeper) -> None:
+    """A user saved their own dict as epoch_1_inference.pt: sweeper did not write it, so it is
+    left byte for byte, and epoch_1.pt, which would be demoted, stays full instead."""
+    run = sweeper.root / "run"
+    make_run(run, {f"epoch_{n}.pt": n for n in (1, 2, 3)})
+    mine = run / "epoch_1_inference.pt"
+    torch.save({"model_state_dict": tiny_model(7).state_dict(), "note": "mine"}, mine)
+    set_mtime(mine, days_ago(3))
+    before = snapshot(run)[b"epoch_1_inference.pt"]
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entry = by_name(plan["entries"])["epoch_1.pt"]
+    assert entry["action"] == "keep"
+    assert "not this checkpoint's copy" in entry["reason"]
+    assert snapshot(run)[b"epoch_1_inference.pt"] == before
+    assert kept_full(run) == {"epoch_1.pt", "epoch_3.pt"}  # epoch_2 is the control: demoted
+    assert copies(run) == {inference(f"epoch_{n}.pt") for n in (1, 2, 3)}
+
+
+def test_a_copy_carried_in_from_another_folder_is_never_overwritten(sweeper: Sweeper) -> None:
+    """Runs share names (e1.pt): a copy sweeper made in run a, moved into run b, names a's
+    e1.pt, not b's.  It may be all that is left of a's epoch 1, so b's sweep must not refresh it
+    over with b's weights; b's e1.pt stays full instead, and says why."""
+    a, b = sweeper.root / "a", sweeper.root / "b"
+    make_run(a, {f"e{n}.pt": n for n in (1, 2, 3)})
+    b.mkdir()
+    base = days_ago(2)
+    for n in (1, 2, 3):  # b holds other weights under the same names
+        save_full(b / f"e{n}.pt", epoch=n, seed=10 + n, mtime_ns=base + n)
+    done = sweeper("--keep-full", "1", NO_AGE)  # demotes a's e1 and e2, and b's
+    assert done.returncode == 0, done.stderr
+    for n in (1, 2):  # b's copies and full files are gone; a's copy of e1 is moved in
+        (b / f"e{n}_inference.pt").unlink()
+    os.rename(a / "e1_inference.pt", b / "e1_inference.pt")
+    save_full(b / "e1.pt", epoch=1, seed=21, mtime_ns=base + 1)  # b's e1 again
+    save_full(b / "e2.pt", epoch=2, seed=22, mtime_ns=base + 2)
+    before = snapshot(b)[b"e1_inference.pt"]
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entry = by_name([e for e in plan["entries"] if "/b/" in e["path"]])["e1.pt"]
+    assert entry["action"] == "keep"
+    assert "not this checkpoint's copy" in entry["reason"]
+    assert snapshot(b)[b"e1_inference.pt"] == before
+    assert kept_full(b) == {"e1.pt", "e3.pt"}  # e2 is the control: demoted
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A corrupt newest file justifies no deletion.
+
+
+def save_large(path: Path, *, epoch: int, mtime_ns: int) -> dict[str, Any]:
+    """A full checkpoint whose model holds a 64 KiB weight, big enough to zero 4 KiB inside."""
+    model = tiny_model(epoch)
+    torch.manual_seed(1000 + epoch)
+    state = {**model.state_dict(), "proj.weight": torch.randn(128, 128)}
+    checkpoint = full_checkpoint(epoch=epoch, model=model, model_state=state)
+    torch.save(checkpoint, path)
+    set_mtime(path, mtime_ns)
+    return checkpoint
+
+
+def largest_data_record(path: Path) -> tuple[int, int]:
+    """(offset, size) of the biggest tensor data record of a checkpoint."""
+    with zipfile.ZipFile(path) as archive:
+        biggest = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
+    suffix = "/data/" + biggest.filename.rpartition("/data/")[2]
+    return record_span(path, suffix)
+
+
+@pytest.mark.parametrize("damage", ["one flipped byte", "4 KiB of zeros"])
+def test_corrupt_newest_checkpoint_does_not_justify_deletions(
+    sweeper: Sweeper, damage: str
+) -> None:
+    """e3, the newest, has damaged tensor data that its directory and pickle do not show (and
+    torch.load accepts).  With keep_full=1 it must not be the one kept: it is skipped for its
+    CRC, e2 stays full as the newest intact checkpoint, and only e1 is deleted."""
+    run = sweeper.root / "run"
+    run.mkdir()
+    for epoch in (1, 2, 3):
+        mtime = days_ago(2) + epoch
+        if damage == "one flipped byte":
+            save_full(run / f"e{epoch}.pt", epoch=epoch, seed=epoch, mtime_ns=mtime)
+        else:
+            save_large(run / f"e{epoch}.pt", epoch=epoch, mtime_ns=mtime)
+    newest = run / "e3.pt"
+    mtime = os.stat(newest).st_mtime_ns
+    if damage == "one flipped byte":
+        offset, size = record_span(newest, "/data/0")
+        assert size > 0
+        flip_byte(newest, offset + size // 2)
+    else:
+        offset, size = largest_data_record(newest)
+        assert size >= 3 * 4096
+        overwrite(newest, offset + 4096, bytes(4096))
+    set_mtime(newest, mtime)
+    torch.load(newest, weights_only=False)  # our own file; the damage is invisible to torch
+    before = snapshot(run)[b"e3.pt"]
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entries = by_name(plan["entries"])
+    assert entries["e3.pt"]["action"] == "skip"
+    assert "CRC" in entries["e3.pt"]["reason"]
+    assert "the newest intact full checkpoint" in entries["e2.pt"]["reason"]
+    assert entries["e1.pt"]["action"] == "delete"
+    assert snapshot(run)[b"e3.pt"] == before
+    assert names(run) == {"e2.pt", "e3.pt", "e1_inference.pt", "e2_inference.pt"}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The plan goes stale before its deletions run.
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten", "deleted"])
+def test_deletions_wait_for_the_file_that_justified_them(tmp_path: Path, change: str) -> None:
+    """Planned with keep_full=1, e1 and e2 are deleted because e3 is kept.  If e3 is truncated,
+    rewritten or deleted between the plan and its execution, neither is deleted: their
+    outcomes fail naming e3.pt, nothing is deleted and nothing half-written is left."""
+    run = tmp_path / "root" / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    plan = planned(
+        scan([os.fspath(tmp_path / "root")], PATTERNS), Rules(keep_full=1, min_age_seconds=0)
+    )
+    assert plan.count(Action.DELETE) == 2
+    before = snapshot(run)
+    newest = run / "e3.pt"
+    if change == "truncated":
+        os.truncate(newest, newest.stat().st_size // 2)
+    elif change == "rewritten":
+        save_full(newest, epoch=3, seed=99)
+    else:
+        newest.unlink()
+    ledger = tmp_path / "ledger.jsonl"
+
+    report = execute_plan(plan, AppendEach(os.fspath(ledger)), run_id="stale")
+
+    outcomes = {os.path.basename(o.entry.path): o for o in report.outcomes}
+    why = "is gone" if change == "deleted" else "changed since it was scanned"
+    for name in ("e1.pt", "e2.pt"):
+        assert not outcomes[name].ok
+        assert "e3.pt" in outcomes[name].detail and why in outcomes[name].detail
+        assert snapshot(run)[name.encode()] == before[name.encode()]
+    assert not outcomes["e3.pt"].ok  # its copy is not made from a file that changed
+    assert "e3_inference.pt" not in names(run)
+    assert temp_files(run) == []
+    records = ledger_lines(ledger)
+    assert not any(r["action"] in ("delete", "delete-intent") for r in records)
+    assert outcome_total(records) == report.reclaimed_bytes <= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Files that are not the run's own never count and are never deleted.
+
+
+@pytest.mark.parametrize("foreign", ["hard link", "another owner"])
+def test_foreign_files_never_count_and_are_never_deleted(
+    sweeper: Sweeper, tmp_path: Path, foreign: str
+) -> None:
+    """A file storing epoch 99 that is not the run's own: a hard link to another folder's
+    checkpoint, or a file of another uid in a folder root owns.  Had it counted, it would have
+    taken the one keep_full slot and e3 would have been demoted; instead e3 stays full, e1 and
+    e2 are deleted, and the foreign file is left as it was (with a copy beside it)."""
+    if foreign == "another owner" and os.geteuid() != 0:
+        pytest.skip("needs root to hand a file to another user")
+    run = sweeper.root / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    intruder = run / "e99.pt"
+    if foreign == "hard link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        save_full(elsewhere / "e99.pt", epoch=99, seed=99, mtime_ns=days_ago(0.5))
+        os.link(elsewhere / "e99.pt", intruder)
+    else:
+        save_full(intruder, epoch=99, seed=99, mtime_ns=days_ago(0.5))
+        os.chown(intruder, 54321, 54321)
+        assert os.stat(run).st_uid == os.geteuid() == 0
+    before = snapshot(run)[b"e99.pt"]
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entry = by_name(plan["entries"])["e99.pt"]
+    assert entry["action"] == "extract"
+    assert ("hard links" if foreign == "hard link" else "not the folder's owner") in entry["reason"]
+    assert "the newest intact full checkpoint" in by_name(plan["entries"])["e3.pt"]["reason"]
+    assert kept_full(run) == {"e3.pt", "e99.pt"}
+    assert snapshot(run)[b"e99.pt"] == before
+    assert copies(run) == {inference(f"e{n}.pt") for n in (1, 2, 3, 99)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files held open for reading.
+
+
+def test_a_file_open_for_reading_is_not_deleted(sweeper: Sweeper) -> None:
+    """e1 would be demoted with keep_full=1, but an evaluation job has it open for reading: it
+    stays full (and gets its copy).  e2, the control, is deleted."""
+    run = sweeper.root / "run"
+    saved = make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    with held_by_another_process(run / "e1.pt", "read"):
+        plan, result = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    for entries in (plan["entries"], result["outcomes"]):
+        entry = by_name(entries)["e1.pt"]
+        assert entry["action"] == "extract"
+        assert "open by a process" in entry["reason"]
+    assert by_name(result["outcomes"])["e2.pt"]["action"] == "delete"
+    assert kept_full(run) == {"e1.pt", "e3.pt"}
+    assert_copy_matches(run / "e1_inference.pt", saved["e1.pt"])
+
+
+# ---------------------------------------------------------------------------------------------
+# keep_best, keep_every and keep_inference: the rules are a union.
+
+
+def test_keep_rules_are_a_union_and_each_reason_names_its_rules(sweeper: Sweeper) -> None:
+    """Epochs 1..6 with best_val_acc peaking at epoch 4; keep_full=1, keep_best=1, keep_every=2.
+    e6 is kept as the newest and as even, e4 as the best and as even, e2 as even only; e1, e3
+    and e5 are kept by none and deleted.  Each kept file's reason names every rule keeping it."""
+    run = sweeper.root / "run"
+    run.mkdir()
+    accuracy = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.9, 5: 0.8, 6: 0.85}
+    saved = {
+        f"e{epoch}.pt": save_checkpoint(
+            run / f"e{epoch}.pt",
+            epoch=epoch,
+            mtime_ns=days_ago(2) + epoch,
+            extra={"best_val_acc": acc},
+        )
+        for epoch, acc in accuracy.items()
+    }
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", "keep_best=1", "keep_every=2", NO_AGE)
+
+    reasons = {name: e["reason"] for name, e in by_name(plan["entries"]).items()}
+    best = "keep_best: best_val_acc=0.9, the highest"
+    every = "keep_every: epoch divisible by 2"
+    newest = "the newest intact full checkpoint"
+    assert newest in reasons["e6.pt"] and every in reasons["e6.pt"]
+    assert best not in reasons["e6.pt"]
+    assert best in reasons["e4.pt"] and every in reasons["e4.pt"]
+    assert newest not in reasons["e4.pt"]
+    assert every in reasons["e2.pt"]
+    assert best not in reasons["e2.pt"] and newest not in reasons["e2.pt"]
+    for name in ("e1.pt", "e3.pt", "e5.pt"):
+        assert by_name(plan["entries"])[name]["action"] == "delete"
+        assert "kept by none of keep_best=1, keep_every=2" in reasons[name]
+    assert kept_full(run) == {"e2.pt", "e4.pt", "e6.pt"}
+    assert copies(run) == {inference(name) for name in saved}
+
+
+def test_keep_inference_last_drops_older_copies(sweeper: Sweeper) -> None:
+    """keep_inference.all=false, keep_inference.last=1, keep_full=1 on epochs 1..5: e5 stays
+    full with its copy, e4 (the newest demoted) leaves its copy, and e1..e3 are deleted without
+    one, their plan entries saying so."""
+    run = sweeper.root / "run"
+    saved = make_run(run, {f"e{n}.pt": n for n in range(1, 6)})
+    args = ("--keep-full", "1", "keep_inference.all=false", "keep_inference.last=1", NO_AGE)
+
+    plan, result = sweep_and_account(sweeper, *args)
+
+    entries = by_name(plan["entries"])
+    for name in ("e1.pt", "e2.pt", "e3.pt"):
+        assert entries[name]["action"] == "delete"
+        assert "no inference copy kept" in entries[name]["reason"]
+        assert entries[name]["output"] is None and entries[name]["bytes_written"] == 0
+    assert entries["e4.pt"]["action"] == "delete"
+    assert "no inference copy kept" not in entries["e4.pt"]["reason"]
+    assert names(run) == {"e5.pt", "e5_inference.pt", "e4_inference.pt"}
+    assert_copy_matches(run / "e4_inference.pt", saved["e4.pt"])
+    assert_copy_matches(run / "e5_inference.pt", saved["e5.pt"])
+    assert result["counts"]["delete"] == 4
