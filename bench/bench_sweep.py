@@ -49,6 +49,7 @@ from harness import (  # noqa: E402
     CHILD_ENV,
     GNU_TIME,
     CommandFailed,
+    baseline_command,
     machine,
     sweeper_command,
     timed_process,
@@ -238,8 +239,8 @@ def benchmark(
     all_series.insert(sizes.index(files) + 1,
                       Series("naive", files, " ".join(naive_argv), naive_argv))  # fmt: skip
     if baseline is not None:
-        module = [sys.executable, "-m", "sweeper", *sweep_argv(files)[len(sweeper):]]
-        env = {**CHILD_ENV, "PYTHONPATH": os.path.abspath(baseline)}
+        command, env = baseline_command(baseline)
+        module = [*command, *sweep_argv(files)[len(sweeper):]]
         all_series.insert(sizes.index(files) + 1,
                           Series("baseline", files, f"PYTHONPATH={baseline} " + " ".join(module),
                                  module, env=env))  # fmt: skip
@@ -257,7 +258,7 @@ def benchmark(
             else:
                 tree = os.path.join(workdir, str(series.files))
                 counts = check_plan(stdout_path, series.files, tree, ledger)
-                if series.files == files:
+                if series.method == "sweeper" and series.files == files:
                     plan_counts = counts
             os.unlink(stdout_path)
             return run
@@ -413,7 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also cProfile one dry run of the largest tree (top 25 to stderr)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--baseline", metavar="SRC",
+                        help="also time the sweeper source tree at SRC on the main tree "
+                        "(e.g. made by `git worktree add SRC REV`)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.baseline is not None and not os.path.isdir(os.path.join(args.baseline, "sweeper")):
+        parser.error(f"--baseline {args.baseline}: no sweeper package there")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.files < PER_RUN or args.files % PER_RUN:
@@ -423,7 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_sweep: no GNU time at /usr/bin/time; peak RSS includes this process's",
               file=sys.stderr)  # fmt: skip
     try:
-        result = benchmark(args.rounds, args.files, args.scales, workdir, args.keep, args.profile)
+        result = benchmark(
+            args.rounds,
+            args.files,
+            args.scales,
+            workdir,
+            args.keep,
+            args.profile,
+            args.baseline,
+        )
     except CommandFailed as error:
         print(f"bench_sweep: {error}", file=sys.stderr)
         return 1

@@ -40,6 +40,20 @@ def sweeper_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "sweeper"]
 
 
+def baseline_command(source: str) -> tuple[list[str], dict[str, str]]:
+    """Run the sweeper source tree at ``source`` (e.g. a ``git worktree`` of an older commit)
+    with this interpreter's installed dependencies.  ``-S`` keeps site's ``.pth`` files out (an
+    editable install's import hook would load the working tree's sweeper whatever PYTHONPATH
+    says) and ``-P`` the working directory (Python >= 3.11)."""
+    import site
+
+    path = [os.path.abspath(source), *site.getsitepackages()]
+    return [sys.executable, "-P", "-S", "-m", "sweeper"], {
+        **CHILD_ENV,
+        "PYTHONPATH": os.pathsep.join(path),
+    }
+
+
 def describe_digests(before: str, after: str) -> str:
     if before == after:
         return before

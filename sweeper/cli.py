@@ -7,6 +7,7 @@ The one place that maps exceptions to exit codes: 0 ok, 1 finished but some item
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -208,8 +209,8 @@ class _Progress:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
-    from sweeper.intact import Verifier, verify_inventory, verify_run
-    from sweeper.inventory import Scan, scan
+    from sweeper.intact import Verifier, verify_run
+    from sweeper.inventory import RunFolder, Scan, scan
     from sweeper.ledger import AppendEach, action_lock
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
@@ -221,29 +222,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rules = settings.rules()
     verifier = Verifier()
+    processes = len(os.sched_getaffinity(0))
+
+    def verified(now_ns: int) -> Callable[[RunFolder], RunFolder]:
+        return functools.partial(verify_run, rules=rules, now_ns=now_ns, verifier=verifier)
 
     def plan_now() -> SweepPlan:
+        now_ns = time.time_ns()
         inventory = scan(
             settings.roots,
             settings.patterns,
             progress=progress.scanned,
-            processes=len(os.sched_getaffinity(0)),
+            processes=processes,
+            refine=verified(now_ns),
         )
-        now_ns = time.time_ns()
-        inventory = verify_inventory(inventory, rules, now_ns=now_ns, verifier=verifier)
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
 
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
-        walk = Scan(settings.roots, settings.patterns, processes=len(os.sched_getaffinity(0)))
         now_ns = time.time_ns()
+        walk = Scan(settings.roots, settings.patterns, processes=processes, refine=verified(now_ns))
         entries = (
             entry
             for run in walk.runs(progress.scanned)
-            for entry in plan_run(
-                verify_run(run, rules, now_ns=now_ns, verifier=verifier), rules, now_ns=now_ns
-            )
+            for entry in plan_run(run, rules, now_ns=now_ns)
         )
         report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
         progress.clear()

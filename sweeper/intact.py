@@ -95,6 +95,7 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
         todo = policy.needs_verification(candidates, decisions)
         if not todo:
             break
+        corrupt = False
         for name in sorted(todo):
             file = files[name]
             problem = verifier.check(run.folder, file)
@@ -103,6 +104,9 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
             else:
                 log.warning("%s: %s", file.display, problem)
                 files[name] = dataclasses.replace(file, problem=problem, kind=None)
+                corrupt = True
+        if not corrupt:  # the same decisions, now resting on verified files
+            break
     return RunFolder(run.root, run.folder, tuple(files.values()), run.owner_uid)
 
 

@@ -222,13 +222,15 @@ def scan(
     progress: Callable[[int], None] | None = None,
     processes: int = 1,
     cache: ScanCache | None = None,
+    refine: Callable[[RunFolder], RunFolder] | None = None,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
     With ``processes`` > 1 (one-shot sweeps, never the threaded daemon) folders are classified
-    by that many forked worker processes; the walk and the result stay the same.
+    by that many forked worker processes; the walk and the result stay the same.  ``refine``
+    is applied to each run folder where it was classified (see :class:`Scan`).
     """
-    walk = Scan(roots, patterns, processes=processes, cache=cache)
+    walk = Scan(roots, patterns, processes=processes, cache=cache, refine=refine)
     runs = tuple(walk.runs(progress))
     return Inventory(runs, tuple(walk.problems), frozenset(walk.symlink_targets))
 
@@ -245,10 +247,14 @@ class Scan:
         *,
         processes: int = 1,
         cache: ScanCache | None = None,
+        refine: Callable[[RunFolder], RunFolder] | None = None,
     ) -> None:
         self.patterns = tuple(patterns)
         self.processes = processes
         self.cache = cache
+        # Applied to each run folder where it is classified (in the worker processes, in
+        # parallel): sweeps pass the verification of the files their deletions count on.
+        self.refine = refine
         self.problems: list[tuple[str, str]] = []
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
@@ -273,12 +279,26 @@ class Scan:
 
     def runs(self, progress: Callable[[int], None] | None = None) -> Iterator[RunFolder]:
         files_seen = 0
-        for run in _classify_all(self._folders, self.patterns, self.processes, self.cache):
+        refine, targets = self.refine, self.symlink_targets
+
+        def finish(run: RunFolder) -> RunFolder:
+            if not run.files:
+                return run
+            pinned = _pin_symlink_targets(run, targets)
+            if refine is None:
+                return pinned
+            try:
+                return refine(pinned)
+            except Exception:  # one folder's unforeseen failure must not stop the sweep
+                log.exception("%s: unexpected error while verifying", run.folder.display)
+                return pinned  # unverified: the plan deletes nothing that counts on it
+
+        for run in _classify_all(self._folders, self.patterns, self.processes, self.cache, finish):
             if run.files:
                 files_seen += len(run.files)
                 if progress is not None:
                     progress(files_seen)
-                yield _pin_symlink_targets(run, self.symlink_targets)
+                yield run
 
 
 _PARALLEL_MIN_FOLDERS = 64
@@ -290,11 +310,12 @@ def _classify_all(
     patterns: Sequence[str],
     processes: int,
     cache: ScanCache | None,
+    finish: Callable[[RunFolder], RunFolder],
 ) -> Iterator[RunFolder]:
     if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
         probes = _Probes(_OpenForWriting(), cache)
         for pattern, folder in tasks:
-            yield _classify_listed(pattern, folder, patterns, probes)
+            yield finish(_classify_listed(pattern, folder, patterns, probes))
         if cache is not None:
             cache.prune()
         return
@@ -302,7 +323,8 @@ def _classify_all(
 
     context = multiprocessing.get_context("fork")
     chunk = max(1, len(tasks) // (processes * 8))
-    pool = context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns),))
+    # Forked: ``finish`` (a closure) reaches the workers by inheritance, never pickled.
+    pool = context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns), finish))
     try:
         yield from pool.imap(_classify_task, tasks, chunksize=chunk)
         pool.close()  # orderly: workers finish and exit; terminate() is only for errors
@@ -314,10 +336,11 @@ def _classify_all(
 
 
 _worker_patterns: tuple[str, ...] = ()
+_worker_finish: Callable[[RunFolder], RunFolder] | None = None
 _worker_probes: _Probes | None = None
 
 
-def _init_worker(patterns: tuple[str, ...]) -> None:
+def _init_worker(patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFolder]) -> None:
     """A forked classifier: default signal handling (the parent's handlers only set flags that
     nothing in a worker reads, so SIGTERM from ``Pool.terminate`` must really end it)."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -334,14 +357,15 @@ def _init_worker(patterns: tuple[str, ...]) -> None:
             torchzip.rely_on_address_space_limit()
     except (OSError, ValueError):
         pass  # no ceiling: the opcode walk stays on
-    global _worker_patterns, _worker_probes
+    global _worker_patterns, _worker_probes, _worker_finish
     _worker_patterns = patterns
+    _worker_finish = finish
     _worker_probes = _Probes(_OpenForWriting(), None)
 
 
 def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
-    assert _worker_probes is not None
-    return _classify_listed(task[0], task[1], _worker_patterns, _worker_probes)
+    assert _worker_probes is not None and _worker_finish is not None
+    return _worker_finish(_classify_listed(task[0], task[1], _worker_patterns, _worker_probes))
 
 
 def _classify_listed(

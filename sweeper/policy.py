@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -153,9 +155,19 @@ _SKIP_REASONS = {
 }
 
 
-def rolling_pattern(name: str, patterns: Iterable[str]) -> str | None:
+def rolling_pattern(name: str, patterns: tuple[str, ...]) -> str | None:
     """The first ``rolling_names`` pattern ``name`` matches: a file the trainer rewrites."""
+    if not _any_pattern(patterns)(name):
+        return None
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _any_pattern(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled regex for all the patterns: most names match none, and say so at once."""
+    if not patterns:
+        return lambda name: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
 
 
 def lower_is_better(metric: str, mode: BestMode) -> bool:

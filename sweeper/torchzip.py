@@ -236,14 +236,24 @@ def _apply_zip64_extra(
 
 def record_data_offset(fd: int, archive: Archive, record: Record, path: str) -> int:
     """Where ``record``'s bytes start, after checking its local header matches the directory."""
-    header = _pread_exact(fd, _LOCAL.size, record.header_offset, path, "local header")
+
+    def read(length: int, offset: int, what: str) -> bytes:
+        return _pread_exact(fd, length, offset, path, what)
+
+    return _data_offset(read, archive, record, path)
+
+
+def _data_offset(
+    read: Callable[[int, int, str], bytes], archive: Archive, record: Record, path: str
+) -> int:
+    header = read(_LOCAL.size, record.header_offset, "local header")
     fields = _LOCAL.unpack(header)
     if fields[0] != _LOCAL_SIG:
         raise FileRefused(path, f"malformed archive: bad local header for {record.name!r}")
     name_len: int = fields[9]
     extra_len: int = fields[10]
     full_name = f"{archive.prefix}/{record.name}".encode()
-    stored = _pread_exact(fd, name_len, record.header_offset + _LOCAL.size, path, "record name")
+    stored = read(name_len, record.header_offset + _LOCAL.size, "record name")
     if stored != full_name:
         raise FileRefused(path, f"malformed archive: local header names {stored!r}")
     start = record.header_offset + _LOCAL.size + name_len + extra_len
@@ -1563,11 +1573,26 @@ def _copy_range(
         done += copied
 
 
+_WHOLE_READ_BYTES = 4 * 1024 * 1024  # below this, one read of the records beats one per record
+
+
 def verify_records(fd: int, archive: Archive, path: str) -> None:
     """Read every record and check its CRC (``inspect --verify``); raises FileRefused."""
     records = list(archive.records.values())
-    spans = [(record_data_offset(fd, archive, r, path), r.size) for r in records]
-    for record, crc in zip(records, crcs_of_ranges(fd, spans, path), strict=True):
+    if archive.central_offset <= _WHOLE_READ_BYTES:
+        whole = memoryview(_pread_exact(fd, archive.central_offset, 0, path, "records"))
+
+        def read(length: int, offset: int, what: str) -> bytes:
+            if offset + length > len(whole):
+                raise FileRefused(path, f"truncated archive: {what} runs past the end of the file")
+            return bytes(whole[offset : offset + length])
+
+        starts = [_data_offset(read, archive, r, path) for r in records]
+        crcs = [zlib.crc32(whole[at : at + r.size]) for at, r in zip(starts, records, strict=True)]
+    else:
+        spans = [(record_data_offset(fd, archive, r, path), r.size) for r in records]
+        crcs = crcs_of_ranges(fd, spans, path)
+    for record, crc in zip(records, crcs, strict=True):
         if crc != record.crc32:
             raise FileRefused(path, f"CRC mismatch in record {record.name!r}: the file is corrupt")
 
