@@ -279,7 +279,7 @@ def decide(
 
     kept = _rule_reasons(counted, rules)
     needs = tuple(sorted(c.name for c in counted if c.name in kept))
-    inference_kept = _inference_kept(counted, kept, candidates, rules)
+    inference_kept = _inference_kept(counted, kept, candidates, rules, folder_uid)
     for candidate in counted:
         if candidate.name in kept:
             reason = f"kept: {'; '.join(kept[candidate.name])} ({_describe(candidate)})"
@@ -288,7 +288,7 @@ def decide(
             decisions[candidate.name] = _demote(
                 candidate, rules, now_ns, needs, candidate.name in inference_kept
             )
-    _decide_own_outputs(candidates, decisions, inference_kept, rules)
+    _decide_own_outputs(candidates, decisions, inference_kept, rules, folder_uid)
     return tuple(decisions[c.name] for c in candidates)
 
 
@@ -334,11 +334,24 @@ def _rule_reasons(counted: Sequence[Candidate], rules: Rules) -> dict[str, list[
     return kept
 
 
+def _thinnable(copy: Candidate, folder_uid: int | None) -> bool:
+    """A copy keep_inference may delete: sweeper's (it names its source), the folder owner's,
+    one link, not pinned, not held open."""
+    return (
+        copy.source_name is not None
+        and copy.nlink == 1
+        and (folder_uid is None or copy.uid == folder_uid)
+        and copy.pinned is None
+        and not copy.in_use
+    )
+
+
 def _inference_kept(
     counted: Sequence[Candidate],
     kept_full: dict[str, list[str]],
     candidates: Sequence[Candidate],
     rules: Rules,
+    folder_uid: int | None,
 ) -> set[str]:
     """Names (full checkpoints, and orphan copies) whose inference copy stays.  With
     ``keep_inference.all`` that is every one; otherwise those the rules pick among the folder's
@@ -363,7 +376,8 @@ def _inference_kept(
     if inference.every > 0:
         keep |= {c.name for c in pool if c.epoch is not None and c.epoch % inference.every == 0}
     for orphan in orphans:
-        if orphan.source_name and rolling_pattern(orphan.source_name, rules.rolling_names):
+        rolling = orphan.source_name and rolling_pattern(orphan.source_name, rules.rolling_names)
+        if rolling or not _thinnable(orphan, folder_uid):
             keep.add(orphan.name)
     return keep
 
@@ -373,6 +387,7 @@ def _decide_own_outputs(
     decisions: dict[str, Decision],
     inference_kept: set[str],
     rules: Rules,
+    folder_uid: int | None,
 ) -> None:
     by_name = {c.name: c for c in candidates}
     for candidate in candidates:
@@ -397,6 +412,8 @@ def _decide_own_outputs(
             decisions.get(source.name, skip).action is Action.DELETE
             and not decisions[source.name].with_copy
             and source.copy in (CopyStatus.CURRENT, CopyStatus.STALE)
+            and candidate.name == source.copy_name
+            and _thinnable(candidate, folder_uid)
         ):
             decisions[candidate.name] = Decision(
                 candidate.name,

@@ -519,6 +519,27 @@ ROWS = {
         keep_full=1,
         keep_inference=InferenceRules(all=False, last=1, every=2),
     ),
+    "keep_inference never thins another owner's, a pinned, an open or a hard-linked copy": Row(
+        [
+            other("a_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="a.pt", uid=7),
+            other("b_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="b.pt", pinned="x"),
+            other("c_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="c.pt", in_use=True),
+            other("d_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="d.pt", nlink=2),
+            other("e_inference.pt", Status.OWN_OUTPUT, epoch=1, source_name="e.pt"),
+            full("e9.pt", 9),
+        ],
+        [
+            ("a_inference.pt", "skip", "sweeper's own output"),
+            ("b_inference.pt", "skip", "sweeper's own output"),
+            ("c_inference.pt", "skip", "sweeper's own output"),
+            ("d_inference.pt", "skip", "sweeper's own output"),
+            ("e_inference.pt", "delete", "thinned"),  # the control
+            ("e9.pt", "extract", "newest"),
+        ],
+        keep_full=1,
+        keep_inference=InferenceRules(all=False, every=100),
+        folder_uid=0,
+    ),
     "empty folder": Row([], []),
 }
 
