@@ -150,6 +150,12 @@ class Settings:
         inference = self.keep_inference
         for name in ("last", "best", "every"):
             _check_at_least(f"keep_inference.{name}", getattr(inference, name), 0)
+        if inference.all and (inference.last or inference.best or inference.every):
+            raise ConfigError(
+                "keep_inference",
+                "all=true keeps every copy, so last, best and every would do nothing; "
+                "set keep_inference.all=false to use them",
+            )
         if not inference.all and not (inference.last or inference.best or inference.every):
             # Deleting every copy whose full checkpoint is gone loses those weights for good.
             raise ConfigError(

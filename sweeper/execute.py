@@ -201,8 +201,9 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
 def _write_copy(
     entry: PlanEntry, source: Located, copy: Located, identity: FileIdentity, context: _Context
 ) -> tuple[int, int]:
-    """Write the inference copy, replacing the planned stale copy if there is one; ledger it.
-    Returns (bytes written, bytes of the stale copy replaced)."""
+    """Write the inference copy over the planned stale copy if there is one (or with the stale
+    copy kept aside under ``entry.keep_as``); ledger it.  Returns (bytes written, bytes of the
+    stale copy replaced)."""
     stale = FileIdentity(*entry.replaces) if entry.replaces is not None else None
     result = extract(
         source,
@@ -212,15 +213,20 @@ def _write_copy(
         should_stop=context.should_stop,
         replace=False,
         replacing=stale,
+        keep_aside=entry.keep_as,
     )
     written = result.bytes_out
     if stale is None:
         context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)
         log.info("%s: wrote %s (%d bytes)", entry.path, entry.output, written)
         return written, 0
-    context.record(entry, LedgerAction.REFRESH, entry.reason, written=written, deleted=stale.size)
+    replaced = 0 if entry.keep_as is not None else stale.size
+    reason = entry.reason
+    if entry.keep_as is not None:
+        reason += f"; the stale copy is now {entry.keep_as}"
+    context.record(entry, LedgerAction.REFRESH, reason, written=written, deleted=replaced)
     log.info("%s: refreshed stale %s (%d bytes)", entry.path, entry.output, written)
-    return written, stale.size
+    return written, replaced
 
 
 def _require_needs(entry: PlanEntry, dir_fd: int) -> None:

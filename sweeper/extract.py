@@ -45,6 +45,16 @@ def output_name(source_name: str, mode: Mode) -> str:
     return f"{stem}_{mode.value}.{suffix}"
 
 
+def superseded_name(source_name: str, pickle_crc32: int) -> str:
+    """Where a stale copy of an earlier version of ``source_name`` is kept when a fresh copy
+    takes its name: ``epoch_1.pt`` -> ``epoch_1.superseded-1a2b3c4d_inference.pt`` (the old
+    version's pickle CRC): still sweeper's output, never the copy of a file of that name."""
+    stem, dot, suffix = source_name.rpartition(".")
+    if not dot or not stem:
+        stem, suffix = source_name, "pt"
+    return f"{stem}.superseded-{pickle_crc32:08x}_{Mode.INFERENCE.value}.{suffix}"
+
+
 def is_sweeper_output(name: str) -> bool:
     stem = name.rpartition(".")[0]
     return stem.endswith(("_inference", "_weights"))
@@ -133,6 +143,7 @@ def extract(
     delete_source: bool = False,
     replace: bool = True,
     replacing: FileIdentity | None = None,
+    keep_aside: str | None = None,
 ) -> ExtractResult:
     """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
 
@@ -140,7 +151,9 @@ def extract(
     shape, stride, offset and storage sharing checked against the source), and records which
     version of which file it was made from (:class:`torchzip.Provenance`).  ``replacing`` is
     the stale copy a refresh replaces: the rename goes ahead only while the target name still
-    holds that very file (``replace=False`` never replaces anything).  With
+    holds that very file, and with ``keep_aside`` that file is first renamed to that name
+    (never over an existing one) instead of being overwritten (``replace=False`` never
+    replaces anything).  With
     ``delete_source`` the source is unlinked only after that, and only if the name still
     refers to the very file that was read.  ``expected`` is the file the caller listed; a
     different (or since modified) file under that name is refused.  Any failure leaves no temp
@@ -156,7 +169,9 @@ def extract(
             checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)
         )
         plan = torchzip.plan_output(checkpoint, mode, provenance)
-        _write_verified(fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing)
+        _write_verified(
+            fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing, keep_aside
+        )
     finally:
         os.close(fd)
     deleted = 0
@@ -186,6 +201,7 @@ def _write_verified(
     should_stop: Callable[[], bool],
     replace: bool,
     replacing: FileIdentity | None,
+    keep_aside: str | None,
 ) -> None:
     temp = _temp_name(target.name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -215,7 +231,11 @@ def _write_verified(
         _refuse_non_file_target(target)
         if replacing is not None:
             _require_target(target, replacing)
-            os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+            if keep_aside is None:
+                os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+            else:
+                _move_aside(target, keep_aside)
+                _link_no_replace(temp, target)
         elif replace:
             os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
         else:
@@ -236,6 +256,19 @@ def _require_target(target: Located, expected: FileIdentity) -> None:
         raise FileRefused(target.display, "vanished before it could be refreshed") from None
     if not stat.S_ISREG(now.st_mode) or FileIdentity.of(now) != expected:
         raise FileRefused(target.display, "changed since it was scanned; not replaced")
+
+
+def _move_aside(target: Located, aside: str) -> None:
+    """Rename the stale copy at ``target`` to ``aside`` (in the same folder), never over a file
+    that already has that name.  A crash right after leaves the copy's name free: the next
+    sweep writes the copy again."""
+    try:
+        os.stat(aside, dir_fd=target.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        raise FileRefused(target.display, f"{aside} exists; the stale copy was not moved aside")
+    os.rename(target.name, aside, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
 
 
 def _link_no_replace(temp: str, target: Located) -> None:
@@ -320,8 +353,12 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
         provenance = torchzip.provenance_of(
             checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)
         )
-        copy_fd, _ = open_regular(copy.name, copy.dir_fd, copy.display)
+        copy_fd, copy_info = open_regular(copy.name, copy.dir_fd, copy.display)
         try:
+            # Only the checkpoint owner's own copy proves it replaceable: another user's file
+            # with the same bytes could be taken away again once the checkpoint is gone.
+            if copy_info.st_uid != info.st_uid or copy_info.st_nlink != 1:
+                raise FileRefused(copy.display, "not the checkpoint owner's own single-link copy")
             archive = torchzip.read_archive(copy_fd, copy.display)
             recorded = torchzip.read_provenance(copy_fd, archive, copy.display)
             if recorded is None:  # written before copies named their source
@@ -391,6 +428,14 @@ def delete_if_same(source: Located, expected: FileIdentity) -> None:
             raise FileRefused(source.display, "open by a process; not deleted")
     finally:
         os.close(fd)
+    # The open-file probe takes time: look once more, right before the unlink, in case a
+    # trainer has just saved a new file under this name.
+    try:
+        last = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileRefused(source.display, "vanished before it could be deleted") from None
+    if FileIdentity.of(last) != expected or last.st_nlink != 1:
+        raise FileRefused(source.display, "replaced since it was read; not deleted")
     os.unlink(source.name, dir_fd=source.dir_fd)
     os.fsync(source.dir_fd)
 

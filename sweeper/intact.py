@@ -107,7 +107,7 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
                 corrupt = True
         if not corrupt:  # the same decisions, now resting on verified files
             break
-    return RunFolder(run.root, run.folder, tuple(files.values()), run.owner_uid)
+    return dataclasses.replace(run, files=tuple(files.values()))
 
 
 def verify_inventory(
@@ -115,4 +115,4 @@ def verify_inventory(
 ) -> Inventory:
     """:func:`verify_run` for every run folder of ``inventory``."""
     runs = tuple(verify_run(run, rules, now_ns=now_ns, verifier=verifier) for run in inventory.runs)
-    return Inventory(runs, inventory.problems, inventory.symlink_targets)
+    return dataclasses.replace(inventory, runs=runs)

@@ -30,6 +30,7 @@ from sweeper.extract import (
     open_regular,
     opened_by_processes,
     output_name,
+    superseded_name,
 )
 from sweeper.policy import CopyStatus
 from sweeper.torchzip import Kind, Mode
@@ -70,9 +71,12 @@ class CopyState:
     """The inference copy beside a full checkpoint, as far as its directory tells.
 
     ``current``: its records (names, sizes, CRCs) are exactly what extraction would write now;
-    ``stale``: sweeper made it from an earlier version of this same file (it names that version
-    and has the source's owner); ``foreign``: anything else under the copy's name, which is
-    never overwritten.  ``identity`` (dev, ino, size, mtime_ns) is what a refresh replaces.
+    ``stale``: sweeper made it from an earlier version of a file of this name (it names that
+    version); ``foreign``: anything else under the copy's name, which is never overwritten.
+    Only a copy owned by the checkpoint's owner, with one link, is current or stale: another
+    user's file proves nothing and is never touched.  ``identity`` (dev, ino, size, mtime_ns)
+    is what a refresh replaces; ``made_here``: the stale copy was made from this folder's
+    file; ``aside``: the name a stale copy keeps when it is not replaced outright.
     """
 
     name: str
@@ -80,6 +84,8 @@ class CopyState:
     problem: str | None = None
     size: int = 0
     identity: tuple[int, int, int, int] | None = None
+    made_here: bool = False
+    aside: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +113,9 @@ class FileEntry:
     writing: bool = False  # a process holds it open for writing
     in_use: bool = False  # a process holds it open (for reading too)
     metrics: tuple[tuple[str, float], ...] = ()  # top level, then one level down ("a.b")
-    source_name: str | None = None  # sweeper's copies: the file the copy names as its source
+    # sweeper's copies made from this folder's file of that name (named as its copy): what
+    # keep_inference may thin once that file is gone
+    source_name: str | None = None
     verified: bool = False  # every record's CRC read and checked (see Verifier)
 
 
@@ -668,7 +676,9 @@ def _read_checkpoint(
             source = torchzip.read_provenance(fd, checkpoint.archive, display)
         except FileRefused:
             source = None
-        found["source_name"] = source.name if source is not None else None
+        here = source is not None and source.folder == folder_identity(dir_fd)
+        if source is not None and here and name == output_name(source.name, Mode.INFERENCE):
+            found["source_name"] = source.name
     if checkpoint.kind is not Kind.FULL or own:
         return
     provenance = torchzip.provenance_of(checkpoint, name, info.st_mtime_ns, folder_identity(dir_fd))
@@ -711,6 +721,12 @@ def _copy_state(
     def state(status: CopyStatus, problem: str | None = None) -> CopyState:
         return CopyState(name, status, problem, info.st_size, identity)
 
+    if info.st_uid != source.st_uid:
+        os.close(fd)
+        return state(CopyStatus.FOREIGN, "owned by another user")
+    if info.st_nlink != 1:
+        os.close(fd)
+        return state(CopyStatus.FOREIGN, f"has {info.st_nlink} hard links")
     try:
         archive = torchzip.read_archive(fd, copy_display)
         made_from = torchzip.read_provenance(fd, archive, copy_display)
@@ -726,11 +742,15 @@ def _copy_state(
         return state(CopyStatus.CURRENT)  # (made here, or in a folder since copied: the same)
     if made_from.name != provenance.name:
         return state(CopyStatus.FOREIGN, f"a copy of {made_from.name!r}")
-    if made_from.folder != provenance.folder:
-        return state(CopyStatus.FOREIGN, "a copy made in another folder")
-    if info.st_uid != source.st_uid:
-        return state(CopyStatus.FOREIGN, "not owned by the checkpoint's owner")
-    return state(CopyStatus.STALE, "made from an earlier version of this file")
+    return CopyState(
+        name,
+        CopyStatus.STALE,
+        "made from an earlier version of this file",
+        info.st_size,
+        identity,
+        made_here=made_from.folder == provenance.folder,
+        aside=superseded_name(provenance.name, made_from.pickle_crc32),
+    )
 
 
 def _flock_held(fd: int) -> bool:

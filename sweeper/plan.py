@@ -49,6 +49,7 @@ class PlanEntry:
     extract_first: bool = False
     needs: tuple[Need, ...] = ()  # DELETE: re-checked just before the unlink
     replaces: tuple[int, int, int, int] | None = None  # the stale copy a refresh replaces
+    keep_as: str | None = None  # where that stale copy is kept instead of being overwritten
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -104,6 +105,7 @@ def to_candidate(file: FileEntry) -> Candidate:
         pinned=file.pinned,
         copy=copy.status if copy else CopyStatus.NONE,
         copy_name=copy.name if copy else None,
+        copy_made_here=copy.made_here if copy else False,
         uid=file.uid,
         metrics=file.metrics,
         verified=file.verified,
@@ -155,6 +157,7 @@ def _entry(
     written = deleted = 0
     output = None
     replaces = None
+    keep_as = None
     copy = file.copy
     if decision.action is Action.DELETE:
         deleted = file.size
@@ -167,7 +170,10 @@ def _entry(
             written = file.output_bytes
             if copy.status is CopyStatus.STALE:
                 replaces = copy.identity
-                deleted += copy.size
+                if decision.keep_stale:
+                    keep_as = copy.aside
+                else:
+                    deleted += copy.size
     needs = tuple(
         Need(name, files[name].dev, files[name].ino, files[name].size, files[name].mtime_ns)
         for name in decision.needs
@@ -192,4 +198,5 @@ def _entry(
         extract_first=decision.extract_first,
         needs=needs,
         replaces=replaces,
+        keep_as=keep_as,
     )

@@ -112,11 +112,12 @@ class Candidate:
     pinned: str | None = None
     copy: CopyStatus = CopyStatus.NONE
     copy_name: str | None = None
+    copy_made_here: bool = False  # a stale copy made from this folder's file of that name
     uid: int = 0
     metrics: tuple[tuple[str, float], ...] = ()
     verified: bool = True  # every record's CRC checked; only verified files may justify deletions
     in_use: bool = False  # some process holds it open (reading counts)
-    source_name: str | None = None  # own outputs: the file this copy was made from
+    source_name: str | None = None  # own outputs: the file of this folder it was made from
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,10 @@ class Decision:
     # must be verified intact before the plan counts on it, and unchanged when the deletion runs.
     needs: tuple[str, ...] = ()
     with_copy: bool = True  # DELETE of a full checkpoint: False when keep_inference drops its copy
+    # REFRESH, or DELETE with extract_first, over a stale copy: keep the stale copy under another
+    # name (it may be all that is left of those weights) instead of replacing it.  Only the copy
+    # of a rolling name made from this folder's file is replaced outright.
+    keep_stale: bool = False
 
 
 def _progress_key(candidate: Candidate) -> tuple[int, int, int]:
@@ -215,8 +220,11 @@ def _restart(counted: Sequence[Candidate]) -> str | None:
         if candidate.epoch is None and candidate.step is None:
             continue
         if highest is not None and _progress_key(candidate)[:2] < _progress_key(highest)[:2]:
-            unit = "epochs" if candidate.epoch is not None else "steps"
-            again = _describe(candidate).split()[-1]
+            unit, again = (
+                ("epochs", candidate.epoch)
+                if candidate.epoch is not None
+                else ("steps", candidate.step)
+            )
             return f"restart: {unit} start over at {again} after {_describe(highest)}"
         if highest is None or _progress_key(candidate)[:2] > _progress_key(highest)[:2]:
             highest = candidate
@@ -236,11 +244,13 @@ def decide(
     the epoch/step stored in it *or* among the ``keep_full`` most recently written;
     ``keep_best`` best by ``best_metric``; an epoch divisible by ``keep_every``.  Rolling names
     (``best_model.pt``, ``last.ckpt``), hard-linked files and files of another owner never
-    count and are never deleted; every full checkpoint gets a current inference copy.  Any
+    count and are never deleted.  Every full checkpoint gets a current inference copy (a stale
+    one is refreshed), unless ``keep_inference`` drops the copy of one being demoted.  Any
     other full checkpoint is deleted once its copy exists and verifies, except when it is
     younger than ``min_age_seconds``, pinned, held open, or when a foreign file holds its
-    copy's name.  Anything else (incomplete, corrupt, open for writing, not a full checkpoint)
-    is skipped.  A file changed within ``settle_seconds`` is not acted on yet.
+    copy's name.  Copies whose full checkpoint is gone are thinned only as ``keep_inference``
+    says.  Anything else (incomplete, corrupt, open for writing, not a full checkpoint) is
+    skipped.  A file changed within ``settle_seconds`` is not acted on yet.
     """
     decisions: dict[str, Decision] = {}
     counted: list[Candidate] = []
@@ -275,7 +285,7 @@ def decide(
             )
     for candidate, why in uncounted:
         reason = f"kept: {why}; never counted or deleted ({_describe(candidate)})"
-        decisions[candidate.name] = _keep_with_copy(candidate, reason)
+        decisions[candidate.name] = _keep_with_copy(candidate, reason, rules)
 
     kept = _rule_reasons(counted, rules)
     needs = tuple(sorted(c.name for c in counted if c.name in kept))
@@ -283,12 +293,15 @@ def decide(
     for candidate in counted:
         if candidate.name in kept:
             reason = f"kept: {'; '.join(kept[candidate.name])} ({_describe(candidate)})"
-            decisions[candidate.name] = _keep_with_copy(candidate, reason)
+            decisions[candidate.name] = _keep_with_copy(candidate, reason, rules)
         else:
             decisions[candidate.name] = _demote(
                 candidate, rules, now_ns, needs, candidate.name in inference_kept
             )
-    _decide_own_outputs(candidates, decisions, inference_kept, rules, folder_uid)
+    # Thinning copies counts on the copies it keeps, as demotion counts on the full files.
+    kept_copies = [c.name for c in candidates if c.status is Status.OWN_OUTPUT]
+    copy_needs = tuple(sorted({*needs, *(n for n in kept_copies if n in inference_kept)}))
+    _decide_own_outputs(candidates, decisions, inference_kept, rules, folder_uid, copy_needs)
     return tuple(decisions[c.name] for c in candidates)
 
 
@@ -371,10 +384,13 @@ def _inference_kept(
     pool = [c for c in counted if c.name not in kept_full] + orphans
     keep = set(kept_full)
     keep |= {c.name for c in sorted(pool, key=_progress_key, reverse=True)[: inference.last]}
-    metric = choose_metric(pool, rules.best_metric)
-    keep |= {c.name for c in _best(pool, inference.best, metric, rules.best_mode)}
+    if inference.best > 0:
+        metric = choose_metric(pool, rules.best_metric)
+        keep |= {c.name for c in _best(pool, inference.best, metric, rules.best_mode)}
+        # a rule that cannot judge a checkpoint (no such metric stored) never drops its copy
+        keep |= {c.name for c in pool if metric is None or metric_value(c, metric) is None}
     if inference.every > 0:
-        keep |= {c.name for c in pool if c.epoch is not None and c.epoch % inference.every == 0}
+        keep |= {c.name for c in pool if c.epoch is None or c.epoch % inference.every == 0}
     for orphan in orphans:
         rolling = orphan.source_name and rolling_pattern(orphan.source_name, rules.rolling_names)
         if rolling or not _thinnable(orphan, folder_uid):
@@ -388,12 +404,16 @@ def _decide_own_outputs(
     inference_kept: set[str],
     rules: Rules,
     folder_uid: int | None,
+    needs: tuple[str, ...],
 ) -> None:
     by_name = {c.name: c for c in candidates}
     for candidate in candidates:
         if candidate.status is not Status.OWN_OUTPUT:
             continue
-        skip = Decision(candidate.name, Action.SKIP, _SKIP_REASONS[Status.OWN_OUTPUT])
+        why = _SKIP_REASONS[Status.OWN_OUTPUT]
+        skip = Decision(
+            candidate.name, Action.SKIP, f"{why}; {candidate.problem}" if candidate.problem else why
+        )
         source = by_name.get(candidate.source_name or "")
         if candidate.source_name is None:  # names no source: not ours to thin
             decisions[candidate.name] = skip
@@ -406,12 +426,13 @@ def _decide_own_outputs(
                     Action.DELETE,
                     f"thinned: inference copy of {candidate.source_name} (now deleted) not kept "
                     f"by {rules.keep_inference.describe()} ({_describe(candidate)})",
+                    needs=needs,
                     with_copy=False,
                 )
         elif (
             decisions.get(source.name, skip).action is Action.DELETE
             and not decisions[source.name].with_copy
-            and source.copy in (CopyStatus.CURRENT, CopyStatus.STALE)
+            and source.copy is CopyStatus.CURRENT  # a stale copy holds another version
             and candidate.name == source.copy_name
             and _thinnable(candidate, folder_uid)
         ):
@@ -420,7 +441,7 @@ def _decide_own_outputs(
                 Action.DELETE,
                 f"thinned: inference copy of {source.name}, demoted and not kept by "
                 f"{rules.keep_inference.describe()} ({_describe(source)})",
-                needs=decisions[source.name].needs,
+                needs=needs,
                 with_copy=False,
             )
         else:
@@ -442,7 +463,7 @@ def _demote(
             f"modified {age_s:.0f} s ago, younger than min_age_seconds={rules.min_age_seconds}"
         )
     if protection is not None:
-        return _keep_with_copy(candidate, f"kept: {protection} ({what})")
+        return _keep_with_copy(candidate, f"kept: {protection} ({what})", rules)
     older = (
         f"demoted: older than the {rules.keep_full} newest intact full checkpoints, by "
         f"epoch/step and by mtime{_other_rules(rules)} ({what})"
@@ -467,11 +488,36 @@ def _demote(
             candidate.name, Action.DELETE, f"{older}; inference copy present", needs=needs
         )
     first = "inference copy written first"
+    keep_stale = False
     if candidate.copy is CopyStatus.STALE:
-        first = f"stale {candidate.copy_name} refreshed first"
+        keep_stale = _keeps_stale(candidate, rules)
+        first = f"{_stale(candidate, keep_stale)} first"
     return Decision(
-        candidate.name, Action.DELETE, f"{older}; {first}", extract_first=True, needs=needs
+        candidate.name,
+        Action.DELETE,
+        f"{older}; {first}",
+        extract_first=True,
+        needs=needs,
+        keep_stale=keep_stale,
     )
+
+
+def _keeps_stale(candidate: Candidate, rules: Rules) -> bool:
+    """A stale copy is replaced outright only when it is the copy of a rolling name made from
+    this folder's file (best_model.pt rewritten in place: its old copy is what users expect to
+    be replaced).  Any other (a run re-trained into the folder, a copy carried in from
+    elsewhere) may be all that is left of those weights: it is kept under another name."""
+    rolling = rolling_pattern(candidate.name, rules.rolling_names) is not None
+    return not (rolling and candidate.copy_made_here)
+
+
+def _stale(candidate: Candidate, keep_stale: bool) -> str:
+    if keep_stale:
+        return (
+            f"stale {candidate.copy_name} kept aside as another version's copy, "
+            "a fresh copy written"
+        )
+    return f"stale {candidate.copy_name} (made from an earlier version) refreshed"
 
 
 def _other_rules(rules: Rules) -> str:
@@ -481,16 +527,18 @@ def _other_rules(rules: Rules) -> str:
     return f"; kept by none of {', '.join(parts)}" if parts else ""
 
 
-def _keep_with_copy(candidate: Candidate, reason: str) -> Decision:
+def _keep_with_copy(candidate: Candidate, reason: str, rules: Rules) -> Decision:
     if candidate.copy is CopyStatus.NONE:
         return Decision(candidate.name, Action.EXTRACT, f"{reason}; inference copy to write")
     if candidate.copy is CopyStatus.CURRENT:
         return Decision(candidate.name, Action.KEEP, f"{reason}; inference copy present")
     if candidate.copy is CopyStatus.STALE:
+        keep_stale = _keeps_stale(candidate, rules)
         return Decision(
             candidate.name,
             Action.REFRESH,
-            f"{reason}; {candidate.copy_name} is stale (made from an earlier version): refreshed",
+            f"{reason}; {_stale(candidate, keep_stale)}",
+            keep_stale=keep_stale,
         )
     return Decision(
         candidate.name,
@@ -501,7 +549,8 @@ def _keep_with_copy(candidate: Candidate, reason: str) -> Decision:
 
 
 def needs_verification(candidates: Sequence[Candidate], decisions: Sequence[Decision]) -> set[str]:
-    """Unverified full checkpoints that a planned deletion counts on: verify these, mark any
-    corrupt one unusable, and decide again, until none is left."""
-    unverified = {c.name for c in candidates if c.status is Status.FULL and not c.verified}
+    """Unverified full checkpoints (and kept copies) that a planned deletion counts on: verify
+    these, mark any corrupt one unusable, and decide again, until none is left."""
+    checked = (Status.FULL, Status.OWN_OUTPUT)
+    unverified = {c.name for c in candidates if c.status in checked and not c.verified}
     return {name for d in decisions if d.action is Action.DELETE for name in d.needs} & unverified

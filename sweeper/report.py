@@ -167,7 +167,7 @@ def _finite_or_name(value: float) -> float | str:
 
 _SOURCE_STATES = {
     "current": "current (the source is still that version)",
-    "stale": "STALE: the source has been rewritten since; sweeper refreshes the copy",
+    "stale": "STALE: the source has been rewritten since this copy was made",
     "gone": "the source is gone; this copy is all that is left of it",
     "elsewhere": "made in another folder; a file of that name here is not its source",
 }

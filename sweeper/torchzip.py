@@ -1250,6 +1250,8 @@ class Provenance:
         mtime_ns, crc = fields.get("mtime_ns"), fields.get("pickle_crc32")
         if not isinstance(name, str) or not all(type(n) is int for n in (size, mtime_ns, crc)):
             return None
+        if name in ("", ".", "..") or "/" in name or "\0" in name:  # a file name, nothing else
+            return None
         assert isinstance(size, int) and isinstance(mtime_ns, int) and isinstance(crc, int)
         folder = fields.get("folder")
         where = None

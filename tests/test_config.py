@@ -198,6 +198,16 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["queue_size=0"], "queue_size"),
         (["nice=-1"], "nice"),
         (["nice=20"], "nice"),
+        (["keep_best=-1"], "keep_best"),
+        (["keep_every=-2"], "keep_every"),
+        (["best_metric=' '"], "best_metric"),
+        (["best_mode=median"], "best_mode"),
+        (["rolling_names=[a/b]"], "rolling_names"),
+        (["rolling_names=['']"], "rolling_names"),
+        (["keep_inference.last=-1", "keep_inference.all=false"], "keep_inference.last"),
+        (["keep_inference.all=false"], "keep_inference"),  # would delete every orphan copy
+        (["keep_inference.last=3"], "keep_inference"),  # all=true: silently nothing
+        (["keep_inference.some=3"], "keep_inference.some"),
     ],
 )
 def test_unsafe_policy_is_refused(overrides: list[str], key: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from checkpoints import flip_byte, record_span, save_full_checkpoint
 from trees import days_ago, save_full, set_mtime
 
+from sweeper import torchzip
 from sweeper.intact import Verifier, verify_run
 from sweeper.inventory import RunFolder, scan
 from sweeper.plan import plan_run
@@ -91,3 +93,13 @@ def test_unverified_files_never_justify_a_deletion_in_the_plan(tmp_path: Path) -
 
     assert plan["e1.pt"].action is Action.EXTRACT
     assert "not deleted: e2.pt, which it counts on, is not verified" in plan["e1.pt"].reason
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../etc/passwd", "a/b", "a\u0000b", "/abs.pt"])
+def test_a_copy_naming_anything_but_a_file_name_names_nothing(name: str) -> None:
+    """A crafted source record cannot send sweeper to another path (inspect opens the named
+    source to say whether the copy is current)."""
+    record = json.dumps({"source": name, "size": 1, "mtime_ns": 1, "pickle_crc32": 1})
+    assert torchzip.Provenance.decode(record.encode()) is None
+    good = json.dumps({"source": "best_model.pt", "size": 1, "mtime_ns": 1, "pickle_crc32": 1})
+    assert torchzip.Provenance.decode(good.encode()) is not None

@@ -386,12 +386,25 @@ ROWS = {
         [("model_best.pt", "keep", "rolling name"), ("e9.pt", "extract", "newest")],
         keep_full=1,
     ),
-    "a rolling name rewritten since its copy was made: the stale copy is refreshed": Row(
-        [full("best_model.pt", 7, copy=CopyStatus.STALE), full("e9.pt", 9)],
+    "a rolling name rewritten since its copy was made here: the stale copy is replaced": Row(
+        [full("best_model.pt", 7, copy=CopyStatus.STALE, copy_made_here=True), full("e9.pt", 9)],
         [
-            ("best_model.pt", "refresh", "best_model_inference.pt is stale"),
+            ("best_model.pt", "refresh", "stale best_model_inference.pt (made from an earlier"),
             ("e9.pt", "extract", ""),
         ],
+        keep_full=1,
+    ),
+    "a rolling name's stale copy made elsewhere (a copied folder) is kept aside": Row(
+        [full("best_model.pt", 7, copy=CopyStatus.STALE), full("e9.pt", 9)],
+        [
+            ("best_model.pt", "refresh", "kept aside as another version's copy, a fresh copy"),
+            ("e9.pt", "extract", ""),
+        ],
+        keep_full=1,
+    ),
+    "a kept epoch file re-trained in place: its stale copy is kept aside, never overwritten": Row(
+        [full("e9.pt", 9, copy=CopyStatus.STALE, copy_made_here=True)],
+        [("e9.pt", "refresh", "stale e9_inference.pt kept aside as another version's copy")],
         keep_full=1,
     ),
     "another owner's file in the folder never counts and is never deleted": Row(
@@ -422,10 +435,29 @@ ROWS = {
         keep_full=1,
     ),
     # --- stale and foreign copies of demoted files ---------------------------------------
-    "a demoted file with a stale copy: refreshed first, then deleted": Row(
-        [full("e3.pt", 3), full("e1.pt", 1, copy=CopyStatus.STALE)],
-        [("e3.pt", "extract", ""), ("e1.pt", "extract+delete", "stale e1_inference.pt refreshed")],
+    "a demoted file with a stale copy: the stale copy kept aside, a fresh one, then deleted": Row(
+        [full("e3.pt", 3), full("e1.pt", 1, copy=CopyStatus.STALE, copy_made_here=True)],
+        [
+            ("e3.pt", "extract", ""),
+            (
+                "e1.pt",
+                "extract+delete",
+                "stale e1_inference.pt kept aside as another version's copy, a fresh copy "
+                "written first",
+            ),
+        ],
         keep_full=1,
+    ),
+    "keep_inference rules that cannot judge a checkpoint never drop its copy": Row(
+        [full(f"e{n}.pt", n) for n in (1, 2, 3)] + [full("s.pt", step=5)],
+        [
+            ("e1.pt", "extract+delete", "inference copy written first"),
+            ("e2.pt", "extract+delete", "inference copy written first"),
+            ("e3.pt", "extract", "newest"),
+            ("s.pt", "extract+delete", "inference copy written first"),
+        ],
+        keep_full=1,
+        keep_inference=InferenceRules(all=False, best=1, every=7),
     ),
     # --- keep_best and keep_every, as a union with keep_full -----------------------------
     "keep_best (auto metric: best_val_acc, higher is better)": Row(
@@ -565,6 +597,9 @@ def check(row: Row) -> None:
         assert want_reason in reason, (name, reason)
     for decision in decisions:
         assert decision.extract_first == (spelled(decision) == "extract+delete")
+        # only a rolling name's copy made here is overwritten: any other stale copy is kept
+        if decision.keep_stale is False and "stale" in decision.reason:
+            assert "rolling name" in decision.reason, decision
         if decision.action is Action.DELETE:  # a deletion always rests on the kept files
             assert decision.needs or decision.reason.startswith("thinned"), decision
 

@@ -41,6 +41,7 @@ from trees import (
     snapshot,
 )
 
+from sweeper import extract as extract_module
 from sweeper.execute import execute_plan
 from sweeper.inventory import scan
 from sweeper.ledger import AppendEach
@@ -241,10 +242,17 @@ def test_training_rerun_into_the_same_folder_refreshes_and_demotes_again(sweeper
     assert entries["e3.pt"]["action"] == "refresh"
     for name in ("e1.pt", "e2.pt"):
         assert entries[name]["action"] == "delete"
-        assert "stale e" in entries[name]["reason"] and "refreshed first" in entries[name]["reason"]
-    assert names(run) == {"e3.pt", *(inference(name) for name in rerun)}
+        assert "kept aside as another version's copy" in entries[name]["reason"]
+    # The first run's copies are all that is left of its epochs: kept under their own names.
+    superseded = {name for name in names(run) if ".superseded-" in name}
+    assert len(superseded) == 3
+    assert names(run) == {"e3.pt", *(inference(name) for name in rerun), *superseded}
     for name, checkpoint in rerun.items():
         assert_copy_matches(run / inference(name), checkpoint)
+    for name in superseded:  # the old weights, not the rerun's
+        old = torch.load(run / name, weights_only=True)["model_state_dict"]
+        new = rerun[name.split(".superseded-")[0] + ".pt"]["model_state_dict"]
+        assert any(not torch.equal(old[key], new[key]) for key in new)
 
 
 def test_a_users_file_under_the_copys_name_is_never_overwritten(sweeper: Sweeper) -> None:
@@ -269,8 +277,8 @@ def test_a_users_file_under_the_copys_name_is_never_overwritten(sweeper: Sweeper
 
 def test_a_copy_carried_in_from_another_folder_is_never_overwritten(sweeper: Sweeper) -> None:
     """Runs share names (e1.pt): a copy sweeper made in run a, moved into run b, names a's
-    e1.pt, not b's.  It may be all that is left of a's epoch 1, so b's sweep must not refresh it
-    over with b's weights; b's e1.pt stays full instead, and says why."""
+    e1.pt, not b's.  It may be all that is left of a's epoch 1, so b's sweep must not write over
+    it with b's weights: it is kept aside, untouched, and b's e1.pt gets a copy of its own."""
     a, b = sweeper.root / "a", sweeper.root / "b"
     make_run(a, {f"e{n}.pt": n for n in (1, 2, 3)})
     b.mkdir()
@@ -282,17 +290,20 @@ def test_a_copy_carried_in_from_another_folder_is_never_overwritten(sweeper: Swe
     for n in (1, 2):  # b's copies and full files are gone; a's copy of e1 is moved in
         (b / f"e{n}_inference.pt").unlink()
     os.rename(a / "e1_inference.pt", b / "e1_inference.pt")
-    save_full(b / "e1.pt", epoch=1, seed=21, mtime_ns=base + 1)  # b's e1 again
+    b_e1 = save_full(b / "e1.pt", epoch=1, seed=21, mtime_ns=base + 1)  # b's e1 again
     save_full(b / "e2.pt", epoch=2, seed=22, mtime_ns=base + 2)
     before = snapshot(b)[b"e1_inference.pt"]
 
     plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
 
     entry = by_name([e for e in plan["entries"] if "/b/" in e["path"]])["e1.pt"]
-    assert entry["action"] == "keep"
-    assert "not this checkpoint's copy" in entry["reason"]
-    assert snapshot(b)[b"e1_inference.pt"] == before
-    assert kept_full(b) == {"e1.pt", "e3.pt"}  # e2 is the control: demoted
+    assert entry["action"] == "delete"
+    assert "stale e1_inference.pt kept aside as another version's copy" in entry["reason"]
+    (aside,) = [name for name in snapshot(b) if b".superseded-" in name]
+    assert aside.endswith(b"_inference.pt")
+    assert snapshot(b)[aside] == before  # the very file, bytes and inode, under a new name
+    assert kept_full(b) == {"e3.pt"}
+    assert_copy_matches(b / "e1_inference.pt", b_e1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +449,109 @@ def test_foreign_files_never_count_and_are_never_deleted(
     assert kept_full(run) == {"e3.pt", "e99.pt"}
     assert snapshot(run)[b"e99.pt"] == before
     assert copies(run) == {inference(f"e{n}.pt") for n in (1, 2, 3, 99)}
+
+
+@pytest.mark.parametrize("how", ["another owner", "a hard link"])
+def test_a_copy_that_is_not_the_owners_own_proves_nothing(
+    sweeper: Sweeper, tmp_path: Path, how: str
+) -> None:
+    """Someone else's file under the copy's name (same bytes: a teammate ran ``sweeper extract``
+    on the group-readable checkpoint), or a hard link to the copy that outlives it: neither may
+    justify deleting the owner's full checkpoint, since it can be taken away again."""
+    if how == "another owner" and os.geteuid() != 0:
+        pytest.skip("needs root to hand a file to another user")
+    run = sweeper.root / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    done = sweeper._run("extract", run / "e1.pt")
+    assert done.returncode == 0, done.stderr
+    copy = run / "e1_inference.pt"
+    if how == "another owner":
+        os.chown(copy, 2000, 2000)
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        os.link(copy, tmp_path / "elsewhere" / "mine.pt")
+    before = snapshot(run)[b"e1_inference.pt"]
+
+    plan, _ = sweep_and_account(sweeper, "--keep-full", "1", NO_AGE)
+
+    entry = by_name(plan["entries"])["e1.pt"]
+    assert entry["action"] == "keep"
+    assert "not this checkpoint's copy; never overwritten" in entry["reason"]
+    assert kept_full(run) == {"e1.pt", "e3.pt"}  # e2 is the control: demoted
+    assert snapshot(run)[b"e1_inference.pt"] == before
+
+
+def test_thinning_never_touches_copies_collected_from_other_folders(sweeper: Sweeper) -> None:
+    """Copies a user gathered into a folder of their own (``sweeper extract -o``) name sources
+    in other folders: keep_inference thins only copies made in the folder it sweeps."""
+    final = sweeper.root / "final"
+    final.mkdir()
+    for run_name, epoch in (("runA", 10), ("runB", 20), ("runC", 30)):
+        folder = sweeper.root / run_name
+        folder.mkdir()
+        save_full(folder / f"epoch_{epoch}.pt", epoch=epoch, mtime_ns=days_ago(1))
+        target = final / f"{run_name}_inference.pt"
+        done = sweeper._run("extract", folder / f"epoch_{epoch}.pt", "-o", target)
+        assert done.returncode == 0, done.stderr
+        (folder / f"epoch_{epoch}.pt").unlink()
+        folder.rmdir()
+    before = snapshot(final)
+
+    thin = (NO_AGE, "keep_inference.all=false", "keep_inference.last=1")
+    plan = sweeper("--dry-run", "--json", *thin).json()
+    result = sweeper.json(*thin)
+
+    assert plan["counts"]["delete"] == 0 and result["outcomes"] == []
+    assert snapshot(final) == before
+
+
+def test_thinning_counts_only_on_verified_copies(sweeper: Sweeper) -> None:
+    """keep_inference last=1 keeps the newest orphan copy and thins the rest; when that copy
+    is corrupt it justifies nothing: it is skipped, and the next one is kept instead."""
+    run = sweeper.root / "run"
+    make_run(run, {f"e{n}.pt": n for n in range(1, 6)})
+    assert sweeper.json("--keep-full", "2", NO_AGE)["counts"]["delete"] == 3
+    corrupt = run / "e3_inference.pt"
+    offset, _ = record_span(corrupt, "/data/0")
+    stat_before = corrupt.stat()
+    flip_byte(corrupt, offset + 1)
+    os.utime(corrupt, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+
+    plan, _ = sweep_and_account(
+        sweeper, "--keep-full", "2", NO_AGE, "keep_inference.all=false", "keep_inference.last=1"
+    )
+
+    entries = by_name(plan["entries"])
+    assert "CRC mismatch" in entries["e3_inference.pt"]["reason"]
+    assert entries["e2_inference.pt"]["action"] == "skip"  # kept: now the newest good copy
+    assert entries["e1_inference.pt"]["action"] == "delete"
+    assert copies(run) == {inference(f"e{n}.pt") for n in (2, 3, 4, 5)}
+
+
+def test_a_file_saved_under_the_name_during_the_deletion_is_not_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted trainer saves a new e1.pt (write to a temp, rename over) in the moment the
+    deletion looks at e1.pt: the new file is not the one planned, so it is left alone."""
+    run = tmp_path / "root" / "run"
+    make_run(run, {"e1.pt": 1, "e2.pt": 2})
+    plan = planned(scan([str(tmp_path / "root")], PATTERNS), Rules(keep_full=1, min_age_seconds=0))
+    fresh = tmp_path / "fresh.pt"
+    save_full(fresh, epoch=1, seed=77)
+    saved = fresh.read_bytes()
+    real = extract_module.open_elsewhere
+
+    def trainer_saves_meanwhile(fd: int, info: os.stat_result) -> bool:
+        if (run / "e1.pt").stat().st_ino == info.st_ino:
+            os.replace(fresh, run / "e1.pt")
+        return real(fd, info)
+
+    monkeypatch.setattr(extract_module, "open_elsewhere", trainer_saves_meanwhile)
+    report = execute_plan(plan, AppendEach(str(tmp_path / "ledger.jsonl")), run_id="race")
+
+    (outcome,) = [o for o in report.outcomes if o.entry.name == "e1.pt"]
+    assert not outcome.ok and "replaced since it was read" in outcome.detail
+    assert (run / "e1.pt").read_bytes() == saved  # the trainer's new file is still there
 
 
 # ---------------------------------------------------------------------------------------------
