@@ -20,6 +20,8 @@ from sweeper.extract import (
     Located,
     delete_if_same,
     extract,
+    move_aside,
+    output_name,
     remove_stale_temps,
     verify_existing_copy,
 )
@@ -158,10 +160,19 @@ def _execute_folder(
     try:
         for name in remove_stale_temps(dir_fd, STALE_TEMP_SECONDS, time.time()):
             log.info("%s: removed stale temporary file", os.path.join(folder.display, name))
-        for entry in entries:
+        # Copies are written before any deletion that keeps no copy: dropping a copy (or a
+        # checkpoint without one) counts on the copies this run writes, so it waits for them,
+        # and does not happen at all once anything in the folder has failed.
+        failed = False
+        for entry in sorted(entries, key=lambda e: e.action is Action.DELETE and not e.output):
             if context.should_stop():
                 return
-            yield _execute_entry(entry, dir_fd, context)
+            if failed and entry.action is Action.DELETE and not entry.output:
+                yield _failed(entry, context, "not deleted: an earlier action in its folder failed")
+                continue
+            outcome = _execute_entry(entry, dir_fd, context)
+            failed = failed or not outcome.ok
+            yield outcome
     finally:
         os.close(dir_fd)
 
@@ -179,13 +190,20 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
                 verify_existing_copy(source, copy, identity)
         if entry.action is Action.DELETE:
             _require_needs(entry, dir_fd)
+            if entry.extract_first:
+                _require_owned_copy(entry, dir_fd)
+            if entry.output is None and entry.keep_as is not None and entry.replaces is not None:
+                # demoted with no copy of its own: another version's stale copy stays, aside
+                stale = Located(dir_fd, output_name(entry.name, Mode.INFERENCE), entry.path)
+                move_aside(stale, entry.keep_as, FileIdentity(*entry.replaces))
+                log.info("%s: stale inference copy kept as %s", entry.path, entry.keep_as)
             context.record(entry, LedgerAction.DELETE_INTENT, entry.reason, outcome=False)
             delete_if_same(source, identity)
             context.record(entry, LedgerAction.DELETE, entry.reason, deleted=entry.size)
             how = "inference copy verified" if entry.output else "no inference copy kept"
             log.info("%s: deleted (%d bytes); %s", entry.path, entry.size, how)
             return Outcome(entry, True, "deleted", written, entry.size + replaced)
-        detail = "refreshed" if replaced else "extracted"
+        detail = "refreshed" if entry.action is Action.REFRESH else "extracted"
         return Outcome(entry, True, detail, written, replaced)
     except Interrupted:
         return Outcome(entry, False, "interrupted", written, 0)
@@ -227,6 +245,17 @@ def _write_copy(
     context.record(entry, LedgerAction.REFRESH, reason, written=written, deleted=replaced)
     log.info("%s: refreshed stale %s (%d bytes)", entry.path, entry.output, written)
     return written, replaced
+
+
+def _require_owned_copy(entry: PlanEntry, dir_fd: int) -> None:
+    """A copy sweeper could not give the checkpoint's owner (not root, someone else's file)
+    proves nothing to that owner: the checkpoint stays."""
+    assert entry.output is not None
+    info = os.stat(os.path.basename(entry.output), dir_fd=dir_fd, follow_symlinks=False)
+    if info.st_uid != entry.uid:
+        raise FileRefused(
+            entry.path, "not deleted: its copy could not be given the checkpoint's owner"
+        )
 
 
 def _require_needs(entry: PlanEntry, dir_fd: int) -> None:

@@ -7,6 +7,7 @@ walk user-controlled trees, can never be redirected by a symlink swapped in mid-
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -45,14 +46,26 @@ def output_name(source_name: str, mode: Mode) -> str:
     return f"{stem}_{mode.value}.{suffix}"
 
 
-def superseded_name(source_name: str, pickle_crc32: int) -> str:
+_NAME_MAX = 255  # bytes, on every filesystem a checkpoint lives on
+
+
+def superseded_name(source_name: str, made_from: torchzip.Provenance, taken: set[str]) -> str:
     """Where a stale copy of an earlier version of ``source_name`` is kept when a fresh copy
-    takes its name: ``epoch_1.pt`` -> ``epoch_1.superseded-1a2b3c4d_inference.pt`` (the old
-    version's pickle CRC): still sweeper's output, never the copy of a file of that name."""
+    takes its name: ``epoch_1.pt`` -> ``epoch_1.superseded-20261129T2145-1a2b3c4d_inference.pt``
+    (the old version's mtime and pickle CRC; ``-2``, ``-3``... when ``taken`` holds it already):
+    still sweeper's output, never the copy of a file of that name, never longer than NAME_MAX."""
     stem, dot, suffix = source_name.rpartition(".")
     if not dot or not stem:
         stem, suffix = source_name, "pt"
-    return f"{stem}.superseded-{pickle_crc32:08x}_{Mode.INFERENCE.value}.{suffix}"
+    written = time.strftime("%Y%m%dT%H%M", time.gmtime(made_from.mtime_ns // 1_000_000_000))
+    mark = f"superseded-{written}-{made_from.pickle_crc32:08x}"
+    for number in range(1, 1000):
+        tail = f".{mark}{'' if number == 1 else f'-{number}'}_{Mode.INFERENCE.value}.{suffix}"
+        room = _NAME_MAX - len(os.fsencode(tail))
+        name = os.fsdecode(os.fsencode(stem)[: max(room, 1)]) + tail
+        if name not in taken:
+            return name
+    raise FileRefused(source_name, "no free name to keep its stale copy under")
 
 
 def is_sweeper_output(name: str) -> bool:
@@ -234,7 +247,7 @@ def _write_verified(
             if keep_aside is None:
                 os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
             else:
-                _move_aside(target, keep_aside)
+                move_aside(target, keep_aside, replacing)
                 _link_no_replace(temp, target)
         elif replace:
             os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
@@ -258,33 +271,50 @@ def _require_target(target: Located, expected: FileIdentity) -> None:
         raise FileRefused(target.display, "changed since it was scanned; not replaced")
 
 
-def _move_aside(target: Located, aside: str) -> None:
-    """Rename the stale copy at ``target`` to ``aside`` (in the same folder), never over a file
-    that already has that name.  A crash right after leaves the copy's name free: the next
-    sweep writes the copy again."""
+def move_aside(target: Located, aside: str, expected: FileIdentity) -> None:
+    """Rename the stale copy at ``target`` to ``aside`` (same folder) while the name still holds
+    the very file planned, never over a file that already has that name.  A crash right after
+    leaves the copy's name free: the next sweep writes the copy again."""
+    _require_target(target, expected)
     try:
-        os.stat(aside, dir_fd=target.dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        pass
-    else:
-        raise FileRefused(target.display, f"{aside} exists; the stale copy was not moved aside")
-    os.rename(target.name, aside, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
+        _rename_no_replace(target.dir_fd, target.name, aside)
+    except FileExistsError:
+        raise FileRefused(
+            target.display, f"{aside} exists; the stale copy was not moved aside"
+        ) from None
 
 
 def _link_no_replace(temp: str, target: Located) -> None:
     """Put the temp file in place only if nothing holds the name (a user's file that appeared
-    since the scan is never replaced): link, which fails on an existing name, then unlink."""
+    since the scan is never replaced)."""
     try:
-        os.link(
-            temp,
-            target.name,
-            src_dir_fd=target.dir_fd,
-            dst_dir_fd=target.dir_fd,
-            follow_symlinks=False,
-        )
+        _rename_no_replace(target.dir_fd, temp, target.name)
     except FileExistsError:
         raise FileRefused(target.display, "appeared since the scan; not replaced") from None
-    os.unlink(temp, dir_fd=target.dir_fd)
+
+
+_RENAME_NOREPLACE = 1
+_renameat2: Callable[..., int] | None = None
+
+
+def _rename_no_replace(dir_fd: int, old: str, new: str) -> None:
+    """rename(2) that fails with FileExistsError rather than replace ``new``: renameat2 with
+    RENAME_NOREPLACE, one atomic step; where the filesystem or libc lacks it, link then unlink
+    (a crash between leaves a second link to a sweeper temp name, which the next sweep sees)."""
+    global _renameat2
+    if _renameat2 is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _renameat2 = getattr(libc, "renameat2", None) or (lambda *args: -2)
+    result = _renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), _RENAME_NOREPLACE)
+    if result == 0:
+        return
+    error = ctypes.get_errno() if result == -1 else errno.ENOSYS
+    if error == errno.EEXIST:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
+    if error not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise OSError(error, os.strerror(error), old)
+    os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.unlink(old, dir_fd=dir_fd)
 
 
 class _Fsync:

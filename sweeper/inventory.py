@@ -86,6 +86,7 @@ class CopyState:
     identity: tuple[int, int, int, int] | None = None
     made_here: bool = False
     aside: str | None = None
+    pinned: bool = False  # a .keep file or a flock pins the copy: it is never replaced outright
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,7 +691,7 @@ def _read_checkpoint(
     copy_name = output_name(name, Mode.INFERENCE)
     copy = CopyState(copy_name, CopyStatus.NONE)
     if copy_name in names:
-        copy = _copy_state(dir_fd, copy_name, plan, provenance, info, display)
+        copy = _copy_state(dir_fd, copy_name, plan, provenance, info, display, names)
     found.update(output_bytes=plan.total_size, copy=copy)
 
 
@@ -708,6 +709,7 @@ def _copy_state(
     provenance: torchzip.Provenance,
     source: os.stat_result,
     display: str,
+    names: set[str],
 ) -> CopyState:
     """Whether the file under the copy's name is this version's copy, sweeper's copy of an
     earlier version of the same file (stale), or something sweeper must not overwrite."""
@@ -721,6 +723,7 @@ def _copy_state(
     def state(status: CopyStatus, problem: str | None = None) -> CopyState:
         return CopyState(name, status, problem, info.st_size, identity)
 
+    pinned = name + KEEP_SUFFIX in names or _flock_held(fd)
     if info.st_uid != source.st_uid:
         os.close(fd)
         return state(CopyStatus.FOREIGN, "owned by another user")
@@ -742,6 +745,10 @@ def _copy_state(
         return state(CopyStatus.CURRENT)  # (made here, or in a folder since copied: the same)
     if made_from.name != provenance.name:
         return state(CopyStatus.FOREIGN, f"a copy of {made_from.name!r}")
+    try:
+        aside = superseded_name(provenance.name, made_from, names)
+    except FileRefused as error:
+        return state(CopyStatus.FOREIGN, error.reason)
     return CopyState(
         name,
         CopyStatus.STALE,
@@ -749,7 +756,8 @@ def _copy_state(
         info.st_size,
         identity,
         made_here=made_from.folder == provenance.folder,
-        aside=superseded_name(provenance.name, made_from.pickle_crc32),
+        aside=aside,
+        pinned=pinned,
     )
 
 

@@ -106,6 +106,8 @@ def to_candidate(file: FileEntry) -> Candidate:
         copy=copy.status if copy else CopyStatus.NONE,
         copy_name=copy.name if copy else None,
         copy_made_here=copy.made_here if copy else False,
+        copy_pinned=copy.pinned if copy else False,
+        copy_problem=copy.problem if copy and copy.status is CopyStatus.FOREIGN else None,
         uid=file.uid,
         metrics=file.metrics,
         verified=file.verified,
@@ -138,9 +140,10 @@ def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, .
 
 
 def _hold(decision: policy.Decision, unverified: set[str]) -> policy.Decision:
-    if decision.action is not Action.DELETE or not unverified & set(decision.needs):
+    counted_on = unverified & {*decision.needs, *decision.counts_on}
+    if decision.action is not Action.DELETE or not counted_on:
         return decision
-    waiting = ", ".join(sorted(unverified & set(decision.needs)))
+    waiting = ", ".join(sorted(counted_on))
     reason = f"{decision.reason}; not deleted: {waiting}, which it counts on, is not verified"
     if decision.with_copy and decision.extract_first:
         return policy.Decision(decision.name, Action.EXTRACT, reason)
@@ -174,6 +177,10 @@ def _entry(
                     keep_as = copy.aside
                 else:
                     deleted += copy.size
+    elif decision.action is Action.DELETE and copy is not None and decision.keep_stale:
+        # demoted with no copy of its own: another version's stale copy is still kept aside
+        assert copy.status is CopyStatus.STALE
+        replaces, keep_as = copy.identity, copy.aside
     needs = tuple(
         Need(name, files[name].dev, files[name].ino, files[name].size, files[name].mtime_ns)
         for name in decision.needs

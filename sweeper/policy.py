@@ -113,6 +113,8 @@ class Candidate:
     copy: CopyStatus = CopyStatus.NONE
     copy_name: str | None = None
     copy_made_here: bool = False  # a stale copy made from this folder's file of that name
+    copy_pinned: bool = False  # a .keep file or a flock pins the copy itself
+    copy_problem: str | None = None  # why the file under the copy's name is not this one's copy
     uid: int = 0
     metrics: tuple[tuple[str, float], ...] = ()
     verified: bool = True  # every record's CRC checked; only verified files may justify deletions
@@ -129,6 +131,9 @@ class Decision:
     # DELETE only: the files whose presence justifies it (the ones kept by the keep rules); each
     # must be verified intact before the plan counts on it, and unchanged when the deletion runs.
     needs: tuple[str, ...] = ()
+    # DELETE only: files it also counts on that this run demotes (their copies are written
+    # first): verified like ``needs``, not re-checked, since this run deletes them.
+    counts_on: tuple[str, ...] = ()
     with_copy: bool = True  # DELETE of a full checkpoint: False when keep_inference drops its copy
     # REFRESH, or DELETE with extract_first, over a stale copy: keep the stale copy under another
     # name (it may be all that is left of those weights) instead of replacing it.  Only the copy
@@ -290,18 +295,29 @@ def decide(
     kept = _rule_reasons(counted, rules)
     needs = tuple(sorted(c.name for c in counted if c.name in kept))
     inference_kept = _inference_kept(counted, kept, candidates, rules, folder_uid)
+    # Dropping a copy counts on the copies kept instead, as demotion counts on the full files
+    # kept: those already there (re-checked before the deletion), and those this run writes
+    # from checkpoints it demotes (verified, and written before any copy is dropped).
+    kept_copies = [
+        c.name for c in candidates if c.status is Status.OWN_OUTPUT and c.name in inference_kept
+    ]
+    copy_needs = tuple(sorted({*needs, *kept_copies}))
+    written = tuple(
+        sorted(c.name for c in counted if c.name in inference_kept and c.name not in kept)
+    )
     for candidate in counted:
         if candidate.name in kept:
             reason = f"kept: {'; '.join(kept[candidate.name])} ({_describe(candidate)})"
             decisions[candidate.name] = _keep_with_copy(candidate, reason, rules)
+        elif candidate.name in inference_kept:
+            decisions[candidate.name] = _demote(candidate, rules, now_ns, needs)
         else:
             decisions[candidate.name] = _demote(
-                candidate, rules, now_ns, needs, candidate.name in inference_kept
+                candidate, rules, now_ns, copy_needs, copy_kept=False, counts_on=written
             )
-    # Thinning copies counts on the copies it keeps, as demotion counts on the full files.
-    kept_copies = [c.name for c in candidates if c.status is Status.OWN_OUTPUT]
-    copy_needs = tuple(sorted({*needs, *(n for n in kept_copies if n in inference_kept)}))
-    _decide_own_outputs(candidates, decisions, inference_kept, rules, folder_uid, copy_needs)
+    _decide_own_outputs(
+        candidates, decisions, inference_kept, rules, folder_uid, copy_needs, written
+    )
     return tuple(decisions[c.name] for c in candidates)
 
 
@@ -383,7 +399,10 @@ def _inference_kept(
         return everything
     pool = [c for c in counted if c.name not in kept_full] + orphans
     keep = set(kept_full)
-    keep |= {c.name for c in sorted(pool, key=_progress_key, reverse=True)[: inference.last]}
+    if inference.last > 0:
+        keep |= {c.name for c in sorted(pool, key=_progress_key, reverse=True)[: inference.last]}
+        # a checkpoint storing neither epoch nor step cannot be placed: its copy stays
+        keep |= {c.name for c in pool if c.epoch is None and c.step is None}
     if inference.best > 0:
         metric = choose_metric(pool, rules.best_metric)
         keep |= {c.name for c in _best(pool, inference.best, metric, rules.best_mode)}
@@ -405,6 +424,7 @@ def _decide_own_outputs(
     rules: Rules,
     folder_uid: int | None,
     needs: tuple[str, ...],
+    counts_on: tuple[str, ...],
 ) -> None:
     by_name = {c.name: c for c in candidates}
     for candidate in candidates:
@@ -427,6 +447,7 @@ def _decide_own_outputs(
                     f"thinned: inference copy of {candidate.source_name} (now deleted) not kept "
                     f"by {rules.keep_inference.describe()} ({_describe(candidate)})",
                     needs=needs,
+                    counts_on=counts_on,
                     with_copy=False,
                 )
         elif (
@@ -442,6 +463,7 @@ def _decide_own_outputs(
                 f"thinned: inference copy of {source.name}, demoted and not kept by "
                 f"{rules.keep_inference.describe()} ({_describe(source)})",
                 needs=needs,
+                counts_on=counts_on,
                 with_copy=False,
             )
         else:
@@ -449,7 +471,13 @@ def _decide_own_outputs(
 
 
 def _demote(
-    candidate: Candidate, rules: Rules, now_ns: int, needs: tuple[str, ...], copy_kept: bool
+    candidate: Candidate,
+    rules: Rules,
+    now_ns: int,
+    needs: tuple[str, ...],
+    *,
+    copy_kept: bool = True,
+    counts_on: tuple[str, ...] = (),
 ) -> Decision:
     what = _describe(candidate)
     age_s = (now_ns - candidate.mtime_ns) / 1e9
@@ -469,18 +497,24 @@ def _demote(
         f"epoch/step and by mtime{_other_rules(rules)} ({what})"
     )
     if not copy_kept:
+        stale = ""
+        if candidate.copy is CopyStatus.STALE:  # another version's weights: never dropped
+            stale = f"; stale {candidate.copy_name} kept aside as another version's copy"
         return Decision(
             candidate.name,
             Action.DELETE,
-            f"{older}; no inference copy kept ({rules.keep_inference.describe()})",
+            f"{older}; no inference copy kept ({rules.keep_inference.describe()}){stale}",
             needs=needs,
+            counts_on=counts_on,
             with_copy=False,
+            keep_stale=candidate.copy is CopyStatus.STALE,
         )
     if candidate.copy is CopyStatus.FOREIGN:
         return Decision(
             candidate.name,
             Action.KEEP,
-            f"kept: {candidate.copy_name} exists and is not this checkpoint's copy; "
+            f"kept: {candidate.copy_name} exists and is not this checkpoint's copy"
+            f"{_why_not(candidate)}; "
             f"never overwritten ({what})",
         )
     if candidate.copy is CopyStatus.CURRENT:
@@ -508,7 +542,7 @@ def _keeps_stale(candidate: Candidate, rules: Rules) -> bool:
     be replaced).  Any other (a run re-trained into the folder, a copy carried in from
     elsewhere) may be all that is left of those weights: it is kept under another name."""
     rolling = rolling_pattern(candidate.name, rules.rolling_names) is not None
-    return not (rolling and candidate.copy_made_here)
+    return not (rolling and candidate.copy_made_here and not candidate.copy_pinned)
 
 
 def _stale(candidate: Candidate, keep_stale: bool) -> str:
@@ -543,9 +577,14 @@ def _keep_with_copy(candidate: Candidate, reason: str, rules: Rules) -> Decision
     return Decision(
         candidate.name,
         Action.KEEP,
-        f"{reason}; {candidate.copy_name} exists and is not this checkpoint's copy; "
+        f"{reason}; {candidate.copy_name} exists and is not this checkpoint's copy"
+        f"{_why_not(candidate)}; "
         "never overwritten",
     )
+
+
+def _why_not(candidate: Candidate) -> str:
+    return f" ({candidate.copy_problem})" if candidate.copy_problem else ""
 
 
 def needs_verification(candidates: Sequence[Candidate], decisions: Sequence[Decision]) -> set[str]:
@@ -553,4 +592,7 @@ def needs_verification(candidates: Sequence[Candidate], decisions: Sequence[Deci
     these, mark any corrupt one unusable, and decide again, until none is left."""
     checked = (Status.FULL, Status.OWN_OUTPUT)
     unverified = {c.name for c in candidates if c.status in checked and not c.verified}
-    return {name for d in decisions if d.action is Action.DELETE for name in d.needs} & unverified
+    counted_on = {
+        name for d in decisions if d.action is Action.DELETE for name in (*d.needs, *d.counts_on)
+    }
+    return counted_on & unverified

@@ -12,6 +12,7 @@ from checkpoints import flip_byte, record_span, save_full_checkpoint
 from trees import days_ago, save_full, set_mtime
 
 from sweeper import torchzip
+from sweeper.extract import superseded_name
 from sweeper.intact import Verifier, verify_run
 from sweeper.inventory import RunFolder, scan
 from sweeper.plan import plan_run
@@ -103,3 +104,15 @@ def test_a_copy_naming_anything_but_a_file_name_names_nothing(name: str) -> None
     assert torchzip.Provenance.decode(record.encode()) is None
     good = json.dumps({"source": "best_model.pt", "size": 1, "mtime_ns": 1, "pickle_crc32": 1})
     assert torchzip.Provenance.decode(good.encode()) is not None
+
+
+def test_superseded_names_never_collide_and_fit_the_filesystem() -> None:
+    """Re-runs of the same code often repeat a pickle CRC; names may already be long."""
+    made_from = torchzip.Provenance("epoch_1.pt", 10, 1_800_000_000 * 10**9, 0xAE8FB2BA)
+    first = superseded_name("epoch_1.pt", made_from, set())
+    assert first == "epoch_1.superseded-20270115T0800-ae8fb2ba_inference.pt"
+    second = superseded_name("epoch_1.pt", made_from, {first})
+    assert second not in (first, "") and second.endswith("-2_inference.pt")
+    long_name = "\u4e2d" * 80 + ".pt"  # 243 bytes of UTF-8
+    aside = superseded_name(long_name, made_from, set())
+    assert len(os.fsencode(aside)) <= 255 and aside.endswith("_inference.pt")

@@ -572,6 +572,17 @@ ROWS = {
         keep_inference=InferenceRules(all=False, every=100),
         folder_uid=0,
     ),
+    "keep_inference last: a checkpoint storing neither epoch nor step keeps its copy": Row(
+        [full("e5.pt", 5), full("e4.pt", 4), full("e3.pt", 3), full("plain.pt", mtime_ns=OLD - 9)],
+        [
+            ("e5.pt", "extract", "newest"),
+            ("e4.pt", "extract+delete", "inference copy written first"),  # last=1 keeps it
+            ("e3.pt", "delete", "no inference copy kept"),
+            ("plain.pt", "extract+delete", "inference copy written first"),  # cannot be placed
+        ],
+        keep_full=1,
+        keep_inference=InferenceRules(all=False, last=1),
+    ),
     "empty folder": Row([], []),
 }
 

@@ -476,7 +476,8 @@ def test_a_copy_that_is_not_the_owners_own_proves_nothing(
 
     entry = by_name(plan["entries"])["e1.pt"]
     assert entry["action"] == "keep"
-    assert "not this checkpoint's copy; never overwritten" in entry["reason"]
+    why = "owned by another user" if how == "another owner" else "has 2 hard links"
+    assert f"not this checkpoint's copy ({why}); never overwritten" in entry["reason"]
     assert kept_full(run) == {"e1.pt", "e3.pt"}  # e2 is the control: demoted
     assert snapshot(run)[b"e1_inference.pt"] == before
 
@@ -552,6 +553,105 @@ def test_a_file_saved_under_the_name_during_the_deletion_is_not_deleted(
     (outcome,) = [o for o in report.outcomes if o.entry.name == "e1.pt"]
     assert not outcome.ok and "replaced since it was read" in outcome.detail
     assert (run / "e1.pt").read_bytes() == saved  # the trainer's new file is still there
+
+
+def test_a_rerun_with_thinning_keeps_the_first_runs_copies_aside(sweeper: Sweeper) -> None:
+    """Run A's copies of epochs 1-3 are stale once run B rewrites epoch_1..5.pt.  Thinning may
+    drop B's copies it does not want (B's epochs 1 and 2 are deleted with no copy), but A's
+    copies are all that is left of A's epochs: they are kept aside, now and in later sweeps."""
+    run = sweeper.root / "run"
+    make_run(run, {f"epoch_{n}.pt": n for n in (1, 2, 3)})
+    assert sweeper.json("--keep-full", "5", NO_AGE)["counts"]["extract"] == 3
+    first_run = {n: (run / f"epoch_{n}_inference.pt").read_bytes() for n in (1, 2, 3)}
+    base = days_ago(1)
+    for n in range(1, 6):
+        save_full(run / f"epoch_{n}.pt", epoch=n, seed=60 + n, mtime_ns=base + n)
+    thin = ("--keep-full", "2", NO_AGE, "keep_inference.all=false", "keep_inference.last=1")
+
+    plan, _ = sweep_and_account(sweeper, *thin)
+
+    entries = by_name(plan["entries"])
+    for n in (1, 2):
+        assert "no inference copy kept" in entries[f"epoch_{n}.pt"]["reason"]
+        assert "kept aside as another version's copy" in entries[f"epoch_{n}.pt"]["reason"]
+    aside = sorted(name for name in names(run) if ".superseded-" in name)
+    assert len(aside) == 3
+    assert sorted((run / name).read_bytes() for name in aside) == sorted(first_run.values())
+    assert kept_full(run) == {"epoch_4.pt", "epoch_5.pt"}
+    assert sweeper.json(*thin)["outcomes"] == []  # and a third sweep too: nothing is dropped
+
+
+def test_thinning_counts_only_on_a_verified_checkpoint_it_demotes(sweeper: Sweeper) -> None:
+    """keep_inference last=1 would keep the copy of e4, a checkpoint this sweep demotes, and
+    drop the older copies; e4 is corrupt, so it justifies nothing: it is skipped and e3's copy
+    is the one kept."""
+    run = sweeper.root / "run"
+    make_run(run, {f"e{n}.pt": n for n in range(1, 7)})
+    for n in (1, 2, 3):  # orphan copies: their checkpoints were deleted long ago
+        done = sweeper._run("extract", run / f"e{n}.pt")
+        assert done.returncode == 0, done.stderr
+        (run / f"e{n}.pt").unlink()
+    offset, _ = record_span(run / "e4.pt", "/data/0")
+    mtime = (run / "e4.pt").stat().st_mtime_ns
+    flip_byte(run / "e4.pt", offset + 1)
+    set_mtime(run / "e4.pt", mtime)
+    thin = ("--keep-full", "2", NO_AGE, "keep_inference.all=false", "keep_inference.last=1")
+
+    plan = sweeper("--dry-run", "--json", *thin).json()
+    result = sweeper.json(*thin)
+
+    entries = by_name(plan["entries"])
+    assert entries["e4.pt"]["action"] == "skip" and "CRC mismatch" in entries["e4.pt"]["reason"]
+    assert entries["e3_inference.pt"]["action"] == "skip"  # the newest good copy, kept
+    assert {entries[f"e{n}_inference.pt"]["action"] for n in (1, 2)} == {"delete"}
+    assert all(outcome["ok"] for outcome in result["outcomes"])
+    assert copies(run) == {"e3_inference.pt", "e5_inference.pt", "e6_inference.pt"}
+
+
+def test_a_checkpoint_is_not_dropped_on_the_strength_of_a_corrupt_copy(sweeper: Sweeper) -> None:
+    """The copy keep_inference last=1 would keep is a corrupt orphan (epoch 9): demoting e1 and
+    e2 without copies may not count on it; it is skipped and e2's copy is written instead."""
+    run = sweeper.root / "run"
+    make_run(run, {"e9.pt": 9})
+    assert sweeper._run("extract", run / "e9.pt").returncode == 0
+    (run / "e9.pt").unlink()
+    corrupt = run / "e9_inference.pt"
+    offset, _ = record_span(corrupt, "/data/0")
+    mtime = corrupt.stat().st_mtime_ns
+    flip_byte(corrupt, offset + 1)
+    set_mtime(corrupt, mtime)
+    base = days_ago(1)
+    for n in (1, 2, 3, 4):  # a restarted run
+        save_full(run / f"e{n}.pt", epoch=n, seed=n, mtime_ns=base + n)
+    thin = ("--keep-full", "2", NO_AGE, "keep_inference.all=false", "keep_inference.last=1")
+
+    plan = sweeper("--dry-run", "--json", *thin).json()
+    result = sweeper.json(*thin)
+
+    entries = by_name(plan["entries"])
+    assert "CRC mismatch" in entries["e9_inference.pt"]["reason"]
+    assert "inference copy written first" in entries["e2.pt"]["reason"]
+    assert "no inference copy kept" in entries["e1.pt"]["reason"]
+    assert all(outcome["ok"] for outcome in result["outcomes"])
+    assert copies(run) == {"e9_inference.pt", *(f"e{n}_inference.pt" for n in (2, 3, 4))}
+
+
+def test_a_pinned_copy_of_a_rolling_name_is_kept_aside_not_replaced(sweeper: Sweeper) -> None:
+    """``touch best_model_inference.pt.keep`` pins the copy: when best_model.pt is rewritten,
+    the fresh copy takes the name and the pinned one is kept under another."""
+    run = sweeper.root / "run"
+    make_run(run, {"best_model.pt": 3})
+    assert sweeper.json(NO_AGE)["counts"]["extract"] == 1
+    pinned = (run / "best_model_inference.pt").read_bytes()
+    (run / "best_model_inference.pt.keep").touch()
+    newer = save_full(run / "best_model.pt", epoch=7, seed=7, mtime_ns=days_ago(0.5))
+
+    plan, _ = sweep_and_account(sweeper, NO_AGE)
+
+    assert "kept aside" in by_name(plan["entries"])["best_model.pt"]["reason"]
+    (aside,) = [name for name in names(run) if ".superseded-" in name]
+    assert (run / aside).read_bytes() == pinned
+    assert_copy_matches(run / "best_model_inference.pt", newer)
 
 
 # ---------------------------------------------------------------------------------------------
