@@ -46,7 +46,23 @@ def stderr_is_journal(environ: Mapping[str, str], fd: int) -> bool:
     return (status.st_dev, status.st_ino) == expected
 
 
-class _JournalFormatter(logging.Formatter):
+def escape_controls(text: str) -> str:
+    """``text`` safe for one line of a terminal or the journal: undecodable bytes and control
+    characters (a newline, ESC) escaped as ``\\n``, ``\\x1b``...  A file name is chosen by
+    whoever made the file, so it must not be able to forge a log line or drive a terminal."""
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Escapes the message (which carries file names); a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
+class _JournalFormatter(_EscapingFormatter):
     """Prefixes every line with its syslog priority, so a traceback stays at error priority."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -71,7 +87,7 @@ def configure_logging(
     if _stream_is_journal(environ, stream):
         handler.setFormatter(_JournalFormatter(_JOURNAL_FORMAT))
     else:
-        handler.setFormatter(logging.Formatter(_PLAIN_FORMAT))
+        handler.setFormatter(_EscapingFormatter(_PLAIN_FORMAT))
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:

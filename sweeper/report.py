@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TextIO
 
+from sweeper.logs import escape_controls
 from sweeper.policy import Action
 from sweeper.torchzip import Checkpoint, Kind, Mode, Provenance, key_usage
 
@@ -357,5 +358,4 @@ def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
 
 def printable(text: str) -> str:
     """A path safe to print on a terminal: undecodable bytes and control characters escaped."""
-    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
+    return escape_controls(text)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 import pytest
+from conftest import CliRun
+from trees import days_ago, save_full
 
 from sweeper.logs import configure_logging, stderr_is_journal
 
@@ -151,3 +153,24 @@ def test_configuring_again_replaces_the_handler(tmp_path: Path) -> None:
 
     assert first.read_text() == ""
     assert second.read_text() == "INFO sweeper.test: once\n"
+
+
+def test_a_file_name_cannot_forge_a_log_line_or_drive_the_terminal(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A user names a checkpoint so that its log line would end and a forged ERROR line begin,
+    with an ANSI escape: every log line of a real sweep escapes it."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    hostile = "e\nERROR sweeper.execute: FORGED LINE \x1b[31mred.pt"
+    save_full(run / hostile, epoch=1, mtime_ns=days_ago(1))
+
+    done = run_sweeper("sweep", tmp_path / "root", "--ledger", tmp_path / "ledger.jsonl")
+
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stderr
+    assert not any(
+        line.startswith("ERROR sweeper.execute: FORGED") for line in done.stderr.splitlines()
+    )
+    assert "e\\nERROR sweeper.execute: FORGED LINE \\x1b[31mred.pt" in done.stderr
+    assert "\x1b" not in done.stdout
