@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -25,6 +26,7 @@ from sweeper.extract import (
     Located,
     extract,
     folder_identity,
+    is_copy_of,
     open_regular,
     output_name,
     source_state,
@@ -83,10 +85,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
         here = os.stat(source.name, dir_fd=source.dir_fd, follow_symlinks=False)
         if (same.st_dev, same.st_ino) == (here.st_dev, here.st_ino):
             raise FileRefused(args.src, "the output path is the source itself")
+        if stat.S_ISDIR(same.st_mode):
+            raise FileRefused(target.display, "output path is a directory")
+        if not args.force and not is_copy_of(target, source):
+            # only sweeper's own copy of this very file is rewritten without being told to
+            raise FileRefused(target.display, "exists; not replaced (--force replaces it)")
     except FileNotFoundError:
         pass
+    except FileRefused:
+        os.close(source.dir_fd)
+        os.close(target.dir_fd)
+        raise
     try:
-        result = extract(source, target, mode, delete_source=args.delete_original)
+        # Without --force a file that appears at OUT meanwhile is not replaced either.
+        replace = args.force or is_copy_of(target, source)
+        result = extract(source, target, mode, delete_source=args.delete_original, replace=replace)
     finally:
         os.close(source.dir_fd)
         os.close(target.dir_fd)
@@ -337,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--delete-original",
         action="store_true",
         help="delete SRC once the output is written, durable and verified",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it exists (by default an existing file is never replaced)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_extract)

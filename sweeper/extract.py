@@ -78,7 +78,10 @@ def is_sweeper_temp(name: str) -> bool:
 
 
 def _temp_name(target: str) -> str:
-    return f".{target[:180]}{TEMP_MARK}{secrets.token_hex(6)}"
+    """``.NAME.sweeper-tmp-XXXXXXXXXXXX``, NAME cut to 200 bytes (not characters: a name of
+    80 CJK characters is 240 bytes) so the whole stays within NAME_MAX."""
+    cut = os.fsdecode(os.fsencode(target)[:200])
+    return f".{cut}{TEMP_MARK}{secrets.token_hex(6)}"
 
 
 def describe_mode(st_mode: int) -> str:
@@ -402,6 +405,26 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
             os.close(copy_fd)
     finally:
         os.close(fd)
+
+
+def is_copy_of(target: Located, source: Located) -> bool:
+    """Whether ``target`` is a copy sweeper made from a file named as ``source`` in its folder
+    (any version): the one existing file ``sweeper extract`` rewrites without ``--force``."""
+    try:
+        fd, _ = open_regular(target.name, target.dir_fd, target.display)
+    except FileRefused:
+        return False
+    try:
+        made_from = torchzip.read_provenance(fd, torchzip.read_archive(fd, target.display), "")
+    except FileRefused:
+        return False
+    finally:
+        os.close(fd)
+    return (
+        made_from is not None
+        and made_from.name == source.name
+        and made_from.folder == folder_identity(source.dir_fd)
+    )
 
 
 def folder_identity(dir_fd: int) -> tuple[int, int]:

@@ -742,3 +742,37 @@ def test_planned_size_matches_the_archive_written_past_4_gib(sizes: list[int]) -
     )
     directory = torchzip._central_directory(tuple(entries), placed, body)
     assert planned == body + len(directory)
+
+
+def test_an_existing_output_that_sweeper_did_not_write_is_never_replaced(
+    checkpoint_dir: Path, run_sweeper: RunSweeper
+) -> None:
+    """``-o`` naming someone's file refuses, naming it, and changes nothing; ``--force``
+    replaces it; sweeper's own copy of the same checkpoint is rewritten without being told."""
+    source = checkpoint_dir / "best_model.pt"
+    save_full_checkpoint(source)
+    theirs = checkpoint_dir / "submission.pt"
+    theirs.write_bytes(b"a colleague's file")
+    before = folder_state(checkpoint_dir)
+
+    refused = run_sweeper("extract", source, "-o", theirs)
+
+    assert refused.returncode != 0
+    assert refused.stderr.count("\n") == 1 and str(theirs) in refused.stderr
+    assert "exists; not replaced (--force replaces it)" in refused.stderr
+    assert folder_state(checkpoint_dir) == before
+
+    assert_success(run_sweeper("extract", source, "-o", theirs, "--force"))
+    assert theirs.read_bytes() != b"a colleague's file"
+    assert_success(run_sweeper("extract", source, "-o", theirs))  # now sweeper's own copy
+
+
+def test_a_long_multibyte_name_extracts(checkpoint_dir: Path, run_sweeper: RunSweeper) -> None:
+    """80 CJK characters are 240 bytes: the temporary name is cut by bytes, not characters."""
+    source = checkpoint_dir / ("\u4e2d" * 80 + ".pt")
+    save_full_checkpoint(source)
+
+    assert_success(run_sweeper("extract", source))
+
+    assert (checkpoint_dir / ("\u4e2d" * 80 + "_inference.pt")).exists()
+    assert temp_files(checkpoint_dir) == []
