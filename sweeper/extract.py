@@ -106,6 +106,24 @@ def open_regular(name: str, dir_fd: int | None, display: str) -> tuple[int, os.s
     return fd, info
 
 
+# A file this big whose allocated blocks are under a quarter of its size is mostly holes:
+# copying its records would write every hole out in full, on a disk root pays for.
+_SPARSE_MIN_BYTES = 16 * 1024 * 1024
+_SPARSE_RATIO = 4
+
+
+def sparse_problem(info: os.stat_result) -> str | None:
+    """Why a source is refused for being sparse, or None.  A user can make an 8 KB file that
+    claims 1.5 GB of valid (zero) records; extracting it would turn root into a disk filler."""
+    allocated = info.st_blocks * 512
+    if info.st_size >= _SPARSE_MIN_BYTES and allocated * _SPARSE_RATIO < info.st_size:
+        return (
+            f"refused: a sparse file ({allocated} of {info.st_size} bytes allocated); "
+            "its copy would write the holes out in full"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     """What one extraction did; bytes are apparent file sizes."""
@@ -180,6 +198,9 @@ def extract(
     try:
         if expected is not None and FileIdentity.of(info) != expected:
             raise FileRefused(source.display, "changed since it was scanned; not touched")
+        sparse = sparse_problem(info)
+        if sparse is not None:
+            raise FileRefused(source.display, sparse)
         checkpoint = torchzip.open_checkpoint(fd, source.display)
         provenance = torchzip.provenance_of(
             checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)

@@ -30,6 +30,7 @@ from sweeper.extract import (
     open_regular,
     opened_by_processes,
     output_name,
+    sparse_problem,
     superseded_name,
 )
 from sweeper.policy import CopyStatus
@@ -463,6 +464,8 @@ def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | No
                     if not stat.S_ISDIR(info.st_mode) or info.st_dev != top.dev:
                         return None
                     folder = folder.child(name, info)
+                if not _same_mount(top, folder):
+                    return None
             except (OSError, FileRefused):
                 return None
             return pattern, folder
@@ -501,8 +504,11 @@ def scan_folder(
 def _walk(
     top: FolderRef, problems: list[tuple[str, str]]
 ) -> Iterator[tuple[FolderRef, list[Listed]]]:
-    """Folders below ``top`` on its filesystem, with their entries; symlinks are not entered."""
+    """Folders below ``top`` on its filesystem and its mount, with their entries; symlinks are
+    not entered, nor bind mounts (the same filesystem, so the same ``st_dev``, reached through
+    another mount: a way into folders outside the roots)."""
     stack = [top]
+    top_mount: int | None = None
     while stack:
         folder = stack.pop()
         try:
@@ -512,6 +518,11 @@ def _walk(
             problems.append((folder.display, f"cannot open folder: {reason}"))
             continue
         try:
+            mount = mount_id(fd)
+            if folder is top:
+                top_mount = mount
+            elif mount != top_mount:
+                continue  # a mount point below the root: never crossed, as another filesystem
             entries = _list(fd)
         finally:
             os.close(fd)
@@ -522,6 +533,29 @@ def _walk(
         ]
         stack.extend(reversed(children))
         yield folder, entries
+
+
+def mount_id(fd: int) -> int | None:
+    """The id of the mount an open file or folder is reached through (``mnt_id`` in
+    /proc/self/fdinfo): a bind mount of the same filesystem differs here, not in ``st_dev``."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _same_mount(top: FolderRef, folder: FolderRef) -> bool:
+    fds = [open_folder(top)]
+    try:
+        fds.append(open_folder(folder))
+        return mount_id(fds[0]) == mount_id(fds[1])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _classify_folder(
@@ -611,6 +645,10 @@ def _classify_file(
             found["problem"] = "replaced while scanning"
             return _entry(entry.name, display, info, found)
         info = opened
+        sparse = sparse_problem(opened)
+        if sparse is not None:
+            found["problem"] = sparse
+            return _entry(entry.name, display, info, found)
         if "pinned" not in found and _flock_held(fd):
             found["pinned"] = "pinned by a shared flock"
         held = probes.writers.held(fd, opened)

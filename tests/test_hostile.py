@@ -33,6 +33,7 @@ from checkpoints import (
     tiny_model,
 )
 from conftest import CliRun
+from trees import snapshot
 
 RunSweeper = Callable[..., CliRun]
 
@@ -298,3 +299,81 @@ def test_a_huge_memo_index_is_refused_in_a_parallel_sweep(tmp_path: Path) -> Non
     assert "MemoryError" in memo["reason"]
     assert entries[str(tmp_path / "run1" / "good.pt")]["action"] == "extract"
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB
+
+
+def test_a_sparse_checkpoint_cannot_make_root_fill_the_disk(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A 64 MB checkpoint whose tensor is zeros, copied with its zeros turned into holes: valid
+    CRCs, a few KB allocated.  Extracting it would write 32 MB of zeros as root: the sweep plans
+    it as skipped, naming why, ``extract`` refuses it in one line, and nothing is written."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    dense = tmp_path / "dense.pt"
+    checkpoint = {
+        "model_state_dict": {"w": torch.zeros(8 * 1024 * 1024)},
+        "optimizer_state_dict": {"state": {0: {"exp_avg": torch.zeros(8 * 1024 * 1024)}}},
+        "epoch": 1,
+    }
+    torch.save(checkpoint, dense)
+    sparse = run / "e1.pt"
+    subprocess.run(["cp", "--sparse=always", dense, sparse], check=True)
+    info = sparse.stat()
+    if info.st_blocks * 512 * 4 >= info.st_size:
+        pytest.skip("this filesystem does not keep holes")
+    os.utime(sparse, ns=(info.st_atime_ns, info.st_mtime_ns - 10**12))
+    before = snapshot(tmp_path / "root")
+
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+    done = run_sweeper("sweep", tmp_path / "root", "--ledger", tmp_path / "l", "min_age_seconds=0")
+    extracted = run_sweeper("extract", sparse)
+
+    (entry,) = plan.json()["entries"]
+    assert entry["action"] == "skip" and "a sparse file" in entry["reason"]
+    assert done.returncode == 0, done.stderr
+    assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1
+    assert "a sparse file" in extracted.stderr and str(sparse) in extracted.stderr
+    assert snapshot(tmp_path / "root") == before
+
+
+def test_a_bind_mount_inside_a_root_is_never_crossed(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A folder outside the roots, bind-mounted inside one (same filesystem, same ``st_dev``):
+    its checkpoints are neither planned nor touched, while the root's own run is swept."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to bind-mount")
+    outside = tmp_path / "outside" / "run"
+    inside = tmp_path / "root" / "mounted"
+    own = tmp_path / "root" / "own"
+    for folder in (outside, inside, own):
+        folder.mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        save_full_checkpoint(outside / f"e{epoch}.pt", epoch=epoch)
+        save_full_checkpoint(own / f"e{epoch}.pt", epoch=epoch)
+        for folder in (outside, own):
+            os.utime(folder / f"e{epoch}.pt", ns=(10**18 + epoch, 10**18 + epoch))
+    mounted = subprocess.run(["mount", "--bind", outside.parent, inside], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        before = snapshot(outside.parent)
+        done = run_sweeper(
+            "sweep",
+            tmp_path / "root",
+            "--json",
+            "--ledger",
+            tmp_path / "l",
+            "keep_full=1",
+            "min_age_seconds=0",
+        )
+        after = snapshot(outside.parent)
+    finally:
+        subprocess.run(["umount", inside], check=True)
+
+    assert done.returncode == 0, done.stderr
+    paths = [outcome["path"] for outcome in done.json()["outcomes"]]
+    assert paths and all("/own/" in path for path in paths)
+    assert after == before
