@@ -248,6 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=progress.scanned,
             processes=processes,
             refine=verified(now_ns),
+            should_stop=stop,
         )
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
@@ -258,15 +259,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         walk = Scan(settings.roots, settings.patterns, processes=processes, refine=verified(now_ns))
         entries = (
             entry
-            for run in walk.runs(progress.scanned)
+            for run in walk.runs(progress.scanned, stop)
             for entry in plan_run(run, rules, now_ns=now_ns)
         )
         report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
         progress.clear()
-        return EXIT_INTERRUPTED if stop() else EXIT_OK
+        if stop():
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if walk.failed else EXIT_OK
     if args.dry_run:
-        print(report.plan_text(plan_now()))
-        return EXIT_INTERRUPTED if stop() else EXIT_OK
+        planned = plan_now()
+        print(report.plan_text(planned))
+        if stop():
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if planned.failed else EXIT_OK
     # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
     # and the daemon) never act on the same tree at once, and the second sees the first's results.
     with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
@@ -282,7 +288,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(report.to_json(text) if text is not None else report.sweep_text(plan, result))
     if result.interrupted or stop():
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if result.failures else EXIT_OK
+    return EXIT_FAILED if result.failures or plan.failed else EXIT_OK
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:

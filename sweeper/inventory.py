@@ -134,6 +134,7 @@ class Inventory:
     runs: tuple[RunFolder, ...]
     problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
     symlink_targets: frozenset[tuple[int, int]] = frozenset()  # (dev, ino) pinned by symlinks
+    failed: int = 0  # run folders not swept because classifying them failed (also in problems)
 
 
 def open_folder(folder: FolderRef) -> int:
@@ -233,6 +234,7 @@ def scan(
     processes: int = 1,
     cache: ScanCache | None = None,
     refine: Callable[[RunFolder], RunFolder] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
@@ -241,8 +243,8 @@ def scan(
     is applied to each run folder where it was classified (see :class:`Scan`).
     """
     walk = Scan(roots, patterns, processes=processes, cache=cache, refine=refine)
-    runs = tuple(walk.runs(progress))
-    return Inventory(runs, tuple(walk.problems), frozenset(walk.symlink_targets))
+    runs = tuple(walk.runs(progress, should_stop))
+    return Inventory(runs, tuple(walk.problems), frozenset(walk.symlink_targets), walk.failed)
 
 
 class Scan:
@@ -266,6 +268,7 @@ class Scan:
         # parallel): sweeps pass the verification of the files their deletions count on.
         self.refine = refine
         self.problems: list[tuple[str, str]] = []
+        self._failed = 0
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
         self._folders: list[tuple[str, FolderRef]] = []
@@ -287,7 +290,19 @@ class Scan:
                     if any(_is_candidate(e, patterns) for e in files):
                         self._folders.append((pattern, folder))
 
-    def runs(self, progress: Callable[[int], None] | None = None) -> Iterator[RunFolder]:
+    @property
+    def failed(self) -> int:
+        """Run folders whose classification failed (a worker died): the sweep exits 1."""
+        return self._failed
+
+    def runs(
+        self,
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[RunFolder]:
+        """Each run folder with its files classified, in walk order; stops early (yielding
+        nothing more) once ``should_stop`` turns true.  A folder whose worker died is
+        recorded in ``problems`` and counted in ``failed``; the others go on."""
         files_seen = 0
         refine, targets = self.refine, self.symlink_targets
 
@@ -303,7 +318,14 @@ class Scan:
                 log.exception("%s: unexpected error while verifying", run.folder.display)
                 return pinned  # unverified: the plan deletes nothing that counts on it
 
-        for run in _classify_all(self._folders, self.patterns, self.processes, self.cache, finish):
+        classified = _classify_all(
+            self._folders, self.patterns, self.processes, self.cache, finish, should_stop
+        )
+        for run in classified:
+            if isinstance(run, tuple):
+                self.problems.append(run)
+                self._failed += 1
+                continue
             if run.files:
                 files_seen += len(run.files)
                 if progress is not None:
@@ -321,28 +343,33 @@ def _classify_all(
     processes: int,
     cache: ScanCache | None,
     finish: Callable[[RunFolder], RunFolder],
-) -> Iterator[RunFolder]:
+    should_stop: Callable[[], bool],
+) -> Iterator[RunFolder | tuple[str, str]]:
+    """Classified run folders in task order, or (path, reason) for a folder that failed."""
     if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
         probes = _Probes(_OpenForWriting(), cache)
         for pattern, folder in tasks:
+            if should_stop():
+                return
             yield finish(_classify_listed(pattern, folder, patterns, probes))
         if cache is not None:
             cache.prune()
         return
-    import multiprocessing
+    from sweeper.workers import Stopped, WorkerDied, WorkerPool
 
-    context = multiprocessing.get_context("fork")
-    chunk = max(1, len(tasks) // (processes * 8))
     # Forked: ``finish`` (a closure) reaches the workers by inheritance, never pickled.
-    pool = context.Pool(processes, initializer=_init_worker, initargs=(tuple(patterns), finish))
+    pool: WorkerPool[tuple[str, FolderRef], RunFolder] = WorkerPool(
+        processes, _classify_task, lambda: _init_worker(tuple(patterns), finish)
+    )
     try:
-        yield from pool.imap(_classify_task, tasks, chunksize=chunk)
-        pool.close()  # orderly: workers finish and exit; terminate() is only for errors
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
+        for (_, folder), run in pool.map(tasks, should_stop):
+            if isinstance(run, WorkerDied):
+                log.error("%s: classifying it failed (%s); not swept", folder.display, run.how)
+                yield (folder.display, f"not swept: its classifier {run.how}")
+            else:
+                yield run
+    except Stopped:
+        return
 
 
 _worker_patterns: tuple[str, ...] = ()
@@ -374,6 +401,7 @@ def _init_worker(patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFol
 
 
 def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
+    """One run folder, in a worker process."""
     assert _worker_probes is not None and _worker_finish is not None
     return _worker_finish(_classify_listed(task[0], task[1], _worker_patterns, _worker_probes))
 

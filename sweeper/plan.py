@@ -60,6 +60,7 @@ class PlanEntry:
 class SweepPlan:
     entries: tuple[PlanEntry, ...]
     problems: tuple[tuple[str, str], ...]
+    failed: int = 0  # run folders not planned because classifying them failed: exit 1
 
     @property
     def expected_reclaimed_bytes(self) -> int:
@@ -120,7 +121,7 @@ def plan_sweep(inventory: Inventory, rules: Rules, *, now_ns: int) -> SweepPlan:
     entries: list[PlanEntry] = []
     for run in inventory.runs:
         entries.extend(plan_run(run, rules, now_ns=now_ns))
-    return SweepPlan(tuple(entries), inventory.problems)
+    return SweepPlan(tuple(entries), inventory.problems, inventory.failed)
 
 
 def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:

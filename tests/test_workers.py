@@ -1,0 +1,100 @@
+"""The classifiers' worker pool: a worker that dies fails only its task; a stop ends it all.
+
+Real forked processes throughout; the deaths are real signals.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+from trees import days_ago, save_full
+
+from sweeper.workers import Stopped, WorkerDied, WorkerPool
+
+
+def _square_or_die(task: int) -> int:
+    if task == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # an OOM kill, as the kernel does it
+    if task == 5:
+        raise MemoryError("address space ceiling")
+    return task * task
+
+
+def test_a_dead_worker_fails_only_its_task_and_the_rest_go_on() -> None:
+    results = list(WorkerPool(2, _square_or_die).map(list(range(10))))
+
+    assert [task for task, _ in results] == list(range(10))  # in order
+    assert results[3][1] == WorkerDied("killed by SIGKILL")
+    assert results[5][1] == WorkerDied("raised MemoryError: address space ceiling")
+    assert [r for t, r in results if t not in (3, 5)] == [
+        t * t for t in range(10) if t not in (3, 5)
+    ]
+    assert multiprocessing.active_children() == []
+
+
+def _sleep(task: float) -> float:
+    time.sleep(task)
+    return task
+
+
+def test_a_stop_request_ends_the_workers_promptly() -> None:
+    started = time.monotonic()
+    deadline = started + 0.5
+
+    with pytest.raises(Stopped):
+        list(WorkerPool(2, _sleep).map([60.0] * 4, lambda: time.monotonic() > deadline))
+
+    assert time.monotonic() - started < 10
+    assert multiprocessing.active_children() == []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(child) for child in children.read().split()]
+    return found
+
+
+def test_a_sweep_whose_classifier_is_killed_finishes(tmp_path: Path) -> None:
+    """Many run folders, classified in forked workers; one is killed mid-scan (the whole sweep
+    is frozen with SIGSTOP so the kill lands while there is work).  The sweep must finish, not
+    wait for ever; a folder whose worker died is named, and the sweep exits 1."""
+    root = tmp_path / "root"
+    for run in range(120):
+        (root / f"run{run:03d}").mkdir(parents=True)
+        for epoch in (1, 2):
+            save_full(root / f"run{run:03d}" / f"e{epoch}.pt", epoch=epoch, mtime_ns=days_ago(1))
+    command = [sys.executable, "-m", "sweeper", "sweep", str(root), "--dry-run", "--ledger",
+               str(tmp_path / "ledger.jsonl")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    sweep = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _children(sweep.pid) and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(sweep.pid, signal.SIGSTOP)
+        workers = _children(sweep.pid)
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        os.killpg(sweep.pid, signal.SIGCONT)
+        stdout, stderr = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert workers, "the sweep ended before its workers could be seen"
+    assert sweep.returncode == 1, stderr
+    assert "its classifier killed by SIGKILL" in stdout
+    assert "plan:" in stdout  # the other folders were planned
