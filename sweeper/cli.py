@@ -292,7 +292,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from sweeper.ledger import read_ledger, summarise, user_name
+    from sweeper.ledger import iter_ledger, summarise, user_name
     from sweeper.ledger_views import source_for
 
     if args.ledger is not None:
@@ -317,10 +317,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             log.info("showing only the files owned by %s: %s is private to its owner", who, path)
         else:
             log.info("no records of files owned by %s in %s", who, path)
-    read = read_ledger(source.path)
-    for warning in read.warnings:
-        log.warning("%s", warning)
-    rows = summarise(read.records, since=since, by=args.by)
+    # Streamed: totals only, whatever the ledger's size.
+    rows = summarise(iter_ledger(source.path, log.warning), since=since, by=args.by)
     print(
         report.to_json(report.ledger_json(rows, args.by))
         if args.json

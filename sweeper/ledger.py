@@ -677,38 +677,42 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerRead:
 
     A torn last line (crash mid-append) and corrupt lines elsewhere are reported by file and line
     number.  Never waits for writers.  Raises ``FileRefused`` when the ledger is a symlink or not a
-    regular file.
+    regular file.  Holds every record: :func:`iter_ledger` reads in bounded memory.
     """
+    warnings: list[str] = []
+    records = tuple(iter_ledger(path, warnings.append))
+    return LedgerRead(records=records, warnings=tuple(warnings))
+
+
+def iter_ledger(
+    path: str | os.PathLike[str], warn: Callable[[str], None]
+) -> Iterator[LedgerRecord]:
+    """The records of the ledger at ``path``, one line at a time (memory does not grow with the
+    ledger), as :func:`read_ledger` reads them; each bad line is passed to ``warn``."""
     path = os.fspath(path)
     shown = _clean_text(path)
     with _shared_lock_if_free(path) as writer_active:
         try:
             fd = _open_private(path, os.O_RDONLY, create=False)
         except FileNotFoundError:
-            return LedgerRead(records=(), warnings=())
+            return
         with os.fdopen(fd, "rb") as file:
-            lines = file.read().split(b"\n")
-    # The text after the last newline is b"" for a well-formed ledger, else a line missing its end.
-    unterminated = lines.pop()
-    records: list[LedgerRecord] = []
-    warnings: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # the newline a writer adds after a torn line, or hand-edited blank lines
-        try:
-            records.append(decode_record(line))
-        except (ValueError, TypeError) as error:
-            warnings.append(f"{shown}: line {number}: corrupt record skipped ({error})")
-    if unterminated.strip():
-        number = len(lines) + 1
-        try:
-            records.append(decode_record(unterminated))
-        except (ValueError, TypeError):
-            cause = "a writer was appending" if writer_active else "crash mid-append?"
-            warnings.append(f"{shown}: line {number}: torn last line skipped ({cause})")
-        else:
-            warnings.append(f"{shown}: line {number}: last line has no newline (kept)")
-    return LedgerRead(records=tuple(records), warnings=tuple(warnings))
+            for number, line in enumerate(file, start=1):
+                terminated = line.endswith(b"\n")
+                if not line.strip():
+                    continue  # the newline a writer adds after a torn line, or blank lines
+                try:
+                    record = decode_record(line)
+                except (ValueError, TypeError) as error:
+                    if terminated:
+                        warn(f"{shown}: line {number}: corrupt record skipped ({error})")
+                    else:
+                        cause = "a writer was appending" if writer_active else "crash mid-append?"
+                        warn(f"{shown}: line {number}: torn last line skipped ({cause})")
+                    continue
+                if not terminated:
+                    warn(f"{shown}: line {number}: last line has no newline (kept)")
+                yield record
 
 
 # --- totals ---------------------------------------------------------------------------------------
