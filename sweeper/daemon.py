@@ -173,17 +173,25 @@ class _State:
 
 
 class _EventHandler(FileSystemEventHandler):
-    """Notes which checkpoint-named paths changed; decides nothing."""
+    """Notes which checkpoint-named paths changed; decides nothing.
+
+    At most ``limit()`` paths are remembered: an event storm (a user's rename loop, a flood of
+    files) past that drops them all and asks for one full rescan instead (``storm``), so memory
+    stays bounded and nothing is missed."""
 
     def __init__(
         self,
         state: _State,
         patterns: Callable[[], Sequence[str]],
         symlink_seen: threading.Event,
+        limit: Callable[[], int] = lambda: 10_000,
+        storm: threading.Event | None = None,
     ) -> None:
         self._state = state
         self._patterns = patterns
         self._symlink_seen = symlink_seen
+        self._limit = limit
+        self._storm = storm if storm is not None else threading.Event()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory or event.event_type in ("opened", "closed_no_write", "deleted"):
@@ -201,7 +209,12 @@ class _EventHandler(FileSystemEventHandler):
             if not any(fnmatch.fnmatchcase(name, p) for p in self._patterns()):
                 continue
             with self._state.lock:
-                self._state.pending[path] = _Pending(time.monotonic(), os.path.dirname(path))
+                pending = self._state.pending
+                if path not in pending and len(pending) >= self._limit():
+                    pending.clear()  # the rescan the storm triggers covers every one of them
+                    self._storm.set()
+                    continue
+                pending[path] = _Pending(time.monotonic(), os.path.dirname(path))
 
 
 class Watcher:
@@ -228,6 +241,7 @@ class Watcher:
         self._workers: list[threading.Thread] = []
         self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
         self._symlink_seen = threading.Event()
+        self._storm = threading.Event()
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
         self._verifier = Verifier()  # kept files are read in full once, not on every rescan
 
@@ -296,6 +310,13 @@ class Watcher:
             self._promote_settled(now)
             if self._symlink_seen.is_set():
                 self._symlink_seen.clear()
+                self._enqueue(_FULL_SWEEP)
+            if self._storm.is_set():
+                self._storm.clear()
+                log.warning(
+                    "event storm: more than %d changed files at once; rescanning every root",
+                    self.settings.queue_size,
+                )
                 self._enqueue(_FULL_SWEEP)
             if now >= next_rescan:
                 self._enqueue(_FULL_SWEEP)
@@ -391,7 +412,13 @@ class Watcher:
     # -- observers -------------------------------------------------------------------------------
 
     def _start_observers(self) -> None:
-        handler = _EventHandler(self._state, lambda: self.settings.patterns, self._symlink_seen)
+        handler = _EventHandler(
+            self._state,
+            lambda: self.settings.patterns,
+            self._symlink_seen,
+            lambda: self.settings.queue_size,
+            self._storm,
+        )
         self._handler = handler
         self._inotify: BaseObserver | None = None
         self._polling: BaseObserver | None = None

@@ -734,3 +734,24 @@ def test_a_rolling_name_rewritten_in_place_gets_its_copy_refreshed(
         "extract",
         "refresh",
     ]
+
+
+def test_an_event_storm_drops_per_file_state_and_rescans(
+    tree: Path, start_daemon: StartDaemon
+) -> None:
+    """A user floods a watched folder with checkpoint-named files (a rename loop does the same):
+    past ``queue_size`` changed paths the daemon forgets them all, says so, and rescans once —
+    its memory does not grow with the storm, and a real checkpoint is still handled."""
+    run = tree / "run"
+    run.mkdir(exist_ok=True)
+    daemon = start_daemon(str(tree), "queue_size=20", "rescan_seconds=3600")
+    daemon.wait_ready()
+
+    for number in range(200):
+        (run / f"junk{number}.pt").write_bytes(b"not a checkpoint")
+    daemon.wait_log("event storm: more than 20 changed files at once; rescanning every root")
+    saved = save_full(run / "epoch1.pt", epoch=1)
+
+    copy = run / "epoch1_inference.pt"
+    daemon.wait_until(copy.exists, "the real checkpoint after the storm")
+    assert_copy_matches(copy, saved)
