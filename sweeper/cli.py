@@ -224,7 +224,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
     from sweeper.inventory import RunFolder, Scan, scan
-    from sweeper.ledger import AppendEach, action_lock
+    from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
 
@@ -278,6 +278,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
         if not locked:
             return EXIT_INTERRUPTED
+        check_writable(settings.ledger)  # no action is taken that could not be recorded
         plan = plan_now()
         ledger = AppendEach(str(settings.ledger))
         result = execute_plan(

@@ -41,12 +41,12 @@ from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.polling import PollingObserver
 
 from sweeper.config import ObserverKind, Settings, load_settings
-from sweeper.errors import ConfigError
+from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.intact import Verifier, verify_inventory
 from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
-from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock
+from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action
@@ -168,6 +168,7 @@ class _State:
     busy: int = 0
     heartbeat: float = field(default_factory=time.monotonic)
     reclaimed: int = 0
+    ledger_problem: str | None = None  # why nothing is being done: the ledger takes no records
     processed: int = 0
     failures: int = 0
 
@@ -386,6 +387,8 @@ class Watcher:
                 f"{self._state.busy} working; {self._state.processed} actions, "
                 f"{self._state.failures} failed, {self._state.reclaimed} bytes reclaimed"
             )
+            if self._state.ledger_problem is not None:
+                text = f"NOT ACTING: {self._state.ledger_problem}; {text}"
         if force or text != self._last_status:
             self._last_status = text
             self._notifier.status(text)
@@ -560,6 +563,12 @@ class Watcher:
         with lock as locked:
             if not locked:
                 return
+            try:
+                check_writable(settings.ledger)
+            except LedgerUnavailable as error:
+                self._ledger_trouble(str(error))
+                return
+            self._ledger_trouble(None)
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = verify_inventory(inventory(), rules, now_ns=now_ns, verifier=self._verifier)
@@ -573,7 +582,19 @@ class Watcher:
                 run_id=uuid.uuid4().hex[:12],
                 should_stop=self._should_stop,
             )
+        if result.ledger_error is not None:
+            self._ledger_trouble(result.ledger_error)
         self._account(result)
+
+    def _ledger_trouble(self, problem: str | None) -> None:
+        """Say once (not on every scan) that the ledger stopped or started taking records again;
+        the daemon stays up and acts again as soon as it does."""
+        with self._state.lock:
+            before, self._state.ledger_problem = self._state.ledger_problem, problem
+        if problem is not None and problem != before:
+            log.error("%s; retrying at every scan", problem)
+        elif problem is None and before is not None:
+            log.warning("the ledger takes records again; acting again")
 
     def _note_skipped(self, plan: SweepPlan) -> None:
         """Say why files were left alone, and look again at those still settling."""

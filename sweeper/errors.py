@@ -35,5 +35,14 @@ class UnsafePickle(FileRefused):
         self.global_name = global_name
 
 
+class LedgerUnavailable(SweeperError):
+    """The ledger cannot take a record: no action may be taken, since none could be recorded."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"ledger {os.fspath(path)}: {reason}; no action taken")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
 class AlreadyRunning(SweeperError):
     """Another sweeper instance holds the state lock."""

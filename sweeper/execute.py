@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import groupby
 
-from sweeper.errors import FileRefused
+from sweeper.errors import FileRefused, LedgerUnavailable
 from sweeper.extract import (
     FileIdentity,
     Located,
@@ -54,6 +54,7 @@ class Outcome:
 class SweepReport:
     outcomes: tuple[Outcome, ...]
     interrupted: bool
+    ledger_error: str | None = None  # the ledger stopped taking records: the run stopped there
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -61,7 +62,8 @@ class SweepReport:
 
     @property
     def failures(self) -> int:
-        return sum(1 for outcome in self.outcomes if not outcome.ok)
+        failed = sum(1 for outcome in self.outcomes if not outcome.ok)
+        return failed + (1 if self.ledger_error is not None else 0)
 
 
 _WORK = (Action.EXTRACT, Action.REFRESH, Action.DELETE)
@@ -89,24 +91,30 @@ class _Context:
         outcome: bool = True,
     ) -> None:
         metric = Metric(*entry.metric) if entry.metric else None
-        self.ledger.append(
-            new_record(
-                now=self.clock(),
-                action=action,
-                path=entry.path,
-                owner=user_name(entry.uid),
-                uid=entry.uid,
-                reason=reason,
-                run_id=self.run_id,
-                root=entry.root,
-                epoch=entry.epoch,
-                metric=metric,
-                output=entry.output,
-                bytes_deleted=deleted,
-                bytes_written=written,
-                reclaimed_bytes=deleted - written if outcome else None,
-            )
+        record = new_record(
+            now=self.clock(),
+            action=action,
+            path=entry.path,
+            owner=user_name(entry.uid),
+            uid=entry.uid,
+            reason=reason,
+            run_id=self.run_id,
+            root=entry.root,
+            epoch=entry.epoch,
+            metric=metric,
+            output=entry.output,
+            bytes_deleted=deleted,
+            bytes_written=written,
+            reclaimed_bytes=deleted - written if outcome else None,
         )
+        try:
+            self.ledger.append(record)
+        except FileRefused as error:
+            raise LedgerUnavailable(error.path, error.reason) from None
+        except OSError as error:  # a full disk, an I/O error
+            raise LedgerUnavailable(
+                getattr(self.ledger, "path", "?"), error.strerror or str(error)
+            ) from None
 
 
 def execute_plan(
@@ -133,17 +141,22 @@ def execute_plan(
     work = [e for e in plan.entries if e.action in _WORK]
     outcomes: list[Outcome] = []
     interrupted = False
-    for folder, group in groupby(work, key=lambda e: e.folder):
-        if should_stop():
-            interrupted = True
-            break
-        for outcome in _execute_folder(folder, list(group), context):
-            outcomes.append(outcome)
-            if progress is not None:
-                progress(len(outcomes), len(work))
-        if should_stop():
-            interrupted = True
-            break
+    try:
+        for folder, group in groupby(work, key=lambda e: e.folder):
+            if should_stop():
+                interrupted = True
+                break
+            for outcome in _execute_folder(folder, list(group), context):
+                outcomes.append(outcome)
+                if progress is not None:
+                    progress(len(outcomes), len(work))
+            if should_stop():
+                interrupted = True
+                break
+    except LedgerUnavailable as error:
+        # Nothing more is done that could not be recorded; the file in hand is reported failed.
+        log.error("%s", error)
+        return SweepReport(tuple(outcomes), interrupted, str(error))
     return SweepReport(tuple(outcomes), interrupted)
 
 
@@ -207,6 +220,8 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
         return Outcome(entry, True, detail, written, replaced)
     except Interrupted:
         return Outcome(entry, False, "interrupted", written, 0)
+    except LedgerUnavailable:
+        raise  # stops the whole run: see execute_plan
     except FileRefused as error:
         return _failed(entry, context, error.reason, written)
     except OSError as error:

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol
 
-from sweeper.errors import AlreadyRunning, FileRefused
+from sweeper.errors import AlreadyRunning, FileRefused, LedgerUnavailable
 from sweeper.ledger_views import append_to_view
 
 logger = logging.getLogger(__name__)
@@ -524,6 +524,19 @@ def _terminate_torn_line(path: str, append_fd: int) -> None:
         logger.warning("ledger %s: last line was torn (crash mid-append?); ending it", path)
         _write_all_at_once(append_fd, b"\n")
         os.fsync(append_fd)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`LedgerUnavailable` unless the ledger at ``path`` can be opened for appending
+    as a writer would (made if missing): checked before a sweep acts, so that a ledger that is a
+    symlink, a FIFO, unwritable or on a read-only filesystem stops every action up front."""
+    try:
+        with Ledger.open(path):
+            pass
+    except FileRefused as error:
+        raise LedgerUnavailable(path, error.reason) from None
+    except OSError as error:
+        raise LedgerUnavailable(path, error.strerror or str(error)) from None
 
 
 def append_record(path: str | os.PathLike[str], record: LedgerRecord) -> None:

@@ -755,3 +755,32 @@ def test_an_event_storm_drops_per_file_state_and_rescans(
     copy = run / "epoch1_inference.pt"
     daemon.wait_until(copy.exists, "the real checkpoint after the storm")
     assert_copy_matches(copy, saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# A ledger that takes no records.
+
+
+def test_a_ledger_that_takes_no_records_stops_actions_not_the_daemon(
+    tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """The ledger path is a FIFO (a user's doing, or a broken state directory): the daemon stays
+    up, acts on nothing it could not record, and says why in its log and its STATUS=; once the
+    ledger can take records again, it acts again."""
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(ledger)
+    run = tree / "run"
+    run.mkdir(exist_ok=True)
+    save_full(run / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), "rescan_seconds=1")
+    daemon.wait_ready()
+
+    daemon.wait_log("is not a regular file; no action taken; retrying at every scan")
+    daemon.wait_for(lambda message: message.startswith("STATUS=NOT ACTING: ledger"))
+    assert daemon.alive()
+    assert not (run / "epoch1_inference.pt").exists()
+
+    ledger.unlink()
+    daemon.wait_until((run / "epoch1_inference.pt").exists, "acting once the ledger is back")
+    daemon.wait_log("the ledger takes records again; acting again")
+    assert [r["action"] for r in records(ledger)] == ["extract"]

@@ -751,3 +751,21 @@ def test_a_literal_root_is_not_followed_through_a_users_symlink(tmp_path: Path) 
     assert run.returncode == 0, run.stderr
     assert snapshot(tmp_path / "outside") == before
     assert "matches no folder" in run.stdout + run.stderr
+
+
+def test_a_ledger_that_takes_no_records_stops_the_sweep_before_any_action(
+    sweeper: Sweeper, tmp_path: Path
+) -> None:
+    """No action is taken that could not be recorded: a ledger path that is a FIFO fails the
+    sweep up front, in one line, with nothing written or deleted."""
+    make_run(sweeper.root / "run", {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    sweeper.ledger.parent.mkdir(parents=True)
+    os.mkfifo(sweeper.ledger)
+    before = snapshot(sweeper.root)
+
+    done = sweeper("min_age_seconds=0")
+
+    assert done.returncode == 1
+    (line,) = done.stderr_lines
+    assert line.endswith(f"ledger {sweeper.ledger}: is not a regular file; no action taken")
+    assert snapshot(sweeper.root) == before
