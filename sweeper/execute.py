@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import groupby
@@ -157,6 +157,11 @@ def execute_plan(
         # Nothing more is done that could not be recorded; the file in hand is reported failed.
         log.error("%s", error)
         return SweepReport(tuple(outcomes), interrupted, str(error))
+    if not interrupted:
+        worked = {entry.folder for entry in work}
+        clean_orphaned_temps(
+            (f for f in plan.temp_folders if f not in worked), ledger, run_id=run_id
+        )
     return SweepReport(tuple(outcomes), interrupted)
 
 
@@ -171,8 +176,7 @@ def _execute_folder(
             yield _failed(entry, context, f"cannot open its folder safely: {reason}")
         return
     try:
-        for name in remove_stale_temps(dir_fd, STALE_TEMP_SECONDS, time.time()):
-            log.info("%s: removed stale temporary file", os.path.join(folder.display, name))
+        _clean_temps(folder, dir_fd, context)
         # Copies are written before any deletion that keeps no copy: dropping a copy (or a
         # checkpoint without one) counts on the copies this run writes, so it waits for them,
         # and does not happen at all once anything in the folder has failed.
@@ -188,6 +192,45 @@ def _execute_folder(
             yield outcome
     finally:
         os.close(dir_fd)
+
+
+def _clean_temps(folder: FolderRef, dir_fd: int, context: _Context) -> None:
+    """Remove the temporary files an interrupted extraction left here (provably sweeper's, an
+    hour old), and record each in the ledger (bytes it never counted as written: no total)."""
+    for name, size in remove_stale_temps(dir_fd, STALE_TEMP_SECONDS, time.time()):
+        path = os.path.join(folder.display, name)
+        log.info("%s: removed stale temporary file (%d bytes)", path, size)
+        context.ledger.append(
+            new_record(
+                now=context.clock(),
+                action=LedgerAction.REMOVE_TEMP,
+                path=path,
+                owner=user_name(os.geteuid()),
+                uid=os.geteuid(),
+                reason="temporary file of an interrupted extraction",
+                run_id=context.run_id,
+                root=folder.prefix,
+                bytes_deleted=size,
+            )
+        )
+
+
+def clean_orphaned_temps(folders: Iterable[FolderRef], ledger: RecordSink, *, run_id: str) -> None:
+    """Clean up stale temporaries in folders that have no other work this run (a crash left
+    them: they hold the space of a whole copy, fallocated), so they do not wait for their
+    folder's next checkpoint."""
+    context = _Context(ledger, run_id, _utc_now, lambda: False)
+    for folder in folders:
+        try:
+            dir_fd = open_folder(folder)
+        except (OSError, FileRefused):
+            continue
+        try:
+            _clean_temps(folder, dir_fd, context)
+        except (OSError, LedgerUnavailable) as error:
+            log.warning("%s: stale temporary files left: %s", folder.display, error)
+        finally:
+            os.close(dir_fd)
 
 
 def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:

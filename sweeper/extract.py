@@ -246,6 +246,7 @@ def _write_verified(
         out = os.open(temp, flags, 0o600, dir_fd=target.dir_fd)
     except OSError as error:
         raise FileRefused(target.display, f"cannot create output: {error.strerror}") from None
+    _mark_temp(out)
     try:
         try:
             _reserve(out, plan.total_size)
@@ -277,6 +278,8 @@ def _write_verified(
             os.rename(temp, target.name, src_dir_fd=target.dir_fd, dst_dir_fd=target.dir_fd)
         else:
             _link_no_replace(temp, target)
+        with contextlib.suppress(OSError):  # in place: no longer a temporary file
+            os.removexattr(out, TEMP_XATTR)
     except BaseException:
         _remove_quietly(temp, target.dir_fd)
         raise
@@ -563,13 +566,41 @@ def opened_by_processes(*, exclude_self: bool) -> tuple[set[tuple[int, int]], se
     return opened, writing
 
 
-def remove_stale_temps(dir_fd: int, older_than: float, now: float) -> list[str]:
-    """Remove sweeper's own temp files left by a crash (only names carrying TEMP_MARK)."""
+# Set on every temporary file sweeper creates: the proof that a leftover ``.*.sweeper-tmp-*``
+# is sweeper's own (a user's file of that name has no reason to carry it, and cannot be given
+# it by anyone but its owner or root).
+TEMP_XATTR = "user.sweeper.temp"
+
+
+def _mark_temp(fd: int) -> None:
+    with contextlib.suppress(OSError):  # no user xattrs here: such a temp is never cleaned up
+        os.setxattr(fd, TEMP_XATTR, b"1")
+
+
+def remove_stale_temps(dir_fd: int, older_than: float, now: float) -> list[tuple[str, int]]:
+    """Remove sweeper's own temp files left by a crash: a name carrying TEMP_MARK, a regular
+    file, untouched for ``older_than`` seconds, and marked with :data:`TEMP_XATTR` (a user's
+    file that merely has such a name is left alone).  Returns (name, size) of each removed."""
     removed = []
     for entry in os.scandir(dir_fd):
-        if not is_sweeper_temp(entry.name) or not entry.is_file(follow_symlinks=False):
+        if not is_sweeper_temp(entry.name):
             continue
-        if now - entry.stat(follow_symlinks=False).st_mtime >= older_than:
+        try:
+            fd = os.open(entry.name, _OPEN_FILE, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < older_than:
+                continue
+            try:
+                ours = os.getxattr(fd, TEMP_XATTR) == b"1"
+            except OSError:
+                ours = False
+        finally:
+            os.close(fd)
+        now_there = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+        if ours and (now_there.st_dev, now_there.st_ino) == (info.st_dev, info.st_ino):
             _remove_quietly(entry.name, dir_fd)
-            removed.append(entry.name)
+            removed.append((entry.name, info.st_size))
     return removed

@@ -135,6 +135,7 @@ class Inventory:
     problems: tuple[tuple[str, str], ...]  # (path, reason) for folders that could not be read
     symlink_targets: frozenset[tuple[int, int]] = frozenset()  # (dev, ino) pinned by symlinks
     failed: int = 0  # run folders not swept because classifying them failed (also in problems)
+    temp_folders: tuple[FolderRef, ...] = ()  # folders holding sweeper temp names (crash leftovers)
 
 
 def open_folder(folder: FolderRef) -> int:
@@ -244,7 +245,13 @@ def scan(
     """
     walk = Scan(roots, patterns, processes=processes, cache=cache, refine=refine)
     runs = tuple(walk.runs(progress, should_stop))
-    return Inventory(runs, tuple(walk.problems), frozenset(walk.symlink_targets), walk.failed)
+    return Inventory(
+        runs,
+        tuple(walk.problems),
+        frozenset(walk.symlink_targets),
+        walk.failed,
+        tuple(walk.temp_folders),
+    )
 
 
 class Scan:
@@ -269,6 +276,7 @@ class Scan:
         self.refine = refine
         self.problems: list[tuple[str, str]] = []
         self._failed = 0
+        self.temp_folders: list[FolderRef] = []
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
         self._folders: list[tuple[str, FolderRef]] = []
@@ -287,6 +295,8 @@ class Scan:
                         continue
                     seen.add((folder.dev, folder.ino))
                     self.symlink_targets |= _folder_symlink_targets(folder, files)
+                    if any(is_sweeper_temp(e.name) for e in files):
+                        self.temp_folders.append(folder)
                     if any(_is_candidate(e, patterns) for e in files):
                         self._folders.append((pattern, folder))
 

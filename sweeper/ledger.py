@@ -66,6 +66,7 @@ class Action:
     """
 
     EXTRACT: Final = "extract"
+    REMOVE_TEMP: Final = "remove-temp"  # an interrupted extraction's temporary file, cleaned up
     REFRESH: Final = "refresh"  # a stale inference copy replaced: written, and the old copy's bytes
     DELETE_INTENT: Final = "delete-intent"
     DELETE: Final = "delete"

@@ -61,6 +61,7 @@ class SweepPlan:
     entries: tuple[PlanEntry, ...]
     problems: tuple[tuple[str, str], ...]
     failed: int = 0  # run folders not planned because classifying them failed: exit 1
+    temp_folders: tuple[FolderRef, ...] = ()  # where an interrupted extraction may have left temps
 
     @property
     def expected_reclaimed_bytes(self) -> int:
@@ -121,7 +122,7 @@ def plan_sweep(inventory: Inventory, rules: Rules, *, now_ns: int) -> SweepPlan:
     entries: list[PlanEntry] = []
     for run in inventory.runs:
         entries.extend(plan_run(run, rules, now_ns=now_ns))
-    return SweepPlan(tuple(entries), inventory.problems, inventory.failed)
+    return SweepPlan(tuple(entries), inventory.problems, inventory.failed, inventory.temp_folders)
 
 
 def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:

@@ -769,3 +769,33 @@ def test_a_ledger_that_takes_no_records_stops_the_sweep_before_any_action(
     (line,) = done.stderr_lines
     assert line.endswith(f"ledger {sweeper.ledger}: is not a regular file; no action taken")
     assert snapshot(sweeper.root) == before
+
+
+def test_only_provable_stale_temps_are_cleaned_and_recorded(sweeper: Sweeper) -> None:
+    """A crash mid-extraction leaves a fallocated temp, marked as sweeper's own: a sweep removes
+    it (an hour old), even in a folder with nothing else to do, and records it.  A user's file
+    that merely has such a name is never touched."""
+    run = sweeper.root / "run"
+    make_run(run, {"e1.pt": 1})
+    done = sweeper("min_age_seconds=0")  # e1's copy: the folder now has nothing to do
+    assert done.returncode == 0, done.stderr
+    copy = run / "e1_inference.pt"
+    with pytest.raises(OSError):
+        os.getxattr(copy, "user.sweeper.temp")  # a finished copy is no temp
+    leftover = run / ".e1_inference.pt.sweeper-tmp-0123456789ab"
+    leftover.write_bytes(b"\0" * 4096)
+    os.setxattr(leftover, "user.sweeper.temp", b"1")
+    users = run / ".notes.sweeper-tmp-mine"
+    users.write_bytes(b"a user's file")
+    two_hours_ago = time.time_ns() - 2 * 3600 * 10**9
+    for path in (leftover, users):
+        set_mtime(path, two_hours_ago)
+
+    result = sweeper.json("min_age_seconds=0")
+
+    assert result["outcomes"] == []
+    assert not leftover.exists()
+    assert users.read_bytes() == b"a user's file"
+    (record,) = [r for r in ledger_lines(sweeper.ledger) if r["action"] == "remove-temp"]
+    assert record["path"].endswith(leftover.name) and record["bytes_deleted"] == 4096
+    assert record["reclaimed_bytes"] is None  # never counted as written: not in the totals
