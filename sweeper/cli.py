@@ -87,7 +87,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise FileRefused(args.src, "the output path is the source itself")
         if stat.S_ISDIR(same.st_mode):
             raise FileRefused(target.display, "output path is a directory")
-        if not args.force and not is_copy_of(target, source):
+        if not args.force and is_copy_of(target, source, mode) is None:
             # only sweeper's own copy of this very file is rewritten without being told to
             raise FileRefused(target.display, "exists; not replaced (--force replaces it)")
     except FileNotFoundError:
@@ -98,8 +98,16 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise
     try:
         # Without --force a file that appears at OUT meanwhile is not replaced either.
-        replace = args.force or is_copy_of(target, source)
-        result = extract(source, target, mode, delete_source=args.delete_original, replace=replace)
+        # Without --force, the proven copy is replaced only while the name still holds it.
+        ours = None if args.force else is_copy_of(target, source, mode)
+        result = extract(
+            source,
+            target,
+            mode,
+            delete_source=args.delete_original,
+            replace=args.force,
+            replacing=ours,
+        )
     finally:
         os.close(source.dir_fd)
         os.close(target.dir_fd)

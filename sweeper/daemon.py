@@ -568,7 +568,6 @@ class Watcher:
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return
-            self._ledger_trouble(None)
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = verify_inventory(inventory(), rules, now_ns=now_ns, verifier=self._verifier)
@@ -584,6 +583,8 @@ class Watcher:
             )
         if result.ledger_error is not None:
             self._ledger_trouble(result.ledger_error)
+        elif result.outcomes:  # records were written: the ledger works again
+            self._ledger_trouble(None)
         self._account(result)
 
     def _ledger_trouble(self, problem: str | None) -> None:

@@ -62,7 +62,7 @@ def superseded_name(source_name: str, made_from: torchzip.Provenance, taken: set
     for number in range(1, 1000):
         tail = f".{mark}{'' if number == 1 else f'-{number}'}_{Mode.INFERENCE.value}.{suffix}"
         room = _NAME_MAX - len(os.fsencode(tail))
-        name = os.fsdecode(os.fsencode(stem)[: max(room, 1)]) + tail
+        name = _cut_bytes(stem, max(room, 1)) + tail
         if name not in taken:
             return name
     raise FileRefused(source_name, "no free name to keep its stale copy under")
@@ -80,8 +80,20 @@ def is_sweeper_temp(name: str) -> bool:
 def _temp_name(target: str) -> str:
     """``.NAME.sweeper-tmp-XXXXXXXXXXXX``, NAME cut to 200 bytes (not characters: a name of
     80 CJK characters is 240 bytes) so the whole stays within NAME_MAX."""
-    cut = os.fsdecode(os.fsencode(target)[:200])
-    return f".{cut}{TEMP_MARK}{secrets.token_hex(6)}"
+    return f".{_cut_bytes(target, 200)}{TEMP_MARK}{secrets.token_hex(6)}"
+
+
+def _cut_bytes(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes, at a character boundary when it is UTF-8
+    (filesystems that enforce UTF-8 names refuse half a character)."""
+    raw = os.fsencode(name)
+    if len(raw) <= limit:
+        return name
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw[:limit])
+    return raw[:limit].decode("utf-8", "ignore")
 
 
 def describe_mode(st_mode: int) -> str:
@@ -431,24 +443,29 @@ def verify_existing_copy(source: Located, copy: Located, expected: FileIdentity)
         os.close(fd)
 
 
-def is_copy_of(target: Located, source: Located) -> bool:
-    """Whether ``target`` is a copy sweeper made from a file named as ``source`` in its folder
-    (any version): the one existing file ``sweeper extract`` rewrites without ``--force``."""
+def is_copy_of(target: Located, source: Located, mode: Mode) -> FileIdentity | None:
+    """The identity of ``target`` when it is a copy sweeper made, in ``mode``'s own name, from
+    a file named as ``source`` in its folder (any version): the one existing file ``sweeper
+    extract`` rewrites without ``--force``.  None otherwise."""
+    if target.name != output_name(source.name, mode):
+        return None
     try:
-        fd, _ = open_regular(target.name, target.dir_fd, target.display)
+        fd, info = open_regular(target.name, target.dir_fd, target.display)
     except FileRefused:
-        return False
+        return None
     try:
         made_from = torchzip.read_provenance(fd, torchzip.read_archive(fd, target.display), "")
     except FileRefused:
-        return False
+        return None
     finally:
         os.close(fd)
-    return (
-        made_from is not None
-        and made_from.name == source.name
-        and made_from.folder == folder_identity(source.dir_fd)
-    )
+    if (
+        made_from is None
+        or made_from.name != source.name
+        or made_from.folder != folder_identity(source.dir_fd)
+    ):
+        return None
+    return FileIdentity.of(info)
 
 
 def folder_identity(dir_fd: int) -> tuple[int, int]:

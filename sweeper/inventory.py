@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import fnmatch
+import functools
 import logging
 import os
 import resource
@@ -559,6 +560,8 @@ def _walk(
             mount = mount_id(fd)
             if folder is top:
                 top_mount = mount
+                if mount is None:
+                    _warn_no_mount_ids()
             elif mount != top_mount:
                 continue  # a mount point below the root: never crossed, as another filesystem
             entries = _list(fd)
@@ -584,6 +587,14 @@ def mount_id(fd: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_mount_ids() -> None:
+    log.warning(
+        "no /proc/self/fdinfo: bind mounts inside the roots cannot be told apart and may be "
+        "crossed"
+    )
 
 
 def _same_mount(top: FolderRef, folder: FolderRef) -> bool:

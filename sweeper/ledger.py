@@ -527,17 +527,23 @@ def _terminate_torn_line(path: str, append_fd: int) -> None:
         os.fsync(append_fd)
 
 
+_LEDGER_ROOM_BYTES = 1024 * 1024
+
+
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Raise :class:`LedgerUnavailable` unless the ledger at ``path`` can be opened for appending
     as a writer would (made if missing): checked before a sweep acts, so that a ledger that is a
     symlink, a FIFO, unwritable or on a read-only filesystem stops every action up front."""
     try:
         with Ledger.open(path):
-            pass
+            free = os.statvfs(os.path.dirname(os.fspath(path)) or ".")
     except FileRefused as error:
         raise LedgerUnavailable(path, error.reason) from None
     except OSError as error:
         raise LedgerUnavailable(path, error.strerror or str(error)) from None
+    room = free.f_bavail * free.f_frsize
+    if room < _LEDGER_ROOM_BYTES:  # a full disk opens fine, then fails the first record
+        raise LedgerUnavailable(path, f"no room for records ({room} bytes free)")
 
 
 def append_record(path: str | os.PathLike[str], record: LedgerRecord) -> None:
@@ -705,28 +711,37 @@ def iter_ledger(
     ledger), as :func:`read_ledger` reads them; each bad line is passed to ``warn``."""
     path = os.fspath(path)
     shown = _clean_text(path)
+    # The lock is held only while the ledger is opened and its length noted: the parse, which
+    # may take a while, must not keep writers (the daemon) waiting.  Lines appended since are
+    # left for the next reader.
     with _shared_lock_if_free(path) as writer_active:
         try:
             fd = _open_private(path, os.O_RDONLY, create=False)
         except FileNotFoundError:
             return
-        with os.fdopen(fd, "rb") as file:
-            for number, line in enumerate(file, start=1):
-                terminated = line.endswith(b"\n")
-                if not line.strip():
-                    continue  # the newline a writer adds after a torn line, or blank lines
-                try:
-                    record = decode_record(line)
-                except (ValueError, TypeError) as error:
-                    if terminated:
-                        warn(f"{shown}: line {number}: corrupt record skipped ({error})")
-                    else:
-                        cause = "a writer was appending" if writer_active else "crash mid-append?"
-                        warn(f"{shown}: line {number}: torn last line skipped ({cause})")
-                    continue
-                if not terminated:
-                    warn(f"{shown}: line {number}: last line has no newline (kept)")
-                yield record
+        length = os.fstat(fd).st_size
+    with os.fdopen(fd, "rb") as file:
+        remaining = length
+        for number, whole in enumerate(file, start=1):
+            if remaining <= 0:
+                break
+            line = whole[:remaining]
+            remaining -= len(line)
+            terminated = line.endswith(b"\n")
+            if not line.strip():
+                continue  # the newline a writer adds after a torn line, or blank lines
+            try:
+                record = decode_record(line.rstrip(b"\n"))
+            except (ValueError, TypeError) as error:
+                if terminated:
+                    warn(f"{shown}: line {number}: corrupt record skipped ({error})")
+                else:
+                    cause = "a writer was appending" if writer_active else "crash mid-append?"
+                    warn(f"{shown}: line {number}: torn last line skipped ({cause})")
+                continue
+            if not terminated:
+                warn(f"{shown}: line {number}: last line has no newline (kept)")
+            yield record
 
 
 # --- totals ---------------------------------------------------------------------------------------

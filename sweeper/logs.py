@@ -50,7 +50,10 @@ def escape_controls(text: str) -> str:
     """``text`` safe for one line of a terminal or the journal: undecodable bytes and control
     characters (a newline, ESC) escaped as ``\\n``, ``\\x1b``...  A file name is chosen by
     whoever made the file, so it must not be able to forge a log line or drive a terminal."""
-    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in raw)
 
 

@@ -11,7 +11,9 @@ parent polls ``should_stop`` while it waits, so a stop request ends everything p
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
+import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,11 +45,29 @@ class _Worker:
     task: int | None = None  # index of the task it holds
 
 
+def _die_with(parent_pid: int) -> None:
+    """Be killed when the parent dies (``kill -9``, an OOM kill): an orphaned worker would
+    hold the parent's locks for ever.  Pipes alone cannot tell, since every worker inherits
+    the parent's ends of them."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _serve(
     conn: Connection,
+    parent_end: Connection,
+    parent_pid: int,
     initializer: Callable[[], None],
     work: Callable[[object], object],
 ) -> None:
+    _die_with(parent_pid)
+    parent_end.close()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handlers only set its flags
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     initializer()
@@ -87,7 +107,9 @@ class WorkerPool(Generic[T, R]):
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_serve, args=(child, self._initializer, self._work), daemon=True
+            target=_serve,
+            args=(child, parent, os.getpid(), self._initializer, self._work),
+            daemon=True,
         )
         process.start()
         child.close()
@@ -98,7 +120,8 @@ class WorkerPool(Generic[T, R]):
     ) -> Iterator[tuple[T, R | WorkerDied]]:
         """Each task with its result (or :class:`WorkerDied`), in the order of ``tasks``.
         Raises :class:`Stopped` when ``should_stop`` turns true first."""
-        window = self._processes * 4  # results held back for order stay bounded
+        # Results held back for order stay bounded, with room to work past one slow folder.
+        window = max(64, self._processes * 16)
         results: dict[int, R | WorkerDied] = {}
         workers = [self._start() for _ in range(min(self._processes, len(tasks)))]
         sent = done = 0
@@ -106,7 +129,11 @@ class WorkerPool(Generic[T, R]):
             while done < len(tasks):
                 if should_stop():
                     raise Stopped()
-                for worker in workers:
+                for position, worker in enumerate(workers):
+                    if worker.task is None and not worker.process.is_alive():
+                        worker.process.join()  # died idle: replaced, no task blamed
+                        worker.conn.close()
+                        workers[position] = worker = self._start()
                     if worker.task is None and sent < len(tasks) and sent - done < window:
                         worker.task = sent
                         # if it died, its sentinel says so below, and the task fails
@@ -116,6 +143,8 @@ class WorkerPool(Generic[T, R]):
                 busy = [w for w in workers if w.task is not None]
                 ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
                                  timeout=_POLL_SECONDS))  # fmt: skip
+                if should_stop():  # (a stop signal to the process group reaches workers too)
+                    raise Stopped()
                 for position, worker in enumerate(workers):
                     if worker.task is None:
                         continue
@@ -160,5 +189,8 @@ class WorkerPool(Generic[T, R]):
 
 def _how(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
-        return f"killed by {signal.Signals(-exitcode).name}"
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {-exitcode}"
     return f"exited with status {exitcode}"

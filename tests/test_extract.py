@@ -764,7 +764,9 @@ def test_an_existing_output_that_sweeper_did_not_write_is_never_replaced(
 
     assert_success(run_sweeper("extract", source, "-o", theirs, "--force"))
     assert theirs.read_bytes() != b"a colleague's file"
-    assert_success(run_sweeper("extract", source, "-o", theirs))  # now sweeper's own copy
+    assert run_sweeper("extract", source, "-o", theirs).returncode == 1  # not its own name
+    assert_success(run_sweeper("extract", source))  # the copy beside it, twice: rewritten
+    assert_success(run_sweeper("extract", source))
 
 
 def test_a_long_multibyte_name_extracts(checkpoint_dir: Path, run_sweeper: RunSweeper) -> None:

@@ -799,3 +799,28 @@ def test_only_provable_stale_temps_are_cleaned_and_recorded(sweeper: Sweeper) ->
     (record,) = [r for r in ledger_lines(sweeper.ledger) if r["action"] == "remove-temp"]
     assert record["path"].endswith(leftover.name) and record["bytes_deleted"] == 4096
     assert record["reclaimed_bytes"] is None  # never counted as written: not in the totals
+
+
+def test_a_ledger_on_a_full_disk_stops_the_sweep_before_any_action(
+    sweeper: Sweeper, tmp_path: Path
+) -> None:
+    """A full disk opens a ledger fine and then fails its first record, after a copy was made:
+    the sweep checks there is room for records before it acts."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    make_run(sweeper.root / "run", {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
+    state = sweeper.ledger.parent
+    state.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", state]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (state / "filler").write_bytes(b"\0" * (2 * 1024 * 1024 - 256 * 1024))
+        before = snapshot(sweeper.root)
+        done = sweeper("min_age_seconds=0")
+    finally:
+        subprocess.run(["umount", state], check=True)
+
+    assert done.returncode == 1
+    (line,) = done.stderr_lines
+    assert "no room for records" in line and line.endswith("no action taken")
+    assert snapshot(sweeper.root) == before

@@ -98,3 +98,40 @@ def test_a_sweep_whose_classifier_is_killed_finishes(tmp_path: Path) -> None:
     assert sweep.returncode == 1, stderr
     assert "its classifier killed by SIGKILL" in stdout
     assert "plan:" in stdout  # the other folders were planned
+
+
+def _die_by_realtime_signal(task: int) -> int:
+    if task == 1:
+        os.kill(os.getpid(), signal.SIGRTMIN + 2)
+    return task
+
+
+def test_a_worker_killed_by_an_unnamed_signal_fails_only_its_task() -> None:
+    results = dict(WorkerPool(2, _die_by_realtime_signal).map([0, 1, 2]))
+
+    assert results[1] == WorkerDied(f"killed by signal {signal.SIGRTMIN + 2}")
+    assert (results[0], results[2]) == (0, 2)
+
+
+def test_workers_die_with_their_parent(tmp_path: Path) -> None:
+    """``kill -9`` of a sweep must not leave its workers running (they would hold its locks)."""
+    script = (
+        "import time\n"
+        "from sweeper.workers import WorkerPool\n"
+        "list(WorkerPool(2, time.sleep).map([600.0] * 4))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_children(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers = _children(parent.pid)
+        assert len(workers) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
