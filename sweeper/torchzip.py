@@ -745,20 +745,34 @@ def rely_on_address_space_limit() -> None:
     _memo_walk_needed = False
 
 
+# Opcodes a data.pkl may hold: a state dict of 100k tensors takes about 2M.  An 80 MB pickle of
+# 40M small ints (a list that costs gigabytes once unpickled and compared) is refused unread.
+_MAX_PICKLE_OPCODES = 16_000_000
+_WALK_ALWAYS_BYTES = 4 * 1024 * 1024  # a smaller pickle cannot hold that many
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
 def _memo_indices_are_sequential(data: bytes) -> bool:
     """Walk the opcodes and check every memo index a PUT names is at most the number of PUTs so
-    far, as any pickler writes them.
+    far, as any pickler writes them, and that there are at most ``_MAX_PICKLE_OPCODES``
+    (raises :class:`_TooManyObjects`).
 
     CPython's unpickler sizes its memo by the largest index it is given, so a 200-byte pickle
     saying ``LONG_BINPUT 0x7fffffff`` would make sweeper allocate 32 GiB before any allowlist
     is consulted.  (BINPUT takes one byte, so it needs no check; MEMOIZE has no index.)
     """
-    i, end, puts = 0, len(data), 0
+    i, end, puts, ops = 0, len(data), 0, 0
     step, unpack = _STEP, struct.unpack_from
     try:
         while i < end:
             size = step[data[i]]
             i += 1
+            ops += 1
+            if ops > _MAX_PICKLE_OPCODES:
+                raise _TooManyObjects()
             if size >= 0:
                 i += size
             elif size == _LENGTH4:
@@ -829,8 +843,19 @@ def load_inert(data: bytes, path: str) -> object:
 
 def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
     """The inert root object and every storage the pickle references."""
-    if _memo_walk_needed and not _memo_indices_are_sequential(data):
-        raise FileRefused(path, "malformed pickle in data.pkl: memo index out of sequence")
+    # Bounded before anything is allocated: workers under an address-space ceiling skip the
+    # walk for small pickles (the ceiling turns a huge memo into a refusal), never for big ones.
+    if _memo_walk_needed or len(data) > _WALK_ALWAYS_BYTES:
+        try:
+            sequential = _memo_indices_are_sequential(data)
+        except _TooManyObjects:
+            raise FileRefused(
+                path,
+                f"refused: data.pkl holds more than {_MAX_PICKLE_OPCODES:,} objects "
+                "(what it would cost to read is unbounded)",
+            ) from None
+        if not sequential:
+            raise FileRefused(path, "malformed pickle in data.pkl: memo index out of sequence")
     try:
         unpickler = _InertUnpickler(data, path)
         return unpickler.load(), list(unpickler.storages.values())

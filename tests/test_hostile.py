@@ -377,3 +377,30 @@ def test_a_bind_mount_inside_a_root_is_never_crossed(
     paths = [outcome["path"] for outcome in done.json()["outcomes"]]
     assert paths and all("/own/" in path for path in paths)
     assert after == before
+
+
+def test_a_pickle_of_millions_of_objects_is_refused_before_it_is_read(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A checkpoint whose data.pkl is a list of 17M small ints (34 MB, a few GB once unpickled,
+    fingerprinted and compared): refused by counting its opcodes, named in one line, while a
+    normal checkpoint beside it is swept."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    bomb = run / "bomb.pt"
+    torch.save(
+        {"model_state_dict": {}, "optimizer_state_dict": {}, "history": [0] * 17_000_000}, bomb
+    )
+    save_full_checkpoint(run / "fine.pt", epoch=1)
+
+    inspected = run_sweeper("inspect", bomb)
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+
+    assert inspected.returncode == 1 and len(inspected.stderr_lines) == 1
+    assert "holds more than 16,000,000 objects" in inspected.stderr
+    entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
+    assert entries["bomb.pt"]["action"] == "skip"
+    assert "holds more than 16,000,000 objects" in entries["bomb.pt"]["reason"]
+    assert entries["fine.pt"]["action"] == "extract"
