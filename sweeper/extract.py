@@ -534,19 +534,26 @@ def delete_if_same(source: Located, expected: FileIdentity) -> None:
     os.fsync(source.dir_fd)
 
 
+def lease_conflict(fd: int, lease: int) -> bool | None:
+    """Try the lease ``lease`` on ``fd`` and drop it: True when another open file description
+    prevents it (for ``F_RDLCK``: one open for writing; for ``F_WRLCK``: any other), False when
+    granted, None where leases are refused (not the owner and no CAP_LEASE, network
+    filesystems)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, lease)
+    except OSError as error:
+        return True if error.errno in (errno.EAGAIN, errno.EBUSY) else None
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
 def open_elsewhere(fd: int, info: os.stat_result) -> bool:
     """Whether any other open file description refers to the file ``fd`` has open (this one
-    aside), for reading or writing.  The kernel grants a write lease only when there is none;
-    where leases are refused (no CAP_LEASE on someone else's file, network filesystems) every
-    process's descriptors are looked at in /proc."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
-    except OSError as error:
-        if error.errno in (errno.EAGAIN, errno.EBUSY):
-            return True
-    else:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
+    aside), for reading or writing: by a write lease, else by every process's descriptors in
+    /proc."""
+    conflict = lease_conflict(fd, fcntl.F_WRLCK)
+    if conflict is not None:
+        return conflict
     return (info.st_dev, info.st_ino) in opened_by_processes(exclude_self=True)[0]
 
 

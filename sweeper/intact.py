@@ -37,14 +37,14 @@ class Verifier:
         self._remember = remember
         self._lock = threading.Lock()  # the daemon's workers share one
 
-    def check(self, folder: FolderRef, file: FileEntry) -> str | None:
+    def check(self, folder: _OpenedOnce, file: FileEntry) -> str | None:
         identity = (file.dev, file.ino, file.size, file.mtime_ns)
         with self._lock:
             if identity in self._known:
                 self._known.move_to_end(identity)
                 return self._known[identity]
         try:
-            problem = _read_all_records(folder, file, identity)
+            problem = _read_all_records(folder.fd(), file, identity)
         except _Unsettled as error:  # not the file that was scanned: say so, remember nothing
             return str(error)
         with self._lock:
@@ -58,18 +58,33 @@ class _Unsettled(Exception):
     pass
 
 
-def _read_all_records(folder: FolderRef, file: FileEntry, identity: _Identity) -> str | None:
-    try:
-        dir_fd = open_folder(folder)
-    except (OSError, FileRefused) as error:
-        reason = error.reason if isinstance(error, FileRefused) else error.strerror
-        raise _Unsettled(f"cannot open its folder to verify it: {reason}") from None
+class _OpenedOnce:
+    """A run folder opened on first need, and then once for all its files."""
+
+    def __init__(self, folder: FolderRef) -> None:
+        self._folder = folder
+        self._fd: int | None = None
+
+    def fd(self) -> int:
+        if self._fd is None:
+            try:
+                self._fd = open_folder(self._folder)
+            except (OSError, FileRefused) as error:
+                reason = error.reason if isinstance(error, FileRefused) else error.strerror
+                raise _Unsettled(f"cannot open its folder to verify it: {reason}") from None
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_all_records(dir_fd: int, file: FileEntry, identity: _Identity) -> str | None:
     try:
         fd, info = open_regular(file.name, dir_fd, file.display)
     except FileRefused as error:
         raise _Unsettled(error.reason) from None
-    finally:
-        os.close(dir_fd)
     try:
         if (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns) != identity:
             raise _Unsettled("changed since it was scanned")
@@ -89,24 +104,28 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
     ``verified``, or made unusable (``problem``) when it is corrupt, so that planning ``run``
     never deletes a file because a corrupt one was counted as a newer intact copy."""
     files = {file.name: file for file in run.files}
-    while True:
-        candidates = [to_candidate(file) for file in files.values()]
-        decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
-        todo = policy.needs_verification(candidates, decisions)
-        if not todo:
-            break
-        corrupt = False
-        for name in sorted(todo):
-            file = files[name]
-            problem = verifier.check(run.folder, file)
-            if problem is None:
-                files[name] = dataclasses.replace(file, verified=True)
-            else:
-                log.warning("%s: %s", file.display, problem)
-                files[name] = dataclasses.replace(file, problem=problem, kind=None)
-                corrupt = True
-        if not corrupt:  # the same decisions, now resting on verified files
-            break
+    folder = _OpenedOnce(run.folder)
+    try:
+        while True:
+            candidates = [to_candidate(file) for file in files.values()]
+            decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
+            todo = policy.needs_verification(candidates, decisions)
+            if not todo:
+                break
+            corrupt = False
+            for name in sorted(todo):
+                file = files[name]
+                problem = verifier.check(folder, file)
+                if problem is None:
+                    files[name] = dataclasses.replace(file, verified=True)
+                else:
+                    log.warning("%s: %s", file.display, problem)
+                    files[name] = dataclasses.replace(file, problem=problem, kind=None)
+                    corrupt = True
+            if not corrupt:  # the same decisions, now resting on verified files
+                break
+    finally:
+        folder.close()
     return dataclasses.replace(run, files=tuple(files.values()))
 
 

@@ -9,14 +9,12 @@ admin wrote) is opened by path.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import fnmatch
 import functools
 import logging
 import os
 import resource
-import signal
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from sweeper.extract import (
     folder_identity,
     is_sweeper_output,
     is_sweeper_temp,
+    lease_conflict,
     open_regular,
     opened_by_processes,
     output_name,
@@ -389,12 +388,11 @@ _worker_probes: _Probes | None = None
 
 
 def _init_worker(patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFolder]) -> None:
-    """A forked classifier: default signal handling (the parent's handlers only set flags that
-    nothing in a worker reads, so SIGTERM from ``Pool.terminate`` must really end it)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # A crafted pickle can ask the unpickler for a huge memo; here a memory ceiling turns that
-    # into a MemoryError (the file is refused) at no cost per file.
+    """A forked classifier (signal handling is the pool's: ``sweeper.workers``).
+
+    A crafted pickle can ask the unpickler for a huge memo; here a memory ceiling turns that
+    into a MemoryError (the file is refused) at no cost per file.
+    """
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:
             virtual = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -592,8 +590,7 @@ def mount_id(fd: int) -> int | None:
 @functools.lru_cache(maxsize=1)
 def _warn_no_mount_ids() -> None:
     log.warning(
-        "no /proc/self/fdinfo: bind mounts inside the roots cannot be told apart and may be "
-        "crossed"
+        "no /proc/self/fdinfo: bind mounts inside the roots cannot be told apart and may be crossed"
     )
 
 
@@ -805,25 +802,36 @@ def _copy_state(
         fd, info = open_regular(name, dir_fd, copy_display)
     except FileRefused as error:
         return CopyState(name, CopyStatus.FOREIGN, error.reason)
+    try:
+        return _judge_copy(fd, info, name, copy_display, plan, provenance, source, names)
+    finally:
+        os.close(fd)
+
+
+def _judge_copy(
+    fd: int,
+    info: os.stat_result,
+    name: str,
+    display: str,
+    plan: torchzip.OutputPlan,
+    provenance: torchzip.Provenance,
+    source: os.stat_result,
+    names: set[str],
+) -> CopyState:
     identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
     def state(status: CopyStatus, problem: str | None = None) -> CopyState:
         return CopyState(name, status, problem, info.st_size, identity)
 
-    pinned = name + KEEP_SUFFIX in names or _flock_held(fd)
     if info.st_uid != source.st_uid:
-        os.close(fd)
         return state(CopyStatus.FOREIGN, "owned by another user")
     if info.st_nlink != 1:
-        os.close(fd)
         return state(CopyStatus.FOREIGN, f"has {info.st_nlink} hard links")
     try:
-        archive = torchzip.read_archive(fd, copy_display)
-        made_from = torchzip.read_provenance(fd, archive, copy_display)
+        archive = torchzip.read_archive(fd, display)
+        made_from = torchzip.read_provenance(fd, archive, display)
     except FileRefused as error:
         return state(CopyStatus.FOREIGN, error.reason)
-    finally:
-        os.close(fd)
     if made_from is None:  # written before copies named their source, or not by sweeper
         if torchzip.same_content(archive, torchzip.without_provenance(plan)):
             return state(CopyStatus.CURRENT)
@@ -844,7 +852,8 @@ def _copy_state(
         identity,
         made_here=made_from.folder == provenance.folder,
         aside=aside,
-        pinned=pinned,
+        # probed only here: a pin matters only to a stale copy (it is then kept aside)
+        pinned=name + KEEP_SUFFIX in names or _flock_held(fd),
     )
 
 
@@ -923,18 +932,13 @@ class _OpenForWriting:
 
     def held(self, fd: int, info: os.stat_result) -> str | None:
         """ "writing", "open" (by some other process, for reading), or None."""
-        for lease, answer in ((fcntl.F_RDLCK, "writing"), (fcntl.F_WRLCK, "open")):
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, lease)
-            except OSError as error:
-                if error.errno in (errno.EAGAIN, errno.EBUSY):
-                    return answer
-                break  # leases refused here: ask /proc
-            else:
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        else:
-            return None
-        if self._proc is None:
+        writer = lease_conflict(fd, fcntl.F_RDLCK)
+        if writer:
+            return "writing"
+        reader = lease_conflict(fd, fcntl.F_WRLCK) if writer is not None else None
+        if reader is not None:
+            return "open" if reader else None
+        if self._proc is None:  # leases refused here: ask /proc, once per sweep
             self._proc = opened_by_processes(exclude_self=True)
         opened, writing = self._proc
         key = (info.st_dev, info.st_ino)

@@ -426,48 +426,55 @@ def _decide_own_outputs(
     needs: tuple[str, ...],
     counts_on: tuple[str, ...],
 ) -> None:
+    """Sweeper's copies: skipped, unless ``keep_inference`` thins them."""
     by_name = {c.name: c for c in candidates}
     for candidate in candidates:
         if candidate.status is not Status.OWN_OUTPUT:
             continue
-        why = _SKIP_REASONS[Status.OWN_OUTPUT]
-        skip = Decision(
-            candidate.name, Action.SKIP, f"{why}; {candidate.problem}" if candidate.problem else why
-        )
         source = by_name.get(candidate.source_name or "")
-        if candidate.source_name is None:  # names no source: not ours to thin
-            decisions[candidate.name] = skip
-        elif source is None:  # an orphan: its full checkpoint is gone
-            if candidate.name in inference_kept:
-                decisions[candidate.name] = skip
-            else:
-                decisions[candidate.name] = Decision(
-                    candidate.name,
-                    Action.DELETE,
-                    f"thinned: inference copy of {candidate.source_name} (now deleted) not kept "
-                    f"by {rules.keep_inference.describe()} ({_describe(candidate)})",
-                    needs=needs,
-                    counts_on=counts_on,
-                    with_copy=False,
-                )
-        elif (
-            decisions.get(source.name, skip).action is Action.DELETE
-            and not decisions[source.name].with_copy
-            and source.copy is CopyStatus.CURRENT  # a stale copy holds another version
-            and candidate.name == source.copy_name
-            and _thinnable(candidate, folder_uid)
-        ):
-            decisions[candidate.name] = Decision(
-                candidate.name,
-                Action.DELETE,
-                f"thinned: inference copy of {source.name}, demoted and not kept by "
-                f"{rules.keep_inference.describe()} ({_describe(source)})",
-                needs=needs,
-                counts_on=counts_on,
-                with_copy=False,
-            )
-        else:
-            decisions[candidate.name] = skip
+        thinned = _thinned(candidate, source, decisions, inference_kept, folder_uid)
+        if thinned is None:
+            why = _SKIP_REASONS[Status.OWN_OUTPUT]
+            reason = f"{why}; {candidate.problem}" if candidate.problem else why
+            decisions[candidate.name] = Decision(candidate.name, Action.SKIP, reason)
+            continue
+        whose, what = thinned
+        decisions[candidate.name] = Decision(
+            candidate.name,
+            Action.DELETE,
+            f"thinned: inference copy of {whose} {rules.keep_inference.describe()} ({what})",
+            needs=needs,
+            counts_on=counts_on,
+            with_copy=False,
+        )
+
+
+def _thinned(
+    copy: Candidate,
+    source: Candidate | None,
+    decisions: dict[str, Decision],
+    inference_kept: set[str],
+    folder_uid: int | None,
+) -> tuple[str, str] | None:
+    """Why ``keep_inference`` drops this copy (whose, and of what), or None: an orphan it does
+    not keep, or the current copy of a checkpoint it demotes without one."""
+    if copy.source_name is None:  # names no source: not ours to thin
+        return None
+    if source is None:  # an orphan: its full checkpoint is gone
+        if copy.name in inference_kept:
+            return None
+        return f"{copy.source_name} (now deleted) not kept by", _describe(copy)
+    demoted = decisions.get(source.name)
+    if (
+        demoted is not None
+        and demoted.action is Action.DELETE
+        and not demoted.with_copy
+        and source.copy is CopyStatus.CURRENT  # a stale copy holds another version
+        and copy.name == source.copy_name
+        and _thinnable(copy, folder_uid)
+    ):
+        return f"{source.name}, demoted and not kept by", _describe(source)
+    return None
 
 
 def _demote(
