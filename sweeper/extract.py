@@ -454,7 +454,9 @@ def is_copy_of(target: Located, source: Located, mode: Mode) -> FileIdentity | N
     except FileRefused:
         return None
     try:
-        made_from = torchzip.read_provenance(fd, torchzip.read_archive(fd, target.display), "")
+        made_from = torchzip.read_provenance(
+            fd, torchzip.read_archive(fd, target.display), target.display
+        )
     except FileRefused:
         return None
     finally:
