@@ -228,10 +228,15 @@ class _Progress:
             self._stream.flush()
 
 
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
     from sweeper.inventory import RunFolder, Scan, scan
+    from sweeper.journal import Journal, reconcile
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
@@ -287,10 +292,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not locked:
             return EXIT_INTERRUPTED
         check_writable(settings.ledger)  # no action is taken that could not be recorded
-        plan = plan_now()
         ledger = AppendEach(str(settings.ledger))
+        run_id = uuid.uuid4().hex[:12]
+        reconcile(str(settings.ledger), ledger, run_id=run_id, clock=_now)
+        plan = plan_now()
         result = execute_plan(
-            plan, ledger, run_id=uuid.uuid4().hex[:12], should_stop=stop, progress=progress.executed
+            plan,
+            ledger,
+            run_id=run_id,
+            should_stop=stop,
+            progress=progress.executed,
+            journal=Journal(str(settings.ledger)),
         )
         progress.clear()
     text = report.sweep_json(plan, result) if args.json else None

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 
@@ -46,6 +47,7 @@ from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.intact import Verifier, verify_inventory
 from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
+from sweeper.journal import Journal, reconcile
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
@@ -563,8 +565,15 @@ class Watcher:
         with lock as locked:
             if not locked:
                 return
+            run_id = uuid.uuid4().hex[:12]
             try:
                 check_writable(settings.ledger)
+                reconcile(
+                    str(settings.ledger),
+                    AppendEach(str(settings.ledger)),
+                    run_id=run_id,
+                    clock=lambda: datetime.now(timezone.utc),
+                )
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return
@@ -578,8 +587,9 @@ class Watcher:
             result = execute_plan(
                 plan,
                 AppendEach(str(settings.ledger)),
-                run_id=uuid.uuid4().hex[:12],
+                run_id=run_id,
                 should_stop=self._should_stop,
+                journal=Journal(str(settings.ledger)),
             )
         if result.ledger_error is not None:
             self._ledger_trouble(result.ledger_error)

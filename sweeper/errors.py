@@ -35,6 +35,11 @@ class UnsafePickle(FileRefused):
         self.global_name = global_name
 
 
+class NotConfirmed(FileRefused):
+    """A verified copy was put in place but its folder's fsync failed, and taking it back failed
+    too: it exists without its durability confirmed (start-up reconciliation confirms it)."""
+
+
 class LedgerUnavailable(SweeperError):
     """The ledger cannot take a record: no action may be taken, since none could be recorded."""
 

@@ -10,14 +10,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
 
-from sweeper.errors import FileRefused, LedgerUnavailable
+from sweeper.errors import FileRefused, LedgerUnavailable, NotConfirmed
 from sweeper.extract import (
     FileIdentity,
     Located,
+    confirm_on_disk,
     delete_if_same,
     extract,
     move_aside,
@@ -26,8 +27,9 @@ from sweeper.extract import (
     verify_existing_copy,
 )
 from sweeper.inventory import FolderRef, open_folder
+from sweeper.journal import Journal
+from sweeper.ledger import CLOSES, INTENTS, Metric, RecordSink, new_record, user_name
 from sweeper.ledger import Action as LedgerAction
-from sweeper.ledger import Metric, RecordSink, new_record, user_name
 from sweeper.plan import PlanEntry, SweepPlan
 from sweeper.policy import Action
 from sweeper.torchzip import Interrupted, Mode
@@ -79,6 +81,8 @@ class _Context:
     run_id: str
     clock: Callable[[], datetime]
     should_stop: Callable[[], bool]
+    journal: Journal | None = None
+    open_intents: set[tuple[str, str]] = field(default_factory=set)
 
     def record(
         self,
@@ -89,7 +93,17 @@ class _Context:
         written: int = 0,
         deleted: int = 0,
         outcome: bool = True,
+        file_id: tuple[int, int, int, int] | None = None,
     ) -> None:
+        """Append one record; an intent first leaves the journal's marker, so that a crash
+        before its outcome is reconciled at the next start (sweeper.journal)."""
+        if action in INTENTS and self.journal is not None:
+            try:
+                self.journal.begin()
+            except OSError as error:
+                raise LedgerUnavailable(
+                    self.journal.ledger_path, f"cannot leave its journal marker: {error.strerror}"
+                ) from None
         metric = Metric(*entry.metric) if entry.metric else None
         record = new_record(
             now=self.clock(),
@@ -106,6 +120,7 @@ class _Context:
             bytes_deleted=deleted,
             bytes_written=written,
             reclaimed_bytes=deleted - written if outcome else None,
+            file_id=file_id,
         )
         try:
             self.ledger.append(record)
@@ -115,6 +130,12 @@ class _Context:
             raise LedgerUnavailable(
                 getattr(self.ledger, "path", "?"), error.strerror or str(error)
             ) from None
+        if action in INTENTS:
+            self.open_intents.add((entry.path, action))
+        else:
+            for kind, closing in CLOSES.items():
+                if action in closing:
+                    self.open_intents.discard((entry.path, kind))
 
 
 def execute_plan(
@@ -125,19 +146,23 @@ def execute_plan(
     clock: Callable[[], datetime] = _utc_now,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int, int], None] | None = None,
+    journal: Journal | None = None,
 ) -> SweepReport:
     """Carry out the plan's extract, refresh and delete entries; keep and skip entries are left
     alone.
 
-    Per file, in this order: extract the inference copy (or, if it already exists, re-verify it
-    in full; a stale copy is replaced only once the new one is verified) -> ledger record of
-    the copy -> re-check that the files justifying the deletion are still there, unchanged ->
-    ledger intent to delete -> delete (only if the name still refers to the scanned file and
-    no process holds it open) -> ledger outcome.  A full checkpoint is deleted without a copy
+    Per file, in this order: ledger intent to write -> extract the inference copy (or, if it
+    already exists, re-verify it in full and fsync it and its folder again: a copy whose
+    durability was never confirmed is not counted on; a stale copy is replaced only once the
+    new one is verified) -> ledger record of the copy -> re-check that the files justifying the
+    deletion are still there, unchanged -> ledger intent to delete -> delete (only if the name
+    still refers to the scanned file and no process holds it open) -> ledger outcome.  With a
+    ``journal``, an intent left open by a crash is closed by ``journal.reconcile`` at the next
+    start, from what the tree shows.  A full checkpoint is deleted without a copy
     only when ``keep_inference`` says its copy is not wanted.  Callers hold the action lock
     (``ledger.action_lock``) from before the scan, so no other actor works on the same files.
     """
-    context = _Context(ledger, run_id, clock, should_stop)
+    context = _Context(ledger, run_id, clock, should_stop, journal)
     work = [e for e in plan.entries if e.action in _WORK]
     outcomes: list[Outcome] = []
     interrupted = False
@@ -155,8 +180,11 @@ def execute_plan(
                 break
     except LedgerUnavailable as error:
         # Nothing more is done that could not be recorded; the file in hand is reported failed.
+        # Its intent stays open (and the journal's marker with it) for the next start.
         log.error("%s", error)
         return SweepReport(tuple(outcomes), interrupted, str(error))
+    if journal is not None and not context.open_intents:
+        journal.end()
     if not interrupted:
         worked = {entry.folder for entry in work}
         clean_orphaned_temps(
@@ -244,6 +272,7 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
                 written, replaced = _write_copy(entry, source, copy, identity, context)
             else:
                 verify_existing_copy(source, copy, identity)
+                confirm_on_disk(copy)
         if entry.action is Action.DELETE:
             _require_needs(entry, dir_fd)
             if entry.extract_first:
@@ -253,7 +282,14 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
                 stale = Located(dir_fd, output_name(entry.name, Mode.INFERENCE), entry.path)
                 move_aside(stale, entry.keep_as, FileIdentity(*entry.replaces))
                 log.info("%s: stale inference copy kept as %s", entry.path, entry.keep_as)
-            context.record(entry, LedgerAction.DELETE_INTENT, entry.reason, outcome=False)
+            context.record(
+                entry,
+                LedgerAction.DELETE_INTENT,
+                entry.reason,
+                deleted=entry.size,
+                outcome=False,
+                file_id=(entry.dev, entry.ino, entry.size, entry.mtime_ns),
+            )
             delete_if_same(source, identity)
             context.record(entry, LedgerAction.DELETE, entry.reason, deleted=entry.size)
             how = "inference copy verified" if entry.output else "no inference copy kept"
@@ -265,6 +301,11 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
         return Outcome(entry, False, "interrupted", written, 0)
     except LedgerUnavailable:
         raise  # stops the whole run: see execute_plan
+    except NotConfirmed as error:
+        # The copy is in place, unconfirmed, and could not be taken back: its intent stays
+        # open, so the next start counts it and confirms it (sweeper.journal).
+        log.error("%s: %s", error.path, error.reason)
+        return Outcome(entry, False, error.reason, 0, 0)
     except FileRefused as error:
         return _failed(entry, context, error.reason, written)
     except OSError as error:
@@ -281,6 +322,14 @@ def _write_copy(
     copy kept aside under ``entry.keep_as``); ledger it.  Returns (bytes written, bytes of the
     stale copy replaced)."""
     stale = FileIdentity(*entry.replaces) if entry.replaces is not None else None
+    context.record(
+        entry,
+        LedgerAction.EXTRACT_INTENT,
+        entry.reason,
+        deleted=0 if stale is None or entry.keep_as is not None else stale.size,
+        outcome=False,
+        file_id=entry.replaces,
+    )
     result = extract(
         source,
         copy,

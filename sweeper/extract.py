@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sweeper import torchzip
-from sweeper.errors import FileRefused
+from sweeper.errors import FileRefused, NotConfirmed
 from sweeper.torchzip import Checkpoint, Mode
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,7 @@ def _write_verified(
     except OSError as error:
         raise FileRefused(target.display, f"cannot create output: {error.strerror}") from None
     _mark_temp(out)
+    linked = os.fstat(out)
     try:
         try:
             _reserve(out, plan.total_size)
@@ -297,7 +298,40 @@ def _write_verified(
         raise
     finally:
         os.close(out)
-    os.fsync(target.dir_fd)
+    try:
+        os.fsync(target.dir_fd)
+    except OSError as error:
+        # The copy's name may not survive a crash: it must not be counted on.  Take it back
+        # (only the very file just linked); if even that fails, say so -- the caller leaves the
+        # intent open for start-up reconciliation, which confirms it or abandons it.
+        reason = f"not confirmed on disk (fsync of its folder: {error.strerror})"
+        try:
+            _unlink_if(target, linked)
+            os.fsync(target.dir_fd)
+        except (OSError, FileRefused):
+            raise NotConfirmed(target.display, reason + "; left in place") from None
+        raise FileRefused(target.display, reason + "; removed") from None
+
+
+def _unlink_if(target: Located, made: os.stat_result) -> None:
+    """Unlink ``target`` only while its name holds the file ``made`` describes (dev, inode)."""
+    now = os.stat(target.name, dir_fd=target.dir_fd, follow_symlinks=False)
+    if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+        raise FileRefused(target.display, "replaced since it was written")
+    os.unlink(target.name, dir_fd=target.dir_fd)
+
+
+def confirm_on_disk(copy: Located) -> None:
+    """fsync an existing copy and its folder before a deletion counts on it: a copy whose
+    durability was never confirmed (written by a run that crashed, or whose folder fsync
+    failed) must not be the only thing left of a checkpoint after a power loss.  Cheap when
+    it is already on disk."""
+    fd, _ = open_regular(copy.name, copy.dir_fd, copy.display)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.fsync(copy.dir_fd)
 
 
 def _require_target(target: Located, expected: FileIdentity) -> None:
@@ -533,7 +567,12 @@ def delete_if_same(source: Located, expected: FileIdentity) -> None:
     if FileIdentity.of(last) != expected or last.st_nlink != 1:
         raise FileRefused(source.display, "replaced since it was read; not deleted")
     os.unlink(source.name, dir_fd=source.dir_fd)
-    os.fsync(source.dir_fd)
+    try:
+        os.fsync(source.dir_fd)
+    except OSError as error:
+        # Done in memory either way, and a deletion lost in a crash only brings the file back:
+        # the deletion is recorded as done.
+        log.warning("%s: deleted; fsync of its folder failed: %s", source.display, error.strerror)
 
 
 def lease_conflict(fd: int, lease: int) -> bool | None:

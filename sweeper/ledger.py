@@ -68,9 +68,20 @@ class Action:
     EXTRACT: Final = "extract"
     REMOVE_TEMP: Final = "remove-temp"  # an interrupted extraction's temporary file, cleaned up
     REFRESH: Final = "refresh"  # a stale inference copy replaced: written, and the old copy's bytes
+    EXTRACT_INTENT: Final = "extract-intent"  # a copy is about to be written (or refreshed)
     DELETE_INTENT: Final = "delete-intent"
     DELETE: Final = "delete"
     FAIL: Final = "fail"
+    ABANDON: Final = "abandon"  # an interrupted run's intent that the tree shows came to nothing
+
+
+INTENTS: Final = frozenset({Action.EXTRACT_INTENT, Action.DELETE_INTENT})
+# The records that close an intent of the same run and path: its outcome, its failure, or what
+# start-up reconciliation found (see sweeper.journal).
+CLOSES: Final = {
+    Action.EXTRACT_INTENT: frozenset({Action.EXTRACT, Action.REFRESH, Action.FAIL, Action.ABANDON}),
+    Action.DELETE_INTENT: frozenset({Action.DELETE, Action.FAIL, Action.ABANDON}),
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,10 @@ class LedgerRecord:
     bytes_written`` for a completed action; negative for a copy written without deleting anything).
     Only outcome records carry it: intent records (``delete-intent``) have ``None``, so a crash
     between intent and outcome neither loses nor double-counts space.  Totals count only records
-    whose ``reclaimed_bytes`` is not ``None``.
+    whose ``reclaimed_bytes`` is not ``None``.  ``file_id`` (dev, inode, size, mtime_ns) is the
+    file an intent is about as it was then -- the checkpoint a ``delete-intent`` will unlink,
+    the stale copy an ``extract-intent`` replaces -- so that start-up reconciliation can tell
+    from the tree what an interrupted run did.
     """
 
     time: datetime
@@ -107,6 +121,7 @@ class LedgerRecord:
     reclaimed_bytes: int | None
     run_id: str
     root: str
+    file_id: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.time.utcoffset() is None:
@@ -119,6 +134,11 @@ class LedgerRecord:
             _require_int("epoch", self.epoch, minimum=None)
         if self.reclaimed_bytes is not None:
             _require_int("reclaimed_bytes", self.reclaimed_bytes, minimum=None)
+        if self.file_id is not None:
+            if len(self.file_id) != 4:
+                raise ValueError(f"file_id is not (dev, ino, size, mtime_ns): {self.file_id!r}")
+            for number in self.file_id:
+                _require_int("file_id", number, minimum=0)
 
     @property
     def is_outcome(self) -> bool:
@@ -143,6 +163,7 @@ def new_record(
     bytes_written: int = 0,
     reclaimed_bytes: int | None = None,
     host: str | None = None,
+    file_id: tuple[int, int, int, int] | None = None,
 ) -> LedgerRecord:
     """Build a record stamped with ``now`` (converted to UTC) and this machine's host name.
 
@@ -165,6 +186,7 @@ def new_record(
         reclaimed_bytes=reclaimed_bytes,
         run_id=run_id,
         root=root,
+        file_id=file_id,
     )
 
 
@@ -272,6 +294,8 @@ def encode_record(record: LedgerRecord) -> bytes:
             "name": _clean_text(record.metric.name),
             "value": _metric_value_to_json(record.metric.value),
         }
+    if record.file_id is not None:
+        obj["file_id"] = list(record.file_id)
     # ensure_ascii: pure-ASCII lines, so no tool splits a record at U+2028 or NEL in a file name.
     line = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return line.encode("ascii") + b"\n"
@@ -320,6 +344,13 @@ def decode_record(line: bytes) -> LedgerRecord:
         )
     root = _decode_path(obj, "root", optional=False)
     path = _decode_path(obj, "path", optional=False)
+    file_id = obj.get("file_id")
+    if file_id is not None and (
+        not isinstance(file_id, list)
+        or len(file_id) != 4
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in file_id)
+    ):
+        raise ValueError(f"field 'file_id' has unexpected value {file_id!r}")
     assert root is not None and path is not None  # optional=False guarantees it
     return LedgerRecord(
         time=_parse_time(_get(obj, "time", str)),
@@ -337,6 +368,7 @@ def decode_record(line: bytes) -> LedgerRecord:
         reclaimed_bytes=_get(obj, "reclaimed_bytes", int, optional=True),
         run_id=_get(obj, "run_id", str),
         root=root,
+        file_id=None if file_id is None else (file_id[0], file_id[1], file_id[2], file_id[3]),
     )
 
 
@@ -705,10 +737,11 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerRead:
 
 
 def iter_ledger(
-    path: str | os.PathLike[str], warn: Callable[[str], None]
+    path: str | os.PathLike[str], warn: Callable[[str], None], *, start: int = 0
 ) -> Iterator[LedgerRecord]:
     """The records of the ledger at ``path``, one line at a time (memory does not grow with the
-    ledger), as :func:`read_ledger` reads them; each bad line is passed to ``warn``."""
+    ledger), as :func:`read_ledger` reads them; each bad line is passed to ``warn``.  ``start``
+    is a byte offset at a line boundary (the ledger's length at some earlier moment)."""
     path = os.fspath(path)
     shown = _clean_text(path)
     # The lock is held only while the ledger is opened and its length noted: the parse, which
@@ -721,8 +754,11 @@ def iter_ledger(
             return
         length = os.fstat(fd).st_size
     with os.fdopen(fd, "rb") as file:
-        remaining = length
-        for number, whole in enumerate(file, start=1):
+        start = min(start, length)
+        file.seek(start)
+        remaining = length - start
+        for count, whole in enumerate(file, start=1):
+            number = f"{count}" if start == 0 else f"{count} after byte {start}"
             if remaining <= 0:
                 break
             line = whole[:remaining]

@@ -125,7 +125,7 @@ def records_for(ledger: Path, path: Path) -> list[dict[str, Any]]:
 
 def actions_for(ledger: Path, path: Path) -> list[str]:
     """What the ledger says was done to ``path``; delete intents left out."""
-    return [r["action"] for r in records_for(ledger, path) if r["action"] != "delete-intent"]
+    return [r["action"] for r in records_for(ledger, path) if not r["action"].endswith("-intent")]
 
 
 def assert_copy_matches(copy: Path, saved: dict[str, Any]) -> None:
@@ -169,7 +169,7 @@ def test_ready_after_the_catch_up_sweep_then_status_and_stopping(
 
     for path, checkpoint in saved.items():
         assert inference(path).exists(), daemon.details()
-        assert [r["action"] for r in records_for(ledger, path)] == ["extract"]
+        assert [r["action"] for r in records_for(ledger, path)] == ["extract-intent", "extract"]
         assert_copy_matches(inference(path), checkpoint)
     # The daemon's own account right after READY: all done, nothing queued behind it.
     first = daemon.wait_for(lambda m: Status.parse(m) is not None, since=ready)
@@ -731,7 +731,9 @@ def test_a_rolling_name_rewritten_in_place_gets_its_copy_refreshed(
     assert (run / "best_model.pt").exists() and (run / "epoch7.pt").exists()
     records = ledger_lines(daemon.ledger)
     assert [r["action"] for r in records if r["path"].endswith("best_model.pt")] == [
+        "extract-intent",
         "extract",
+        "extract-intent",
         "refresh",
     ]
 
@@ -783,4 +785,4 @@ def test_a_ledger_that_takes_no_records_stops_actions_not_the_daemon(
     ledger.unlink()
     daemon.wait_until((run / "epoch1_inference.pt").exists, "acting once the ledger is back")
     daemon.wait_log("the ledger takes records again; acting again")
-    assert [r["action"] for r in records(ledger)] == ["extract"]
+    assert [r["action"] for r in records(ledger)] == ["extract-intent", "extract"]

@@ -375,9 +375,9 @@ def test_plan_equals_actual_equals_ledger(sweeper: Sweeper) -> None:
     for entry in result["outcomes"]:
         actions = [r["action"] for r in records if r["path"] == entry["path"]]
         if entry["action"] == "delete":
-            assert actions == ["extract", "delete-intent", "delete"]
+            assert actions == ["extract-intent", "extract", "delete-intent", "delete"]
         else:
-            assert actions == ["extract"]
+            assert actions == ["extract-intent", "extract"]
     # The copy of a deleted checkpoint keeps its owner, group and mode.
     copy = os.stat(odd.with_name(inference(odd.name)))
     assert (copy.st_uid, copy.st_gid) == (odd_stat.st_uid, odd_stat.st_gid)
@@ -560,7 +560,7 @@ def test_non_utf8_and_newline_names(sweeper: Sweeper) -> None:
         copy = os.path.join(os.fsencode(run), name.replace(b".pt", b"_inference.pt"))
         assert_copy_matches(Path(os.fsdecode(copy)), checkpoint)
     records = ledger_lines(sweeper.ledger)  # strict, one object per line
-    assert len(records) == sweeper.ledger.read_bytes().count(b"\n") == 3 + 2
+    assert len(records) == sweeper.ledger.read_bytes().count(b"\n") == 3 + 3 + 2
     paths = {base64.b64decode(r["path_b64"]) for r in records}
     assert paths == {os.path.join(os.fsencode(run), name) for name in raw}
     totals = sweeper.ledger_cli("--json")
@@ -660,7 +660,7 @@ def test_ledger_path_is_taken_verbatim(
     done = run_sweeper("sweep", tmp_path / "root", "--ledger", ledger)
 
     assert done.returncode == 0, done.stderr
-    assert [r["action"] for r in ledger_lines(ledger)] == ["extract"]
+    assert [r["action"] for r in ledger_lines(ledger)] == ["extract-intent", "extract"]
     assert sorted(os.listdir(tmp_path)) == sorted(["root", folder.split("/")[0]])
 
 

@@ -1,0 +1,293 @@
+"""The ledger as a recoverable journal: what an interrupted run did is found out and recorded.
+
+Every action that changes the tree is preceded by an intent record (``extract-intent``,
+``delete-intent``) and followed by its outcome (``extract``/``refresh``/``delete``) or a ``fail``.
+A run killed between the two leaves an intent open: the bytes it freed or wrote are not in the
+totals.  Before its first intent a run leaves a small marker beside the ledger (``<ledger>.open``,
+the ledger's length at that moment) and removes it once every intent it wrote is closed; so a
+marker found at start-up means the ledger's tail after that offset may hold open intents.
+
+:func:`reconcile` reads that tail, asks the tree what became of each open intent and appends the
+outcome: ``delete`` when the checkpoint is gone (the run stopped after the unlink, before
+recording it), ``extract``/``refresh`` when the copy it was writing is in place (its durability
+is confirmed first: the copy and its folder are fsynced), ``abandon`` (no bytes) when the tree
+shows nothing happened.  After any crash the ledger's totals then equal the bytes actually
+freed.  Reconciliation only reads, fsyncs and appends: it never removes or renames a file.
+Callers hold the action lock, so no other sweeper is half-way through an action.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sweeper.errors import FileRefused, LedgerUnavailable
+from sweeper.extract import Located, is_copy_of
+from sweeper.inventory import split_root
+from sweeper.ledger import (
+    CLOSES,
+    INTENTS,
+    Action,
+    LedgerRecord,
+    RecordSink,
+    iter_ledger,
+    new_record,
+)
+from sweeper.torchzip import Mode
+
+log = logging.getLogger(__name__)
+
+MARKER_SUFFIX = ".open"
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def marker_path_for(ledger_path: str | os.PathLike[str]) -> str:
+    return os.fspath(ledger_path) + MARKER_SUFFIX
+
+
+@dataclass
+class Journal:
+    """One run's marker: :meth:`begin` before its first intent, :meth:`end` once all are closed."""
+
+    ledger_path: str
+    begun: bool = False
+
+    def begin(self) -> None:
+        """Leave the marker (durably, atomically) unless one is already there: an earlier,
+        unreconciled marker names an earlier offset, which covers this run too."""
+        if self.begun:
+            return
+        marker = marker_path_for(self.ledger_path)
+        if not os.path.lexists(marker):
+            try:
+                info = os.stat(self.ledger_path, follow_symlinks=False)
+                offset, identity = info.st_size, [info.st_dev, info.st_ino]
+            except FileNotFoundError:
+                offset, identity = 0, None
+            body = json.dumps({"offset": offset, "ledger": identity, "pid": os.getpid()})
+            _write_atomically(marker, body.encode("ascii") + b"\n")
+        self.begun = True
+
+    def end(self) -> None:
+        """Every intent this run wrote is closed: nothing is left to reconcile."""
+        if self.begun:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(marker_path_for(self.ledger_path))
+            self.begun = False
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    temp = path + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp, path)
+    parent = os.open(os.path.dirname(path) or ".", _OPEN_DIR)
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
+
+
+def _read_marker(ledger_path: str) -> int | None:
+    """The offset from which open intents are looked for; None when there is no marker."""
+    marker = marker_path_for(ledger_path)
+    try:
+        fd = os.open(marker, _OPEN_FILE)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileRefused(marker, "is not a regular file")
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        body = json.loads(raw)
+        offset = int(body["offset"])
+        identity = body.get("ledger")
+    except (ValueError, KeyError, TypeError):
+        return 0  # unreadable (torn by a crash): look through the whole ledger
+    try:
+        info = os.stat(ledger_path, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    if identity != [info.st_dev, info.st_ino] or offset > info.st_size:
+        return 0  # the ledger was replaced or truncated since: look through all of it
+    return offset
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What start-up reconciliation recorded: intents found done, and intents abandoned."""
+
+    done: int = 0
+    abandoned: int = 0
+    reclaimed_bytes: int = 0
+
+
+def reconcile(
+    ledger_path: str,
+    sink: RecordSink,
+    *,
+    run_id: str,
+    clock: Callable[[], datetime],
+    warn: Callable[[str], None] = log.warning,
+) -> Reconciled:
+    """Close every intent an interrupted run left open, as the tree shows it ended (see the
+    module docstring); then remove the marker.  Raises LedgerUnavailable when a record cannot
+    be appended: the marker stays, and the next run tries again."""
+    offset = _read_marker(ledger_path)
+    if offset is None:
+        return Reconciled()
+    pending: dict[tuple[str, str, str], LedgerRecord] = {}
+    for record in iter_ledger(ledger_path, warn, start=offset):
+        if record.action in INTENTS:
+            pending[(record.run_id, record.path, record.action)] = record
+            continue
+        for kind, closing in CLOSES.items():
+            if record.action in closing:
+                pending.pop((record.run_id, record.path, kind), None)
+    done = abandoned = reclaimed = 0
+    for intent in pending.values():
+        outcome = _resolve(intent, run_id, clock())
+        try:
+            sink.append(outcome)
+        except FileRefused as error:
+            raise LedgerUnavailable(error.path, error.reason) from None
+        except OSError as error:
+            raise LedgerUnavailable(ledger_path, error.strerror or str(error)) from None
+        if outcome.action == Action.ABANDON:
+            abandoned += 1
+        else:
+            done += 1
+            reclaimed += outcome.reclaimed_bytes or 0
+        log.warning("%s: %s", outcome.path, outcome.reason)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker_path_for(ledger_path))
+    return Reconciled(done, abandoned, reclaimed)
+
+
+def _resolve(intent: LedgerRecord, run_id: str, now: datetime) -> LedgerRecord:
+    interrupted = f"run {intent.run_id} was interrupted"
+
+    def outcome(action: str, reason: str, *, written: int = 0, deleted: int = 0) -> LedgerRecord:
+        counts = action != Action.ABANDON
+        return new_record(
+            now=now,
+            action=action,
+            path=intent.path,
+            owner=intent.owner,
+            uid=intent.uid,
+            reason=f"reconciled by run {run_id}: {reason}",
+            run_id=intent.run_id,  # closes that run's intent
+            root=intent.root,
+            epoch=intent.epoch,
+            metric=intent.metric,
+            output=intent.output,
+            bytes_deleted=deleted if counts else 0,
+            bytes_written=written if counts else 0,
+            reclaimed_bytes=deleted - written if counts else None,
+            file_id=intent.file_id,
+        )
+
+    try:
+        dir_fd = _open_record_folder(intent)
+    except (OSError, FileRefused):
+        return outcome(Action.ABANDON, f"{interrupted}; its folder is gone or changed: not counted")
+    try:
+        name = os.path.basename(intent.path)
+        if intent.action == Action.DELETE_INTENT:
+            return _resolve_delete(intent, dir_fd, name, interrupted, outcome)
+        return _resolve_extract(intent, dir_fd, name, interrupted, outcome)
+    finally:
+        os.close(dir_fd)
+
+
+def _resolve_delete(
+    intent: LedgerRecord,
+    dir_fd: int,
+    name: str,
+    interrupted: str,
+    outcome: Callable[..., LedgerRecord],
+) -> LedgerRecord:
+    size = intent.file_id[2] if intent.file_id is not None else intent.bytes_deleted
+    try:
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
+    if intent.file_id is not None and (now.st_dev, now.st_ino) != intent.file_id[:2]:
+        # The name holds another file now: the one the intent named was unlinked.
+        return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
+    return outcome(Action.ABANDON, f"{interrupted} before deleting it; it is still there")
+
+
+def _resolve_extract(
+    intent: LedgerRecord,
+    dir_fd: int,
+    name: str,
+    interrupted: str,
+    outcome: Callable[..., LedgerRecord],
+) -> LedgerRecord:
+    if intent.output is None:
+        return outcome(Action.ABANDON, f"{interrupted}; no copy named")
+    copy_name = os.path.basename(intent.output)
+    copy = Located(dir_fd, copy_name, intent.output)
+    identity = is_copy_of(copy, Located(dir_fd, name, intent.path), Mode.INFERENCE)
+    if identity is None:
+        return outcome(Action.ABANDON, f"{interrupted} before its copy was in place")
+    if intent.file_id is not None and (identity.dev, identity.ino) == intent.file_id[:2]:
+        return outcome(Action.ABANDON, f"{interrupted}; the stale copy is still in place")
+    # The copy is in place but the run never confirmed it is on disk: confirm it now.  Its
+    # bytes are counted either way (they take space); it is trusted for a deletion only after
+    # the next run verifies it in full and fsyncs it again.
+    confirmed = "its copy is in place"
+    try:
+        fd = os.open(copy_name, _OPEN_FILE, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(dir_fd)
+    except OSError as error:
+        confirmed += f" (not confirmed on disk: {error.strerror})"
+    action = Action.REFRESH if intent.file_id is not None else Action.EXTRACT
+    return outcome(
+        action,
+        f"{interrupted} after writing it; {confirmed}",
+        written=identity.size,
+        deleted=intent.bytes_deleted,
+    )
+
+
+def _open_record_folder(record: LedgerRecord) -> int:
+    """The folder of ``record.path``, opened below its root's trusted prefix without following
+    a symlink (the path is only ever read and fsynced here)."""
+    prefix, _ = split_root(record.root)
+    relative = os.path.relpath(os.path.dirname(record.path), prefix)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise FileRefused(record.path, "outside its root")
+    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in relative.split(os.sep):
+            if part in ("", os.curdir):
+                continue
+            child = os.open(part, _OPEN_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
