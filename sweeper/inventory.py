@@ -659,6 +659,11 @@ def _classify_safely(
     """One file that breaks the classifier in an unforeseen way is reported, never fatal."""
     try:
         return _classify_file(dir_fd, folder, entry, names, probes)
+    except OSError as error:  # an I/O error reading it: one line, no traceback
+        display = os.path.join(folder.display, entry.name)
+        reason = f"unreadable: {error.strerror or error}"
+        log.error("%s: %s", display, reason)
+        return _entry(entry.name, display, entry.info, {"problem": reason})
     except (Exception, RecursionError) as error:  # one bad file must not stop the sweep
         display = os.path.join(folder.display, entry.name)
         log.exception("%s: unexpected error while reading it", display)

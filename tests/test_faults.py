@@ -1,0 +1,155 @@
+"""Kill-point and fault-injection matrix over a whole sweep.
+
+``fault_driver.py`` runs ``sweeper sweep`` on copies of one tree, once for every filesystem call
+the sweep makes: killed at that call (as SIGKILL would), or failing it with ENOSPC or EIO; then
+runs it again without faults.  For every point this test checks what sweeper promises:
+
+- no checkpoint is lost: every full checkpoint the tree held is still there or has its
+  inference copy, which loads (``weights_only=True``) and holds its exact weights;
+- after the clean run the tree is what an uninterrupted sweep leaves (same names);
+- the ledger's totals equal the bytes actually freed (start-up reconciliation closes the
+  intents a killed run left open), and every intent is closed;
+- faults give one-line errors, never a traceback; the clean run exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import TEMP_MARK, assert_same_tensors
+from conftest import REPO_ROOT, CliRun
+from trees import ledger_lines, outcome_total, save_full, set_mtime
+
+ARGS = [
+    "sweep", "{root}", "--ledger", "{ledger}", "min_age_seconds=0", "keep_full=1",
+    "rolling_names=[best_model.pt]", "--json",
+]  # fmt: skip
+HOUR = 3_600_000_000_000
+
+
+def _build_template(top: Path, run_sweeper: Any) -> dict[str, dict[str, Any]]:
+    """Three epochs (two to be demoted), and a rolling name whose copy is stale: the sweep
+    extracts, refreshes (keeping the stale copy aside) and deletes."""
+    run = top / "root" / "run"
+    run.mkdir(parents=True)
+    (top / "state").mkdir()
+    base = 1_700_000_000 * 1_000_000_000
+    saved = {"best_model.pt": save_full(run / "best_model.pt", epoch=1, seed=9, mtime_ns=base)}
+    args = [a.format(root=top / "root", ledger=top / "state" / "ledger.jsonl") for a in ARGS]
+    first = run_sweeper(*args)
+    assert first.returncode == 0, first.stderr
+    assert (run / "best_model_inference.pt").exists()
+    # The rolling name is rewritten (its copy is now stale) and three epochs appear.
+    best = save_full(run / "best_model.pt", epoch=2, seed=10, mtime_ns=base + HOUR)
+    saved["best_model.pt"] = best
+    for epoch in (1, 2, 3):
+        name = f"epoch{epoch}.pt"
+        saved[name] = save_full(run / name, epoch=epoch, seed=epoch, mtime_ns=base + epoch * HOUR)
+    set_mtime(run / "best_model.pt", base + HOUR)
+    return saved
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if TEMP_MARK not in name:
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def _check_point(
+    point: dict[str, Any],
+    saved: dict[str, dict[str, Any]],
+    start_bytes: int,
+    start_lines: int,
+    reference: set[str],
+) -> None:
+    tree = Path(point["tree"])
+    where = f"{point['mode']} at call {point['point']}"
+    faulted = (tree / "faulted.log").read_text(errors="replace")
+    rerun = (tree / "rerun.log").read_text(errors="replace")
+    assert "Traceback" not in faulted, f"{where}: {faulted}"
+    assert point["rerun"] == 0, f"{where}: clean run exited {point['rerun']}: {rerun}"
+    assert "Traceback" not in rerun, f"{where}: {rerun}"
+    if point["mode"] != "kill":
+        assert point["faulted"] in (0, 1, 2), f"{where}: exit {point['faulted']}: {faulted}"
+    run = tree / "root" / "run"
+    present = {name for name in os.listdir(run) if TEMP_MARK not in name}
+    assert present == reference, where
+    for name, checkpoint in saved.items():
+        copy = run / name.replace(".pt", "_inference.pt")
+        if not (run / name).exists():
+            assert copy.exists(), f"{where}: {name} deleted without its copy"
+        loaded = torch.load(copy, weights_only=True)
+        assert_same_tensors(checkpoint["model_state_dict"], loaded["model_state_dict"])
+    records = ledger_lines(tree / "state" / "ledger.jsonl")[start_lines:]
+    freed = start_bytes - _tree_bytes(tree / "root")
+    assert outcome_total(records) == freed, f"{where}: ledger {outcome_total(records)} != {freed}"
+    closes = {"extract-intent": {"extract", "refresh", "fail", "abandon"}}
+    closes["delete-intent"] = {"delete", "fail", "abandon"}
+    open_intents: set[tuple[str, str, str]] = set()
+    for record in records:
+        if record["action"] in closes:
+            open_intents.add((record["run_id"], record["path"], record["action"]))
+        for kind, closing in closes.items():
+            if record["action"] in closing:
+                open_intents.discard((record["run_id"], record["path"], kind))
+    assert not open_intents, f"{where}: intents left open: {open_intents}"
+    assert not (tree / "state" / "ledger.jsonl.open").exists(), where
+
+
+@pytest.mark.parametrize("modes", [["kill"], ["ENOSPC", "EIO"]])
+def test_every_filesystem_call_of_a_sweep_can_fail_or_be_killed(
+    tmp_path: Path, run_sweeper: Any, modes: list[str]
+) -> None:
+    template = tmp_path / "template"
+    saved = _build_template(template, run_sweeper)
+    start_bytes = _tree_bytes(template / "root")
+    start_lines = len(ledger_lines(template / "state" / "ledger.jsonl"))
+
+    # The reference: the same sweep, uninterrupted.
+    clean = tmp_path / "clean"
+    shutil.copytree(template, clean, symlinks=True)
+    args = [a.format(root=clean / "root", ledger=clean / "state" / "ledger.jsonl") for a in ARGS]
+    done: CliRun = run_sweeper(*args)
+    assert done.returncode == 0, done.stderr
+    reference = set(os.listdir(clean / "root" / "run"))
+    assert reference == {
+        "best_model.pt", "best_model_inference.pt", "epoch3.pt",
+        "epoch1_inference.pt", "epoch2_inference.pt", "epoch3_inference.pt",
+        "best_model.superseded-20231114T2213-ae8fb2ba_inference.pt",
+    }  # fmt: skip
+    summary = json.loads(done.stdout)
+    assert summary["counts"]["delete"] == 2 and summary["counts"]["refresh"] == 1
+
+    spec = tmp_path / "spec.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    spec.write_text(
+        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": ARGS})
+    )
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    for mode in modes:
+        hit = [p for p in points if p["mode"] == mode and p["hit"]]
+        assert len(hit) > 50, f"{mode}: only {len(hit)} calls faulted"
+    for point in points:
+        if point["hit"]:
+            _check_point(point, saved, start_bytes, start_lines, reference)
