@@ -238,6 +238,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.inventory import RunFolder, Scan, scan
     from sweeper.journal import Journal, reconcile
     from sweeper.ledger import AppendEach, action_lock, check_writable
+    from sweeper.ledger_segments import compact_quietly
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
 
@@ -295,6 +296,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ledger = AppendEach(str(settings.ledger))
         run_id = uuid.uuid4().hex[:12]
         reconcile(str(settings.ledger), ledger, run_id=run_id, clock=_now)
+        compact_quietly(
+            str(settings.ledger),
+            max_bytes=settings.ledger_max_bytes,
+            segments=settings.ledger_segments,
+            clock=_now,
+        )
         plan = plan_now()
         result = execute_plan(
             plan,

@@ -86,6 +86,8 @@ class ConfigSchema:
     keep_every: int = 0
     rolling_names: list[str] = field(default_factory=lambda: list(DEFAULT_ROLLING_NAMES))
     keep_inference: KeepInferenceSchema = field(default_factory=KeepInferenceSchema)
+    ledger_max_bytes: int = 64 * 2**20
+    ledger_segments: int = 3
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class Settings:
     keep_every: int = 0
     rolling_names: tuple[str, ...] = DEFAULT_ROLLING_NAMES
     keep_inference: InferenceRules = field(default_factory=InferenceRules)
+    ledger_max_bytes: int = 64 * 2**20
+    ledger_segments: int = 3
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -166,6 +170,9 @@ class Settings:
             raise ConfigError("ledger", f"{str(self.ledger)!r} contains a NUL byte")
         if not self.ledger.is_absolute():
             raise ConfigError("ledger", f"{str(self.ledger)!r} is not an absolute path")
+        # Below a megabyte, compaction would run after every few records.
+        _check_at_least("ledger_max_bytes", self.ledger_max_bytes, 2**20)
+        _check_at_least("ledger_segments", self.ledger_segments, 0)
         _check_at_least("min_age_seconds", self.min_age_seconds, 0)
         _check_positive_seconds("settle_seconds", self.settle_seconds)
         _check_positive_seconds("rescan_seconds", self.rescan_seconds)
@@ -246,6 +253,8 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
             best=schema.keep_inference.best,
             every=schema.keep_inference.every,
         ),
+        ledger_max_bytes=schema.ledger_max_bytes,
+        ledger_segments=schema.ledger_segments,
     )
 
 

@@ -49,6 +49,7 @@ from sweeper.intact import Verifier, verify_inventory
 from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
 from sweeper.journal import Journal, reconcile
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
+from sweeper.ledger_segments import compact_quietly
 from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action
@@ -572,11 +573,17 @@ class Watcher:
                     str(settings.ledger),
                     AppendEach(str(settings.ledger)),
                     run_id=run_id,
-                    clock=lambda: datetime.now(timezone.utc),
+                    clock=_now,
                 )
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return
+            compact_quietly(
+                str(settings.ledger),
+                max_bytes=settings.ledger_max_bytes,
+                segments=settings.ledger_segments,
+                clock=_now,
+            )
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = verify_inventory(inventory(), rules, now_ns=now_ns, verifier=self._verifier)
@@ -624,6 +631,10 @@ class Watcher:
             self._state.reclaimed += result.reclaimed_bytes
             self._state.processed += len(result.outcomes)
             self._state.failures += result.failures
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _with_ledger(settings: Settings, ledger: Path) -> Settings:

@@ -72,6 +72,7 @@ class Action:
     DELETE_INTENT: Final = "delete-intent"
     DELETE: Final = "delete"
     FAIL: Final = "fail"
+    CARRY: Final = "carry"  # the totals of records compacted away (sweeper.ledger_segments)
     ABANDON: Final = "abandon"  # an interrupted run's intent that the tree shows came to nothing
 
 
@@ -103,7 +104,8 @@ class LedgerRecord:
     whose ``reclaimed_bytes`` is not ``None``.  ``file_id`` (dev, inode, size, mtime_ns) is the
     file an intent is about as it was then -- the checkpoint a ``delete-intent`` will unlink,
     the stale copy an ``extract-intent`` replaces -- so that start-up reconciliation can tell
-    from the tree what an interrupted run did.
+    from the tree what an interrupted run did.  ``records`` is set on a ``carry`` record only:
+    how many outcome records its totals stand for.
     """
 
     time: datetime
@@ -122,6 +124,7 @@ class LedgerRecord:
     run_id: str
     root: str
     file_id: tuple[int, int, int, int] | None = None
+    records: int | None = None
 
     def __post_init__(self) -> None:
         if self.time.utcoffset() is None:
@@ -134,6 +137,8 @@ class LedgerRecord:
             _require_int("epoch", self.epoch, minimum=None)
         if self.reclaimed_bytes is not None:
             _require_int("reclaimed_bytes", self.reclaimed_bytes, minimum=None)
+        if self.records is not None:
+            _require_int("records", self.records, minimum=0)
         if self.file_id is not None:
             if len(self.file_id) != 4:
                 raise ValueError(f"file_id is not (dev, ino, size, mtime_ns): {self.file_id!r}")
@@ -164,6 +169,7 @@ def new_record(
     reclaimed_bytes: int | None = None,
     host: str | None = None,
     file_id: tuple[int, int, int, int] | None = None,
+    records: int | None = None,
 ) -> LedgerRecord:
     """Build a record stamped with ``now`` (converted to UTC) and this machine's host name.
 
@@ -187,6 +193,7 @@ def new_record(
         run_id=run_id,
         root=root,
         file_id=file_id,
+        records=records,
     )
 
 
@@ -296,6 +303,8 @@ def encode_record(record: LedgerRecord) -> bytes:
         }
     if record.file_id is not None:
         obj["file_id"] = list(record.file_id)
+    if record.records is not None:
+        obj["records"] = record.records
     # ensure_ascii: pure-ASCII lines, so no tool splits a record at U+2028 or NEL in a file name.
     line = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return line.encode("ascii") + b"\n"
@@ -369,6 +378,7 @@ def decode_record(line: bytes) -> LedgerRecord:
         run_id=_get(obj, "run_id", str),
         root=root,
         file_id=None if file_id is None else (file_id[0], file_id[1], file_id[2], file_id[3]),
+        records=_get(obj, "records", int, optional=True) if "records" in obj else None,
     )
 
 
@@ -681,8 +691,11 @@ def acquire_instance_lock(ledger_path: str | os.PathLike[str]) -> InstanceLock:
                 f"another sweeper is already running on this state directory: "
                 f"{_clean_text(path)} is locked{who}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:  # a full disk: the pid is only a hint for the message above
+            pass
     except BaseException:
         os.close(fd)
         raise
@@ -836,7 +849,7 @@ def summarise(
         key = _group_key(record, by)
         count, reclaimed, deleted, written = totals.get(key, (0, 0, 0, 0))
         totals[key] = (
-            count + 1,
+            count + (1 if record.records is None else record.records),
             reclaimed + record.reclaimed_bytes,
             deleted + record.bytes_deleted,
             written + record.bytes_written,

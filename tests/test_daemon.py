@@ -9,6 +9,7 @@ and examine the file twice more, and a settle plus a rescan period have passed.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import os
@@ -785,4 +786,35 @@ def test_a_ledger_that_takes_no_records_stops_actions_not_the_daemon(
     ledger.unlink()
     daemon.wait_until((run / "epoch1_inference.pt").exists, "acting once the ledger is back")
     daemon.wait_log("the ledger takes records again; acting again")
+    assert [r["action"] for r in records(ledger)] == ["extract-intent", "extract"]
+
+
+def test_a_full_disk_under_the_state_directory_stops_actions_not_the_daemon(
+    mount_tmpfs: Callable[..., Path], tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """The state directory's filesystem is full before the daemon starts (no room for its
+    instance lock's pid, its ledger, or a journal marker): the daemon starts, stays up, acts on
+    nothing, and says why; once there is room it acts."""
+    state = mount_tmpfs(2 * 2**20, at=ledger.parent)
+    filler = state / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\1" * 4096):
+            pass
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    run = tree / "run"
+    run.mkdir(exist_ok=True)
+    save_full(run / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), "rescan_seconds=1")
+    daemon.wait_ready()
+
+    daemon.wait_for(lambda message: message.startswith("STATUS=NOT ACTING: ledger"))
+    assert daemon.alive()
+    assert not (run / "epoch1_inference.pt").exists()
+
+    filler.unlink()
+    daemon.wait_until((run / "epoch1_inference.pt").exists, "acting once there is room")
     assert [r["action"] for r in records(ledger)] == ["extract-intent", "extract"]

@@ -670,33 +670,6 @@ def test_unreadable_source_is_refused(checkpoint_dir: Path) -> None:
     assert folder_state(checkpoint_dir) == before
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """``mount_tmpfs(size)`` mounts a tmpfs of ``size`` bytes in tmp_path (root only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted: list[Path] = []
-
-    def mount(size: int) -> Path:
-        mount_point = tmp_path / f"tmpfs{len(mounted)}"
-        mount_point.mkdir()
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-        mounted.append(mount_point)
-        return mount_point
-
-    try:
-        yield mount
-    finally:
-        for mount_point in mounted:
-            subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def test_disk_full_during_the_write_leaves_no_temp(
     mount_tmpfs: Callable[[int], Path], tmp_path: Path, run_sweeper: RunSweeper
 ) -> None:

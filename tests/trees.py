@@ -18,11 +18,14 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from checkpoints import full_checkpoint, tiny_model
+
+from sweeper.ledger import Action, encode_record, new_record
 
 # One fixed "now" for tree building: old files sit far enough behind it that no min_age applies.
 HOUR_NS = 3600 * 1_000_000_000
@@ -126,6 +129,38 @@ def ledger_lines(path: Path) -> list[dict[str, Any]]:
         assert isinstance(obj, dict), line
         records.append(obj)
     return records
+
+
+def write_history(ledger: Path, count: int) -> None:
+    """``count`` outcome records (and their intents) over ten days, three owners, two roots:
+    written as the executor writes them, in one go."""
+    start = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
+    lines = []
+    for number in range(count):
+        common: dict[str, Any] = {
+            "now": start + timedelta(hours=number * 240 / count),
+            "path": f"/data/u{number % 3}/run/epoch{number}.pt",
+            "owner": f"u{number % 3}",
+            "uid": 1000 + number % 3,
+            "run_id": f"run{number // 50}",
+            "root": f"/data/u{number % 3}" if number % 2 else "/scratch",
+        }
+        lines.append(encode_record(new_record(action=Action.DELETE_INTENT, reason="old", **common)))
+        lines.append(
+            encode_record(
+                new_record(
+                    action=Action.DELETE,
+                    reason="demoted: older than the 2 newest intact full checkpoints",
+                    bytes_deleted=1000 + number,
+                    reclaimed_bytes=1000 + number,
+                    **common,
+                )
+            )
+        )
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with open(ledger, "ab") as file:
+        file.write(b"".join(lines))
+    os.chmod(ledger, 0o600)
 
 
 def _refuse_constant(name: str) -> None:
