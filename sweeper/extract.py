@@ -122,6 +122,7 @@ def open_regular(name: str, dir_fd: int | None, display: str) -> tuple[int, os.s
 # copying its records would write every hole out in full, on a disk root pays for.
 _SPARSE_MIN_BYTES = 16 * 1024 * 1024
 _SPARSE_RATIO = 4
+_HEADROOM_BYTES = 1024 * 1024  # what a copy must leave free: the ledger's own minimum
 
 
 def sparse_problem(info: os.stat_result) -> str | None:
@@ -134,6 +135,36 @@ def sparse_problem(info: os.stat_result) -> str | None:
             "its copy would write the holes out in full"
         )
     return None
+
+
+def expansion_problem(info: os.stat_result, output_bytes: int) -> str | None:
+    """Why a copy of ``output_bytes`` is refused for the file ``info`` describes, or None: root
+    never writes more for a user than that user's file occupies on disk.  A real checkpoint
+    occupies at least its size and its copy is a fraction of it; a file that claims records in
+    its holes (or compresses to nothing) would make root fill the disk with them."""
+    allocated = info.st_blocks * 512
+    if output_bytes > allocated:
+        return (
+            f"refused: its copy ({output_bytes} bytes) would take more space than the file "
+            f"itself occupies ({allocated} of {info.st_size} bytes allocated: a sparse file)"
+        )
+    return None
+
+
+def _require_room(target: Located, size: int) -> None:
+    """The copy must fit in the space left to ordinary users, with room for the ledger after
+    it: root's reserved blocks are the system's, not a user's checkpoints'."""
+    try:
+        vfs = os.fstatvfs(target.dir_fd)
+    except OSError:
+        return  # the write itself still fails cleanly on a full disk
+    available = vfs.f_bavail * vfs.f_frsize
+    if size + _HEADROOM_BYTES > available:
+        raise FileRefused(
+            target.display,
+            f"disk full: the {size}-byte copy needs {size + _HEADROOM_BYTES} bytes free to users "
+            f"and {available} are (root's reserve is not used); nothing written",
+        )
 
 
 @dataclass(frozen=True)
@@ -218,6 +249,10 @@ def extract(
             checkpoint, source.name, info.st_mtime_ns, folder_identity(source.dir_fd)
         )
         plan = torchzip.plan_output(checkpoint, mode, provenance)
+        expansion = expansion_problem(info, plan.total_size)
+        if expansion is not None:
+            raise FileRefused(source.display, expansion)
+        _require_room(target, plan.total_size)
         _write_verified(
             fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing, keep_aside
         )

@@ -23,6 +23,7 @@ from typing import Any
 from sweeper import torchzip
 from sweeper.errors import FileRefused
 from sweeper.extract import (
+    expansion_problem,
     folder_identity,
     is_sweeper_output,
     is_sweeper_temp,
@@ -776,6 +777,10 @@ def _read_checkpoint(
         plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
     except FileRefused as error:
         found["problem"] = error.reason
+        return
+    expansion = expansion_problem(info, plan.total_size)
+    if expansion is not None:
+        found["problem"] = expansion
         return
     copy_name = output_name(name, Mode.INFERENCE)
     copy = CopyState(copy_name, CopyStatus.NONE)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,94 @@ def test_a_sparse_checkpoint_cannot_make_root_fill_the_disk(
     assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1
     assert "a sparse file" in extracted.stderr and str(sparse) in extracted.stderr
     assert snapshot(tmp_path / "root") == before
+
+
+def test_a_partly_sparse_checkpoint_never_makes_root_write_more_than_it_occupies(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """Weights of zeros turned into holes, beside dense optimizer state: a quarter of the file
+    allocated, so it passes the scan's sparse check, yet its copy (the zeros, written out)
+    would take ~3x what the user's file occupies.  Refused, named, nothing written."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    dense = tmp_path / "dense.pt"
+    torch.manual_seed(0)
+    checkpoint = {
+        "model_state_dict": {"w": torch.zeros(8 * 1024 * 1024)},
+        "optimizer_state_dict": {"state": {0: {"exp_avg": torch.randn(3 * 1024 * 1024)}}},
+        "epoch": 1,
+    }
+    torch.save(checkpoint, dense)
+    partly = run / "e1.pt"
+    subprocess.run(["cp", "--sparse=always", dense, partly], check=True)
+    info = partly.stat()
+    if info.st_blocks * 512 * 2 >= info.st_size:
+        pytest.skip("this filesystem does not keep holes")
+    assert info.st_blocks * 512 * 4 >= info.st_size  # not sparse enough for the scan's check
+    os.utime(partly, ns=(info.st_atime_ns, info.st_mtime_ns - 10**12))
+    before = snapshot(tmp_path / "root")
+
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+    extracted = run_sweeper("extract", partly)
+
+    (entry,) = plan.json()["entries"]
+    assert (
+        entry["action"] == "skip" and "more space than the file itself occupies" in entry["reason"]
+    )
+    assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1
+    assert "a sparse file" in extracted.stderr and str(partly) in extracted.stderr
+    assert snapshot(tmp_path / "root") == before
+
+
+@pytest.fixture
+def ext4_with_reserve(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB ext4 filesystem with half its blocks reserved for root, loop-mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    image = tmp_path / "ext4.img"
+    mount_point = tmp_path / "ext4"
+    mount_point.mkdir()
+    with open(image, "wb") as file:
+        file.truncate(64 * 2**20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "50", image], capture_output=True)
+    mounted = made.returncode == 0 and (
+        subprocess.run(["mount", "-o", "loop", image, mount_point], capture_output=True).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.skip("cannot make and loop-mount an ext4 image here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", mount_point], check=True)
+
+
+def test_root_never_fills_the_reserve_kept_for_the_system(
+    ext4_with_reserve: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """Half the filesystem is root's reserve.  A copy that fits only by eating into it (root
+    could write it; the user could not) is refused as disk full, and nothing is written."""
+    run = ext4_with_reserve / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    checkpoint = {
+        "model_state_dict": {"w": torch.randn(4 * 1024 * 1024)},  # 16 MiB of weights
+        "optimizer_state_dict": {"state": {0: {"exp_avg": torch.randn(1024 * 1024)}}},
+        "epoch": 1,
+    }
+    torch.save(checkpoint, run / "e1.pt")
+    vfs = os.statvfs(run)
+    users, everyone = vfs.f_bavail * vfs.f_frsize, vfs.f_bfree * vfs.f_frsize
+    assert users < 16 * 2**20 < everyone - 2**20  # fits only in root's reserve
+    before = snapshot(run)
+
+    extracted = run_sweeper("extract", run / "e1.pt")
+
+    assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1, extracted.stderr
+    assert "disk full" in extracted.stderr and "root's reserve is not used" in extracted.stderr
+    assert snapshot(run) == before
 
 
 def test_a_bind_mount_inside_a_root_is_never_crossed(
