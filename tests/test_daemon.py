@@ -816,5 +816,8 @@ def test_a_full_disk_under_the_state_directory_stops_actions_not_the_daemon(
     assert not (run / "epoch1_inference.pt").exists()
 
     filler.unlink()
-    daemon.wait_until((run / "epoch1_inference.pt").exists, "acting once there is room")
-    assert [r["action"] for r in records(ledger)] == ["extract-intent", "extract"]
+    daemon.wait_until(
+        lambda: [r["action"] for r in records(ledger)] == ["extract-intent", "extract"],
+        "acting once there is room",
+    )
+    assert (run / "epoch1_inference.pt").exists()
