@@ -231,7 +231,7 @@ class _Progress:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
-    from sweeper.inventory import RunFolder, Scan, scan
+    from sweeper.inventory import RunFolder, Scan, WalkLimits, scan
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
@@ -242,6 +242,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     install_stop_handlers(stop)
 
     rules = settings.rules()
+    limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
     verifier = Verifier()
     processes = len(os.sched_getaffinity(0))
 
@@ -257,6 +258,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             processes=processes,
             refine=verified(now_ns),
             should_stop=stop,
+            limits=limits,
         )
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
@@ -264,7 +266,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
         now_ns = time.time_ns()
-        walk = Scan(settings.roots, settings.patterns, processes=processes, refine=verified(now_ns))
+        walk = Scan(
+            settings.roots,
+            settings.patterns,
+            processes=processes,
+            refine=verified(now_ns),
+            limits=limits,
+        )
         entries = (
             entry
             for run in walk.runs(progress.scanned, stop)

@@ -38,6 +38,7 @@ FILE_KEY = "<file>"
 STATE_DIR_RESOLVER = "sweeper.state_dir"
 
 _GLOB_CHARACTERS = frozenset("*?[")
+MAX_DEPTH_LIMIT = 256
 
 
 class ObserverKind(Enum):
@@ -86,6 +87,8 @@ class ConfigSchema:
     keep_every: int = 0
     rolling_names: list[str] = field(default_factory=lambda: list(DEFAULT_ROLLING_NAMES))
     keep_inference: KeepInferenceSchema = field(default_factory=KeepInferenceSchema)
+    max_depth: int = 64
+    max_folder_entries: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Settings:
     keep_every: int = 0
     rolling_names: tuple[str, ...] = DEFAULT_ROLLING_NAMES
     keep_inference: InferenceRules = field(default_factory=InferenceRules)
+    max_depth: int = 64
+    max_folder_entries: int = 100_000
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -171,6 +176,10 @@ class Settings:
         _check_positive_seconds("rescan_seconds", self.rescan_seconds)
         _check_at_least("workers", self.workers, 1)
         _check_at_least("queue_size", self.queue_size, 1)
+        # A walk holds one descriptor per level it is in: stay well inside the usual 1024.
+        if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ConfigError("max_depth", f"{self.max_depth} is outside 1..{MAX_DEPTH_LIMIT}")
+        _check_at_least("max_folder_entries", self.max_folder_entries, 1)
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
@@ -246,6 +255,8 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
             best=schema.keep_inference.best,
             every=schema.keep_inference.every,
         ),
+        max_depth=schema.max_depth,
+        max_folder_entries=schema.max_folder_entries,
     )
 
 

@@ -100,6 +100,8 @@ def test_bundled_config_documents_every_key() -> None:
         ("observer=inotify", "observer", ObserverKind.inotify),
         ("workers=4", "workers", 4),
         ("queue_size=1", "queue_size", 1),
+        ("max_depth=256", "max_depth", 256),
+        ("max_folder_entries=10", "max_folder_entries", 10),
         ("nice=0", "nice", 0),
         ("nice=19", "nice", 19),
         ("ledger=/srv/sweeper/ledger.jsonl", "ledger", Path("/srv/sweeper/ledger.jsonl")),
@@ -196,6 +198,9 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["rescan_seconds=inf"], "rescan_seconds"),
         (["workers=0"], "workers"),
         (["queue_size=0"], "queue_size"),
+        (["max_depth=0"], "max_depth"),
+        (["max_depth=257"], "max_depth"),  # a walk holds a descriptor per level
+        (["max_folder_entries=0"], "max_folder_entries"),
         (["nice=-1"], "nice"),
         (["nice=20"], "nice"),
         (["keep_best=-1"], "keep_best"),
