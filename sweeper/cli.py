@@ -196,7 +196,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from sweeper.daemon import Watcher  # watchdog is imported only by the daemon
+    from sweeper.daemon import Watcher  # loaded only for `watch`
     from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
