@@ -87,6 +87,7 @@ class ConfigSchema:
     keep_every: int = 0
     rolling_names: list[str] = field(default_factory=lambda: list(DEFAULT_ROLLING_NAMES))
     keep_inference: KeepInferenceSchema = field(default_factory=KeepInferenceSchema)
+    storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
 
@@ -116,6 +117,7 @@ class Settings:
     keep_every: int = 0
     rolling_names: tuple[str, ...] = DEFAULT_ROLLING_NAMES
     keep_inference: InferenceRules = field(default_factory=InferenceRules)
+    storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
 
@@ -176,6 +178,7 @@ class Settings:
         _check_positive_seconds("rescan_seconds", self.rescan_seconds)
         _check_at_least("workers", self.workers, 1)
         _check_at_least("queue_size", self.queue_size, 1)
+        _check_positive_seconds("storm_rescan_seconds", self.storm_rescan_seconds)
         # A walk holds one descriptor per level it is in: stay well inside the usual 1024.
         if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
             raise ConfigError("max_depth", f"{self.max_depth} is outside 1..{MAX_DEPTH_LIMIT}")
@@ -255,6 +258,7 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
             best=schema.keep_inference.best,
             every=schema.keep_inference.every,
         ),
+        storm_rescan_seconds=schema.storm_rescan_seconds,
         max_depth=schema.max_depth,
         max_folder_entries=schema.max_folder_entries,
     )

@@ -217,6 +217,11 @@ class Watcher:
         self._trouble: list[tuple[str, str]] = []  # (root, why) not watched; under state.lock
         self._lost: str | None = None  # why events were lost; under state.lock
         self._capped_said: set[tuple[str, str]] = set()
+        # Storm rescans: at most one per storm_rescan_seconds; a storm meanwhile defers it.
+        self._storm_reason: str | None = None
+        self._new_pins = False  # a new symlink was seen: settled folders wait for the rescan
+        self._storm_said = False
+        self._next_storm_rescan = 0.0
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
         self._verifier = Verifier()  # kept files are read in full once, not on every rescan
 
@@ -284,14 +289,14 @@ class Watcher:
                 self._reload_config()
             now = time.monotonic()
             self._check_observers()
-            self._promote_settled(now)
-            if self._symlink_seen.is_set():
-                self._symlink_seen.clear()
-                self._enqueue(_FULL_SWEEP)
-            self._storm_rescan()
             if now >= next_rescan:
-                self._enqueue(_FULL_SWEEP)
+                if self._enqueue(_FULL_SWEEP):
+                    self._storm_reason = None  # the periodic rescan covers the storm too
+                    self._new_pins = False
                 next_rescan = now + self.settings.rescan_seconds
+            self._storm_rescan(now)
+            if not self._new_pins:
+                self._promote_settled(now)
             if interval is not None and now >= next_ping:
                 if self._making_progress(now, interval):
                     self._notifier.watchdog()
@@ -300,19 +305,44 @@ class Watcher:
             due = next_ping if interval is not None else None
             self._stop.wait(self._until_next_due(time.monotonic(), due))
 
-    def _storm_rescan(self) -> None:
-        """More changed files than ``queue_size`` at once, or events lost by the kernel: only a
-        full rescan can tell what changed."""
-        reason = None
+    def _storm_rescan(self, now: float) -> None:
+        """Events that call for a full rescan — more changed files than ``queue_size``, events
+        lost by the kernel, a new symlink (it may pin a file in any folder) — get one at once,
+        but at most one per ``storm_rescan_seconds``, so a user who storms without end cannot
+        keep the daemon rescanning back to back.  Another such event meanwhile defers the
+        rescan to the end of that interval, never drops it; while the rescan that learns of new
+        symlinks waits, so do the settled folders (their pins may have changed)."""
+        reason = self._storm_reason
         if self._storm.is_set():
             self._storm.clear()
             reason = f"more than {self.settings.queue_size} changed files at once"
         with self._state.lock:
             lost, self._lost = self._lost, None
         reason = lost or reason
-        if reason is not None:
-            log.warning("event storm: %s; rescanning every root", reason)
-            self._enqueue(_FULL_SWEEP)
+        if self._symlink_seen.is_set():
+            self._symlink_seen.clear()
+            self._new_pins = True
+            reason = reason or "new symlinks, which may pin files in any folder"
+        self._storm_reason = reason
+        if reason is None:
+            return
+        if now >= self._next_storm_rescan:
+            if self._enqueue(_FULL_SWEEP):
+                if self._new_pins and reason.startswith("new symlinks"):
+                    log.info("%s; rescanning every root", reason)
+                else:
+                    log.warning("event storm: %s; rescanning every root", reason)
+                self._storm_reason = None
+                self._new_pins = False
+                self._storm_said = False
+                self._next_storm_rescan = now + self.settings.storm_rescan_seconds
+        elif not self._storm_said:
+            self._storm_said = True
+            log.warning(
+                "event storm: %s; rescanning every root in %.0f s (storm_rescan_seconds)",
+                reason,
+                self._next_storm_rescan - now,
+            )
 
     def _until_next_due(self, now: float, ping: float | None = None) -> float:
         """Sleep until the next settling file or ping is due (so latency is settle_seconds, not

@@ -100,6 +100,7 @@ def test_bundled_config_documents_every_key() -> None:
         ("observer=inotify", "observer", ObserverKind.inotify),
         ("workers=4", "workers", 4),
         ("queue_size=1", "queue_size", 1),
+        ("storm_rescan_seconds=5", "storm_rescan_seconds", 5.0),
         ("max_depth=256", "max_depth", 256),
         ("max_folder_entries=10", "max_folder_entries", 10),
         ("nice=0", "nice", 0),
@@ -198,6 +199,7 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["rescan_seconds=inf"], "rescan_seconds"),
         (["workers=0"], "workers"),
         (["queue_size=0"], "queue_size"),
+        (["storm_rescan_seconds=0"], "storm_rescan_seconds"),
         (["max_depth=0"], "max_depth"),
         (["max_depth=257"], "max_depth"),  # a walk holds a descriptor per level
         (["max_folder_entries=0"], "max_folder_entries"),

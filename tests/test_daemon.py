@@ -18,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -957,7 +958,7 @@ def test_an_inotify_queue_overflow_rescans_at_once_and_events_keep_coming(
     outside = tmp_path / "outside"
     outside.mkdir()
     saved = save_full(outside / "epoch1.pt", epoch=1)
-    daemon = start_daemon(str(tree), "rescan_seconds=3600")
+    daemon = start_daemon(str(tree), "rescan_seconds=3600", "storm_rescan_seconds=3600")
     daemon.wait_ready()
 
     os.kill(daemon.pid, signal.SIGSTOP)
@@ -978,3 +979,78 @@ def test_an_inotify_queue_overflow_rescans_at_once_and_events_keep_coming(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     assert "Traceback" not in daemon.log()
+
+
+_STORM = textwrap.dedent(
+    """
+    import os, sys
+    folder = sys.argv[1]
+    number = 0
+    while not os.path.exists(os.path.join(folder, "stop")):
+        with open(os.path.join(folder, f"junk{number % 200}.pt"), "wb") as junk:
+            junk.write(b"not a checkpoint")
+        number += 1
+    """
+)
+
+
+def test_a_storm_without_end_rescans_at_most_once_per_storm_rescan_seconds(
+    tree: Path, start_daemon: StartDaemon
+) -> None:
+    """A user rewrites 200 checkpoint-named files without end, far past queue_size=20.  The
+    daemon rescans at once on the first storm, then at most once per storm_rescan_seconds=3
+    (it says the next rescan is deferred), not back to back.  A real checkpoint written during
+    the storm, whose event the storms drop, is still extracted: the deferred rescan is never
+    lost."""
+    junk, run = tree / "junk", tree / "run"
+    junk.mkdir()
+    daemon = start_daemon(
+        str(tree), "queue_size=20", "rescan_seconds=3600", "storm_rescan_seconds=3"
+    )
+    daemon.wait_ready()
+
+    began = time.monotonic()
+    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(junk)])
+    try:
+        daemon.wait_log("event storm: more than 20 changed files at once; rescanning every root")
+        saved = save_full(run / "epoch1.pt", epoch=1)
+        time.sleep(7)  # a storm lasting two intervals and more
+    finally:
+        (junk / "stop").touch()
+        storm.wait(timeout=TIMEOUT)
+    daemon.wait_until((run / "epoch1_inference.pt").exists, "the checkpoint from the storm")
+    assert_copy_matches(run / "epoch1_inference.pt", saved)
+    rescans = daemon.log().count("changed files at once; rescanning every root\n")
+    allowed = int((time.monotonic() - began) / 3) + 1
+    assert 2 <= rescans <= allowed, daemon.log()
+    assert "changed files at once; rescanning every root in " in daemon.log()  # deferred
+
+
+def test_while_a_rescan_for_new_symlinks_waits_so_do_the_settled_folders(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    """A symlink pins its target wherever it is, and only a full rescan learns of it.  A second
+    new symlink within storm_rescan_seconds defers that rescan; a folder settling meanwhile must
+    wait for it, or the planner would demote a checkpoint the new symlink pins (keep_full=1)."""
+    run, links = tree / "run", tmp_path / "links"
+    links.mkdir()
+    save_full(run / "epoch1.pt", epoch=1, seed=1)
+    daemon = start_daemon(str(tree), "keep_full=1", "rescan_seconds=3600", "storm_rescan_seconds=4")
+    daemon.wait_ready()
+    assert (run / "epoch1_inference.pt").exists()
+
+    since = notify.mark()
+    os.symlink(links, tree / "first-link")
+    daemon.wait_log("new symlinks, which may pin files in any folder; rescanning every root")
+    busy = daemon.wait_for(
+        lambda m: (s := Status.parse(m)) is not None and s.queued + s.working > 0, since=since
+    )
+    daemon.wait_for(
+        lambda m: (s := Status.parse(m)) is not None and s.queued + s.working == 0, since=busy
+    )
+    os.symlink(run / "epoch1.pt", tree / "pin")  # the user pins epoch 1
+    daemon.wait_log("new symlinks, which may pin files in any folder; rescanning every root in ")
+    save_full(run / "epoch2.pt", epoch=2, seed=2)
+
+    daemon.wait_until((run / "epoch2_inference.pt").exists, "epoch 2's copy")
+    assert (run / "epoch1.pt").exists(), daemon.log()  # pinned: never demoted
