@@ -466,6 +466,8 @@ class Watcher:
         each root folder is given its observer the first time it is met, and every folder of
         an inotify root gets its watch (a no-op when it has one), so each rescan also repairs
         the watching."""
+        if self._stop():
+            return  # the observers are stopping, or stopped: start none again
         with self._observers_lock:
             kind = self._kinds.get(top.display)
             if kind is None or folder == top:

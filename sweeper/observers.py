@@ -329,8 +329,11 @@ class InotifyObserver:
                 for wd, mask, name in _events(data):
                     self._handle(wd, mask, os.fsdecode(name))
         except BaseException as error:
+            # One line for the journal; the daemon says what it does about it.  The traceback,
+            # for a bug report, at -v.
             self._failure = f"its reader thread died ({type(error).__name__}: {error})"
-            log.error("inotify observer: %s", self._failure, exc_info=True)
+            log.error("inotify observer: %s", self._failure)
+            log.debug("inotify observer: how its reader thread died", exc_info=True)
 
     def _handle(self, wd: int, mask: int, name: str) -> None:
         if mask & _IN_Q_OVERFLOW:
@@ -480,7 +483,8 @@ class PollingObserver:
                 self._wake.wait(self._interval)
         except BaseException as error:
             self._failure = f"its thread died ({type(error).__name__}: {error})"
-            log.error("polling observer: %s", self._failure, exc_info=True)
+            log.error("polling observer: %s", self._failure)
+            log.debug("polling observer: how its thread died", exc_info=True)
 
     def _poll(self, top: FolderRef, added_ns: int) -> None:
         problems: list[tuple[str, str]] = []

@@ -222,6 +222,7 @@ def test_the_daemon_polls_every_root_once_its_inotify_thread_dies(
         watcher._stop.set("test")
         thread.join(timeout=TIMEOUT)
     assert exit_codes == [0]
+    assert "Traceback" not in caplog.text  # one line each: the death, and what is done about it
     fallback = next(r for r in caplog.records if "polling it instead" in r.getMessage())
     assert fallback.levelno == logging.WARNING
     assert fallback.getMessage() == (
