@@ -196,7 +196,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from sweeper.daemon import Watcher  # watchdog is imported only by the daemon
+    from sweeper.daemon import Watcher  # loaded only for `watch`
     from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
@@ -235,7 +235,7 @@ def _now() -> datetime:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
-    from sweeper.inventory import RunFolder, Scan, scan
+    from sweeper.inventory import RunFolder, Scan, WalkLimits, scan
     from sweeper.journal import Journal, reconcile
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import compact_quietly
@@ -248,6 +248,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     install_stop_handlers(stop)
 
     rules = settings.rules()
+    limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
     verifier = Verifier()
     processes = len(os.sched_getaffinity(0))
 
@@ -263,6 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             processes=processes,
             refine=verified(now_ns),
             should_stop=stop,
+            limits=limits,
         )
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
@@ -270,7 +272,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
         now_ns = time.time_ns()
-        walk = Scan(settings.roots, settings.patterns, processes=processes, refine=verified(now_ns))
+        walk = Scan(
+            settings.roots,
+            settings.patterns,
+            processes=processes,
+            refine=verified(now_ns),
+            limits=limits,
+        )
         entries = (
             entry
             for run in walk.runs(progress.scanned, stop)

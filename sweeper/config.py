@@ -38,6 +38,7 @@ FILE_KEY = "<file>"
 STATE_DIR_RESOLVER = "sweeper.state_dir"
 
 _GLOB_CHARACTERS = frozenset("*?[")
+MAX_DEPTH_LIMIT = 256
 
 
 class ObserverKind(Enum):
@@ -88,6 +89,9 @@ class ConfigSchema:
     keep_inference: KeepInferenceSchema = field(default_factory=KeepInferenceSchema)
     ledger_max_bytes: int = 64 * 2**20
     ledger_segments: int = 3
+    storm_rescan_seconds: float = 60.0
+    max_depth: int = 64
+    max_folder_entries: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,9 @@ class Settings:
     keep_inference: InferenceRules = field(default_factory=InferenceRules)
     ledger_max_bytes: int = 64 * 2**20
     ledger_segments: int = 3
+    storm_rescan_seconds: float = 60.0
+    max_depth: int = 64
+    max_folder_entries: int = 100_000
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -178,6 +185,11 @@ class Settings:
         _check_positive_seconds("rescan_seconds", self.rescan_seconds)
         _check_at_least("workers", self.workers, 1)
         _check_at_least("queue_size", self.queue_size, 1)
+        _check_positive_seconds("storm_rescan_seconds", self.storm_rescan_seconds)
+        # A walk holds one descriptor per level it is in: stay well inside the usual 1024.
+        if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ConfigError("max_depth", f"{self.max_depth} is outside 1..{MAX_DEPTH_LIMIT}")
+        _check_at_least("max_folder_entries", self.max_folder_entries, 1)
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
@@ -255,6 +267,9 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         ),
         ledger_max_bytes=schema.ledger_max_bytes,
         ledger_segments=schema.ledger_segments,
+        storm_rescan_seconds=schema.storm_rescan_seconds,
+        max_depth=schema.max_depth,
+        max_folder_entries=schema.max_folder_entries,
     )
 
 

@@ -1,16 +1,16 @@
 """``sweeper watch``: the daemon.  Events say "look here"; the sweep's planner and executor act.
 
-Threads: the main thread owns signals, the observers, the settle bookkeeping, rescans and the
-systemd notifications; worker threads take folders (or a full rescan) from one bounded,
+Threads: the main thread owns signals, the settle bookkeeping, rescans, the observers' health
+and the systemd notifications; worker threads take folders (or a full rescan) from one bounded,
 deduplicated queue and run scan -> plan -> execute on them under the action lock, exactly as
-``sweeper sweep`` does.  Nothing imports torch.
+``sweeper sweep`` does; the observers (:mod:`sweeper.observers`) run their own threads.  A full
+scan's walk also keeps the inotify watches complete.  Nothing imports torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import errno
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -26,33 +26,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyObserver
-from watchdog.observers.polling import PollingObserver
-
 from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
-from sweeper.intact import Verifier, verify_inventory
-from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
+from sweeper.intact import Verifier, verify_run
+from sweeper.inventory import FolderRef, Inventory, ScanCache, WalkLimits, scan, scan_folder
 from sweeper.journal import Journal, reconcile
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.ledger_segments import compact_quietly
 from sweeper.notify import Notifier
+from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
-from sweeper.policy import Action
+from sweeper.policy import Action, Rules
 from sweeper.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -83,19 +69,7 @@ NETWORK_FILESYSTEMS = frozenset(
         "virtiofs",
     ]
 )
-_FULL_SWEEP = "\0full-sweep"
-# What inotify is asked for: writes finished, files appearing or renamed into place, and
-# folders coming and going.  Not opens, plain closes or each write: sweeper's own reads would
-# otherwise flood the observer on every rescan.
-_INOTIFY_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileDeletedEvent,
-    DirCreatedEvent,
-    DirMovedEvent,
-    DirDeletedEvent,
-]
+_FULL_SWEEP = "\0full-sweep"  # queue item: rescan every root (never a valid path)
 _UNSETTLED = "skipped: changed "  # policy's words for a file not yet quiet for settle_seconds
 _QUIET_SKIPS = frozenset(
     [
@@ -103,7 +77,7 @@ _QUIET_SKIPS = frozenset(
         "skipped: already an inference checkpoint",
         "skipped: already bare weights",
     ]
-)  # queue item: rescan every root (never a valid path)
+)
 _TICK_SECONDS = 0.5
 
 
@@ -141,20 +115,6 @@ def lower_io_priority() -> bool:
     return int(libc.syscall(number, 1, 0, 3 << 13)) == 0
 
 
-@dataclass(frozen=True)
-class _Watched:
-    """A folder being watched, and the watch."""
-
-    observer: BaseObserver
-    watch: ObservedWatch
-
-    def ended(self) -> bool:
-        """The observer stopped watching: the folder was deleted (or moved away)."""
-        return not any(
-            emitter.watch == self.watch and emitter.is_alive() for emitter in self.observer.emitters
-        )
-
-
 @dataclass
 class _Pending:
     last_event: float
@@ -176,12 +136,14 @@ class _State:
     failures: int = 0
 
 
-class _EventHandler(FileSystemEventHandler):
-    """Notes which checkpoint-named paths changed; decides nothing.
+class _EventHandler:
+    """The observers' sink (:class:`sweeper.observers.Sink`): notes which checkpoint-named paths
+    changed; decides nothing.
 
     At most ``limit()`` paths are remembered: an event storm (a user's rename loop, a flood of
     files) past that drops them all and asks for one full rescan instead (``storm``), so memory
-    stays bounded and nothing is missed."""
+    stays bounded and nothing is missed.  Lost events and roots no longer watched are passed on
+    to ``lost`` and ``failed``, for the main thread to act on."""
 
     def __init__(
         self,
@@ -190,35 +152,37 @@ class _EventHandler(FileSystemEventHandler):
         symlink_seen: threading.Event,
         limit: Callable[[], int] = lambda: 10_000,
         storm: threading.Event | None = None,
+        lost: Callable[[str], None] = lambda reason: None,
+        failed: Callable[[str, str], None] = lambda root, reason: None,
     ) -> None:
         self._state = state
         self._patterns = patterns
         self._symlink_seen = symlink_seen
         self._limit = limit
         self._storm = storm if storm is not None else threading.Event()
+        self.lost = lost
+        self.failed = failed
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in ("opened", "closed_no_write", "deleted"):
-            return
-        paths = (
-            [event.src_path, event.dest_path] if event.event_type == "moved" else [event.src_path]
+    def interesting(self, name: str) -> bool:
+        return (
+            bool(name)
+            and not is_sweeper_temp(name)
+            and not is_sweeper_output(name)
+            and any(fnmatch.fnmatchcase(name, p) for p in self._patterns())
         )
-        for raw in paths:
-            path = os.fsdecode(raw) if raw else ""
-            if event.event_type in ("created", "moved") and os.path.islink(path):
-                self._symlink_seen.set()  # it may pin a file in another folder: full rescan
-            name = os.path.basename(path)
-            if not name or is_sweeper_temp(name) or is_sweeper_output(name):
-                continue
-            if not any(fnmatch.fnmatchcase(name, p) for p in self._patterns()):
-                continue
-            with self._state.lock:
-                pending = self._state.pending
-                if path not in pending and len(pending) >= self._limit():
-                    pending.clear()  # the rescan the storm triggers covers every one of them
-                    self._storm.set()
-                    continue
-                pending[path] = _Pending(time.monotonic(), os.path.dirname(path))
+
+    def changed(self, path: str, *, appeared: bool) -> None:
+        if appeared and os.path.islink(path):
+            self._symlink_seen.set()  # it may pin a file in another folder: full rescan
+        if not self.interesting(os.path.basename(path)):
+            return
+        with self._state.lock:
+            pending = self._state.pending
+            if path not in pending and len(pending) >= self._limit():
+                pending.clear()  # the rescan the storm triggers covers every one of them
+                self._storm.set()
+                return
+            pending[path] = _Pending(time.monotonic(), os.path.dirname(path))
 
 
 class Watcher:
@@ -240,12 +204,27 @@ class Watcher:
         self._reload = threading.Event()
         self._state = _State()
         self._queue: queue.Queue[str] = queue.Queue(maxsize=self.settings.queue_size)
-        self._observers: list[BaseObserver] = []
-        self._watched: dict[str, _Watched] = {}
         self._workers: list[threading.Thread] = []
         self._symlink_targets: frozenset[tuple[int, int]] = frozenset()
         self._symlink_seen = threading.Event()
         self._storm = threading.Event()
+        # Observers: created as the scans meet the root folders, guarded by _observers_lock
+        # (taken before either observer's own lock and before the state lock).
+        self._observers_lock = threading.Lock()
+        self._inotify: InotifyObserver | None = None
+        self._polling: PollingObserver | None = None
+        self._inotify_refused: str | None = None  # why inotify is not used any more
+        self._polling_stopped: str | None = None
+        self._kinds: dict[str, ObserverKind] = {}  # root folder -> how it is watched
+        self._tops: dict[str, FolderRef] = {}  # root folder -> where it is
+        self._trouble: list[tuple[str, str]] = []  # (root, why) not watched; under state.lock
+        self._lost: str | None = None  # why events were lost; under state.lock
+        self._capped_said: set[tuple[str, str]] = set()
+        # Storm rescans: at most one per storm_rescan_seconds; a storm meanwhile defers it.
+        self._storm_reason: str | None = None
+        self._new_pins = False  # a new symlink was seen: settled folders wait for the rescan
+        self._storm_said = False
+        self._next_storm_rescan = 0.0
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
         self._verifier = Verifier()  # kept files are read in full once, not on every rescan
 
@@ -273,7 +252,8 @@ class Watcher:
             self._start_observers()
             log.info("catch-up sweep of %s", ", ".join(self.settings.roots))
             # Files already there at start are judged by completeness alone (end record, no
-            # writer); from now on a file must also have been quiet for settle_seconds.
+            # writer); from now on a file must also have been quiet for settle_seconds.  Its
+            # walk starts the watching, each folder before it is listed.
             self._full_sweep(settle=False)
             for index in range(self.settings.workers):
                 worker = threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
@@ -281,9 +261,9 @@ class Watcher:
                 self._workers.append(worker)
             if not self._stop():
                 self._notifier.ready()
+            self._check_observers()  # what the catch-up found unwatchable is polled from now on
             self._publish_status(force=True)
-            count = len(self._watched)
-            log.info("watching %d folder%s", count, "" if count == 1 else "s")
+            self._say_watching()
             self._loop()
             self._notifier.stopping()
             log.info("stopping (%s)", self._stop.signal_name or "request")
@@ -311,34 +291,71 @@ class Watcher:
                 self._reload.clear()
                 self._reload_config()
             now = time.monotonic()
-            self._promote_settled(now)
-            if self._symlink_seen.is_set():
-                self._symlink_seen.clear()
-                self._enqueue(_FULL_SWEEP)
-            if self._storm.is_set():
-                self._storm.clear()
-                log.warning(
-                    "event storm: more than %d changed files at once; rescanning every root",
-                    self.settings.queue_size,
-                )
-                self._enqueue(_FULL_SWEEP)
+            self._check_observers()
             if now >= next_rescan:
-                self._enqueue(_FULL_SWEEP)
-                self._refresh_watches()
+                if self._enqueue(_FULL_SWEEP):
+                    self._storm_reason = None  # the periodic rescan covers the storm too
+                    self._new_pins = False
                 next_rescan = now + self.settings.rescan_seconds
+            self._storm_rescan(now)
+            if not self._new_pins:
+                self._promote_settled(now)
             if interval is not None and now >= next_ping:
                 if self._making_progress(now, interval):
                     self._notifier.watchdog()
                 next_ping = now + interval
             self._publish_status()
-            self._stop.wait(self._until_next_due(time.monotonic()))
+            due = next_ping if interval is not None else None
+            self._stop.wait(self._until_next_due(time.monotonic(), due))
 
-    def _until_next_due(self, now: float) -> float:
-        """Sleep until the next settling file is due (so latency is settle_seconds, not settle
-        plus a tick), but at most a tick: signals, reloads and pings are checked that often."""
+    def _storm_rescan(self, now: float) -> None:
+        """Events that call for a full rescan — more changed files than ``queue_size``, events
+        lost by the kernel, a new symlink (it may pin a file in any folder) — get one at once,
+        but at most one per ``storm_rescan_seconds``, so a user who storms without end cannot
+        keep the daemon rescanning back to back.  Another such event meanwhile defers the
+        rescan to the end of that interval, never drops it; while the rescan that learns of new
+        symlinks waits, so do the settled folders (their pins may have changed)."""
+        reason = self._storm_reason
+        if self._storm.is_set():
+            self._storm.clear()
+            reason = f"more than {self.settings.queue_size} changed files at once"
+        with self._state.lock:
+            lost, self._lost = self._lost, None
+        reason = lost or reason
+        if self._symlink_seen.is_set():
+            self._symlink_seen.clear()
+            self._new_pins = True
+            reason = reason or "new symlinks, which may pin files in any folder"
+        self._storm_reason = reason
+        if reason is None:
+            return
+        if now >= self._next_storm_rescan:
+            if self._enqueue(_FULL_SWEEP):
+                if self._new_pins and reason.startswith("new symlinks"):
+                    log.info("%s; rescanning every root", reason)
+                else:
+                    log.warning("event storm: %s; rescanning every root", reason)
+                self._storm_reason = None
+                self._new_pins = False
+                self._storm_said = False
+                self._next_storm_rescan = now + self.settings.storm_rescan_seconds
+        elif not self._storm_said:
+            self._storm_said = True
+            log.warning(
+                "event storm: %s; rescanning every root in %.0f s (storm_rescan_seconds)",
+                reason,
+                self._next_storm_rescan - now,
+            )
+
+    def _until_next_due(self, now: float, ping: float | None = None) -> float:
+        """Sleep until the next settling file or ping is due (so latency is settle_seconds, not
+        settle plus a tick), but at most a tick: signals, reloads and observers' health are
+        checked that often."""
         settle = self.settings.settle_seconds
         with self._state.lock:
             due = min((p.last_event + settle for p in self._state.pending.values()), default=None)
+        if ping is not None:
+            due = ping if due is None else min(due, ping)
         if due is None:
             return _TICK_SECONDS
         return min(_TICK_SECONDS, max(0.01, due - now))
@@ -369,17 +386,21 @@ class Watcher:
                 del self._state.pending[path]
             self._enqueue(pending.folder)
 
-    def _enqueue(self, item: str) -> None:
+    def _enqueue(self, item: str) -> bool:
+        """Queue ``item`` unless it is queued already; False when the queue is full."""
         with self._state.lock:
             if item in self._state.queued:
-                return
+                return True
             self._state.queued.add(item)
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             with self._state.lock:
                 self._state.queued.discard(item)
-            log.warning("work queue full; %s left to the next rescan", item)
+            if item != _FULL_SWEEP:
+                log.warning("work queue full; %s left to the next rescan", item)
+            return False
+        return True
 
     _last_status = ""
 
@@ -418,96 +439,156 @@ class Watcher:
     # -- observers -------------------------------------------------------------------------------
 
     def _start_observers(self) -> None:
-        handler = _EventHandler(
+        """Fresh observer state; the observers themselves start as the next scan meets each
+        root folder (see :meth:`_opened`)."""
+        self._handler = _EventHandler(
             self._state,
             lambda: self.settings.patterns,
             self._symlink_seen,
             lambda: self.settings.queue_size,
             self._storm,
+            self._events_lost,
+            self._not_watched,
         )
-        self._handler = handler
-        self._inotify: BaseObserver | None = None
-        self._polling: BaseObserver | None = None
-        self._watched = {}
-        self._refresh_watches()
+        with self._observers_lock:
+            self._inotify = None
+            self._polling = None
+            self._inotify_refused = None
+            self._polling_stopped = None
+            self._kinds = {}
+            self._tops = {}
+        with self._state.lock:
+            self._trouble = []  # the stopped observers' troubles are not the new ones'
+            self._lost = None
 
-    def _refresh_watches(self) -> None:
-        """Watch every folder the roots name now (globs may match new folders over time).
+    def _limits(self) -> WalkLimits:
+        return WalkLimits(self.settings.max_depth, self.settings.max_folder_entries)
 
-        A folder deleted and made again under the same name is a new directory: the observer's
-        watch ended with the old one, so the new one is watched afresh."""
-        for pattern in self.settings.roots:
-            try:
-                folders = [f.display for f in expand_root(pattern)]
-            except OSError as error:
-                log.warning("root %s: %s; the rescan will look again", pattern, error.strerror)
-                continue
-            for path in folders:
-                known = self._watched.get(path)
-                if known is not None and not known.ended():
-                    continue
-                if known is not None:
-                    log.info("%s: its watch ended (folder deleted or replaced); rewatching", path)
-                    # The observer still holds the ended watch and would not start another one
-                    # for the same path.
-                    with contextlib.suppress(KeyError):
-                        known.observer.unschedule(known.watch)
-                self._watch(path)
+    def _opened(self, top: FolderRef, folder: FolderRef, fd: int) -> None:
+        """Called by a full scan's walk for each folder, open as ``fd``, before it is listed:
+        each root folder is given its observer the first time it is met, and every folder of
+        an inotify root gets its watch (a no-op when it has one), so each rescan also repairs
+        the watching."""
+        if self._stop():
+            return  # the observers are stopping, or stopped: start none again
+        with self._observers_lock:
+            kind = self._kinds.get(top.display)
+            if kind is None or folder == top:
+                if kind is None:
+                    kind = self._kinds[top.display] = self._observer_for(top)
+                self._tops[top.display] = top
+            if kind is ObserverKind.inotify and self._inotify is not None:
+                self._inotify.watch(top, folder, fd)
+            polling = self._polling_observer() if kind is ObserverKind.polling else None
+        if polling is not None and folder == top:
+            polling.add(top)
 
-    def _watch(self, path: str) -> None:
+    def _observer_for(self, top: FolderRef) -> ObserverKind:
+        """How to watch a root folder met for the first time (under ``_observers_lock``)."""
         kind = self.settings.observer
         if kind is ObserverKind.auto:
-            fstype = filesystem_type(path)
+            fstype = filesystem_type(top.display)
             if wants_polling(fstype):
-                log.info("%s is on %s (no events from other hosts): polling it", path, fstype)
-                kind = ObserverKind.polling
-            else:
-                kind = ObserverKind.inotify
-        if kind is ObserverKind.inotify:
+                log.info(
+                    "%s is on %s (no events from other hosts): polling it", top.display, fstype
+                )
+                return ObserverKind.polling
+            kind = ObserverKind.inotify
+        if kind is ObserverKind.polling:
+            return kind
+        if self._inotify is None and self._inotify_refused is None:
             try:
-                observer = self._observer(inotify=True)
-                watch = observer.schedule(
-                    self._handler, path, recursive=True, event_filter=_INOTIFY_EVENTS
-                )
-                self._watched[path] = _Watched(observer, watch)
-                return
-            except RuntimeError as error:  # no thread for another watch (a tasks limit)
-                log.warning("cannot watch %s: %s; the rescan covers it", path, error)
-                return
-            except OSError as error:
-                if error.errno not in (errno.ENOSPC, errno.EMFILE):
-                    log.warning("cannot watch %s: %s; the rescan covers it", path, error)
-                    return
-                log.warning(
-                    "inotify watch limit exhausted (fs.inotify.max_user_watches); polling %s", path
-                )
-        try:
-            observer = self._observer(inotify=False)
-            watch = observer.schedule(self._handler, path, recursive=True)
-        except (OSError, RuntimeError) as error:
-            log.warning("cannot poll %s: %s; the rescan covers it", path, error)
-            return
-        self._watched[path] = _Watched(observer, watch)
+                self._inotify = InotifyObserver(self._handler, self._limits())
+            except (OSError, RuntimeError) as error:  # EMFILE: the per-user instance limit
+                reason = error.strerror if isinstance(error, OSError) else str(error)
+                self._inotify_refused = f"inotify is unavailable ({reason})"
+                log.warning("%s; polling every root instead", self._inotify_refused)
+        return ObserverKind.inotify if self._inotify is not None else ObserverKind.polling
 
-    def _observer(self, *, inotify: bool) -> BaseObserver:
-        if inotify:
-            if self._inotify is None:
-                self._inotify = InotifyObserver()
-                self._inotify.start()
-                self._observers.append(self._inotify)
-            return self._inotify
-        if self._polling is None:
-            self._polling = PollingObserver(timeout=max(1.0, self.settings.settle_seconds / 2))
-            self._polling.start()
-            self._observers.append(self._polling)
+    def _polling_observer(self) -> PollingObserver | None:
+        if self._polling is None and self._polling_stopped is None:
+            interval = max(1.0, self.settings.settle_seconds / 2)
+            self._polling = PollingObserver(self._handler, self._limits(), interval)
         return self._polling
 
+    def _events_lost(self, reason: str) -> None:
+        with self._state.lock:
+            self._lost = reason
+
+    def _not_watched(self, root: str, reason: str) -> None:
+        with self._state.lock:
+            self._trouble.append((root, reason))
+
+    def _check_observers(self) -> None:
+        """Every way an observer can stop serving a root is met the same way: say so, poll that
+        root from now on, and rescan at once (what happened meanwhile went unseen)."""
+        with self._state.lock:
+            trouble, self._trouble = self._trouble, []
+        with self._observers_lock:
+            inotify, polling = self._inotify, self._polling
+        if inotify is not None and inotify.failure is not None:
+            reason = f"the inotify observer failed: {inotify.failure}"
+            with self._observers_lock:
+                self._inotify = None
+                self._inotify_refused = reason
+                roots = [r for r, kind in self._kinds.items() if kind is ObserverKind.inotify]
+            inotify.stop()
+            trouble += [(root, reason) for root in roots]
+        if polling is not None and polling.failure is not None:
+            with self._observers_lock:
+                self._polling = None
+                self._polling_stopped = polling.failure
+            log.error(
+                "the polling observer failed: %s; the roots it polled are only rescanned, "
+                "every rescan_seconds",
+                polling.failure,
+            )
+            self._enqueue(_FULL_SWEEP)
+        if not trouble:
+            return
+        for root, reason in trouble:
+            log.warning("%s: %s; polling it instead, and rescanning", root, reason)
+            with self._observers_lock:
+                self._kinds[root] = ObserverKind.polling
+                top = self._tops.get(root)
+                poller = self._polling_observer()
+            if top is not None and poller is not None:
+                poller.add(top)
+        self._enqueue(_FULL_SWEEP)
+
+    def _say_watching(self) -> None:
+        with self._observers_lock:
+            kinds = list(self._kinds.values())
+            watches = self._inotify.watch_count() if self._inotify is not None else 0
+        polled = sum(1 for kind in kinds if kind is ObserverKind.polling)
+        log.info(
+            "watching %d folder%s: %d by inotify (%d watches), %d by polling",
+            len(kinds),
+            "" if len(kinds) == 1 else "s",
+            len(kinds) - polled,
+            watches,
+            polled,
+        )
+
+    def _capped(self, path: str, reason: str) -> None:
+        """A folder the walks leave out: said once, not on every rescan."""
+        if (path, reason) not in self._capped_said and len(self._capped_said) < 10_000:
+            self._capped_said.add((path, reason))
+            log.warning("%s: %s", path, reason)
+
     def _stop_observers(self) -> None:
-        for observer in self._observers:
-            observer.stop()
-        for observer in self._observers:
-            observer.join(timeout=10)
-        self._observers = []
+        """Stop both observers; whatever state they are in, this never raises."""
+        with self._observers_lock:
+            observers = [self._inotify, self._polling]
+            self._inotify = None
+            self._polling = None
+        for observer in observers:
+            if observer is None:
+                continue
+            try:
+                observer.stop()
+            except Exception:
+                log.exception("stopping an observer failed")
 
     # -- work ----------------------------------------------------------------------------------
 
@@ -542,7 +623,15 @@ class Watcher:
         settings = self.settings
 
         def inventory() -> Inventory:
-            found = scan(settings.roots, settings.patterns, cache=self._cache)
+            found = scan(
+                settings.roots,
+                settings.patterns,
+                cache=self._cache,
+                should_stop=self._should_stop,  # once per folder: the heartbeat of a long walk
+                limits=self._limits(),
+                opened=self._opened,
+                capped=self._capped,
+            )
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
 
@@ -552,7 +641,14 @@ class Watcher:
         settings = self.settings
         targets = self._symlink_targets
         self._act(
-            lambda: scan_folder(settings.roots, settings.patterns, folder, targets, self._cache),
+            lambda: scan_folder(
+                settings.roots,
+                settings.patterns,
+                folder,
+                targets,
+                self._cache,
+                limits=self._limits(),
+            ),
             exclusive=False,
         )
 
@@ -586,7 +682,7 @@ class Watcher:
             )
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
-            found = verify_inventory(inventory(), rules, now_ns=now_ns, verifier=self._verifier)
+            found = self._verified(inventory(), rules, now_ns)
             plan = plan_sweep(found, rules, now_ns=now_ns)
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
@@ -603,6 +699,14 @@ class Watcher:
         elif result.outcomes:  # records were written: the ledger works again
             self._ledger_trouble(None)
         self._account(result)
+
+    def _verified(self, inventory: Inventory, rules: Rules, now_ns: int) -> Inventory:
+        """``verify_inventory``, with the heartbeat going between run folders."""
+        runs = []
+        for run in inventory.runs:
+            self._should_stop()
+            runs.append(verify_run(run, rules, now_ns=now_ns, verifier=self._verifier))
+        return dataclasses.replace(inventory, runs=tuple(runs))
 
     def _ledger_trouble(self, problem: str | None) -> None:
         """Say once (not on every scan) that the ledger stopped or started taking records again;
@@ -638,6 +742,4 @@ def _now() -> datetime:
 
 
 def _with_ledger(settings: Settings, ledger: Path) -> Settings:
-    import dataclasses
-
     return dataclasses.replace(settings, ledger=ledger)

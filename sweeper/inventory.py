@@ -45,6 +45,23 @@ KEEP_SUFFIX = ".keep"
 
 
 @dataclass(frozen=True, slots=True)
+class WalkLimits:
+    """How far a walk goes below each root folder.  A folder more than ``max_depth`` levels
+    below its root, or one holding more than ``max_entries`` entries, is neither listed nor
+    entered, so neither swept nor watched: a user's 10,000-deep chain of folders or a folder of
+    ten million files costs a bounded walk, not the sweep."""
+
+    max_depth: int = 64
+    max_entries: int = 100_000
+
+
+# What a walk reports about each folder it opens (the root folder it started from, the folder,
+# and a descriptor valid only during the call) and about each folder it leaves out (path, why).
+FolderOpened = Callable[["FolderRef", "FolderRef", int], None]
+FolderCapped = Callable[[str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
 class FolderRef:
     """How to reopen a folder safely: a trusted prefix, then names opened with O_NOFOLLOW."""
 
@@ -237,14 +254,28 @@ def scan(
     cache: ScanCache | None = None,
     refine: Callable[[RunFolder], RunFolder] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    limits: WalkLimits = WalkLimits(),
+    opened: FolderOpened | None = None,
+    capped: FolderCapped | None = None,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
     With ``processes`` > 1 (one-shot sweeps, never the threaded daemon) folders are classified
     by that many forked worker processes; the walk and the result stay the same.  ``refine``
     is applied to each run folder where it was classified (see :class:`Scan`).
+    ``should_stop`` is also asked once per folder walked (the daemon's heartbeat).
     """
-    walk = Scan(roots, patterns, processes=processes, cache=cache, refine=refine)
+    walk = Scan(
+        roots,
+        patterns,
+        processes=processes,
+        cache=cache,
+        refine=refine,
+        limits=limits,
+        opened=opened,
+        capped=capped,
+        should_stop=should_stop,
+    )
     runs = tuple(walk.runs(progress, should_stop))
     return Inventory(
         runs,
@@ -268,6 +299,10 @@ class Scan:
         processes: int = 1,
         cache: ScanCache | None = None,
         refine: Callable[[RunFolder], RunFolder] | None = None,
+        limits: WalkLimits = WalkLimits(),
+        opened: FolderOpened | None = None,
+        capped: FolderCapped | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.patterns = tuple(patterns)
         self.processes = processes
@@ -291,7 +326,15 @@ class Scan:
             if not folders:
                 self.problems.append((pattern, "root matches no folder"))
             for top in folders:
-                for folder, files in _walk(top, self.problems):
+                walk = walk_folders(
+                    top,
+                    self.problems,
+                    limits,
+                    opened=opened,
+                    capped=capped,
+                    should_stop=should_stop,
+                )
+                for folder, files in walk:
                     if (folder.dev, folder.ino) in seen:
                         continue
                     seen.add((folder.dev, folder.ino))
@@ -478,6 +521,22 @@ def _list(fd: int) -> list[Listed]:
     return listed
 
 
+def _list_at_most(fd: int, limit: int) -> list[Listed] | None:
+    """``_list``, or None as soon as the folder proves to hold more than ``limit`` entries (the
+    memory a listing takes stays bounded)."""
+    listed: list[Listed] = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if len(listed) >= limit:
+                return None
+            try:
+                listed.append(Listed(entry.name, entry.stat(follow_symlinks=False)))
+            except OSError:
+                continue  # vanished between readdir and stat
+    listed.sort(key=lambda item: item.name)
+    return listed
+
+
 def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | None:
     """The configured root and safe reference for ``path``, a folder below one of the roots as
     the observer reported it; None when it is not below any (or is reached through a symlink)."""
@@ -516,9 +575,11 @@ def scan_folder(
     path: str,
     symlink_targets: frozenset[tuple[int, int]] = frozenset(),
     cache: ScanCache | None = None,
+    limits: WalkLimits = WalkLimits(),
 ) -> Inventory:
     """Like ``scan``, for the one run folder at ``path`` (not its subfolders).  Symlinks
-    elsewhere are not walked: ``symlink_targets`` (from the last full scan) pins their targets."""
+    elsewhere are not walked: ``symlink_targets`` (from the last full scan) pins their targets.
+    A folder past ``limits.max_entries`` is left alone, as a full scan leaves it."""
     located = locate_folder(roots, path)
     if located is None:
         return Inventory((), ((path, "not a folder below the configured roots"),))
@@ -529,50 +590,114 @@ def scan_folder(
         reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
         return Inventory((), ((path, f"cannot open folder: {reason}"),))
     try:
-        entries = _list(fd)
+        listed = _list_at_most(fd, limits.max_entries)
         owner = os.fstat(fd).st_uid
     finally:
         os.close(fd)
+    if listed is None:
+        reason = f"holds more than {limits.max_entries} entries (max_folder_entries); not swept"
+        return Inventory((), ((path, reason),))
+    entries = listed
     files = _classify_folder(folder, entries, patterns, _Probes(_OpenForWriting(), cache))
     targets = symlink_targets | _folder_symlink_targets(folder, entries)
     run = _pin_symlink_targets(RunFolder(pattern, folder, files, owner), set(targets))
     return Inventory((run,) if files else (), (), frozenset(targets))
 
 
-def _walk(
-    top: FolderRef, problems: list[tuple[str, str]]
+def walk_folders(
+    top: FolderRef,
+    problems: list[tuple[str, str]],
+    limits: WalkLimits = WalkLimits(),
+    *,
+    opened: FolderOpened | None = None,
+    capped: FolderCapped | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[tuple[FolderRef, list[Listed]]]:
-    """Folders below ``top`` on its filesystem and its mount, with their entries; symlinks are
-    not entered, nor bind mounts (the same filesystem, so the same ``st_dev``, reached through
-    another mount: a way into folders outside the roots)."""
-    stack = [top]
+    """Folders below ``top`` on its filesystem and its mount, with their entries, depth first;
+    symlinks are not entered, nor bind mounts (the same filesystem, so the same ``st_dev``,
+    reached through another mount: a way into folders outside the roots), nor folders past
+    ``limits`` (each reported to ``capped``; below one root folder, only the first folder too
+    deep is).  ``opened`` sees each folder's descriptor before it is listed; ``should_stop`` is
+    asked before each folder and ends the walk early.
+
+    Each folder is opened once, by name relative to its parent's descriptor with O_NOFOLLOW:
+    the descriptors along the current path stay open (at most ``max_depth`` + 1), so the walk
+    costs one open per folder however deep the tree, never a reopening from the root.
+    """
+    report = capped if capped is not None else _log_capped
+    stack: list[tuple[int, FolderRef]] = [(0, top)]
+    path: list[int] = []  # path[d]: the open folder at depth d on the way to the current one
     top_mount: int | None = None
-    while stack:
-        folder = stack.pop()
-        try:
-            fd = open_folder(folder)
-        except (OSError, FileRefused) as error:
-            reason = error.reason if isinstance(error, FileRefused) else error.strerror
-            problems.append((folder.display, f"cannot open folder: {reason}"))
-            continue
-        try:
+    reported_depth = False
+    try:
+        while stack:
+            if should_stop():
+                return
+            depth, folder = stack.pop()
+            while len(path) > depth:  # depth first: the parent is the last folder kept open
+                os.close(path.pop())
+            try:
+                fd = _open_child(path[-1], folder) if path else open_folder(folder)
+            except (OSError, FileRefused) as error:
+                reason = error.reason if isinstance(error, FileRefused) else error.strerror
+                problems.append((folder.display, f"cannot open folder: {reason}"))
+                continue
+            path.append(fd)
             mount = mount_id(fd)
-            if folder is top:
+            if depth == 0:
                 top_mount = mount
                 if mount is None:
                     _warn_no_mount_ids()
             elif mount != top_mount:
                 continue  # a mount point below the root: never crossed, as another filesystem
-            entries = _list(fd)
-        finally:
+            if opened is not None:
+                opened(top, folder, fd)
+            entries = _list_at_most(fd, limits.max_entries)
+            if entries is None:
+                report(
+                    folder.display,
+                    f"holds more than {limits.max_entries} entries (max_folder_entries); "
+                    "not walked",
+                )
+                continue
+            children = [
+                folder.child(e.name, e.info)
+                for e in entries
+                if e.is_dir and e.info.st_dev == top.dev  # never cross into another filesystem
+            ]
+            if children and depth >= limits.max_depth:
+                if not reported_depth:
+                    reported_depth = True
+                    report(
+                        children[0].display,
+                        f"more than {limits.max_depth} folders below {top.display} (max_depth); "
+                        "neither it nor any folder as deep there is walked",
+                    )
+                children = []
+            stack.extend((depth + 1, child) for child in reversed(children))
+            yield folder, entries
+    finally:
+        for fd in path:
             os.close(fd)
-        children = [
-            folder.child(e.name, e.info)
-            for e in entries
-            if e.is_dir and e.info.st_dev == top.dev  # never cross into another filesystem
-        ]
-        stack.extend(reversed(children))
-        yield folder, entries
+
+
+def _open_child(parent_fd: int, folder: FolderRef) -> int:
+    """Open ``folder`` by its last name below its parent's descriptor; fails if it became a
+    symlink or another directory since it was listed."""
+    fd = os.open(folder.components[-1], _OPEN_DIR, dir_fd=parent_fd)
+    try:
+        info = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (info.st_dev, info.st_ino) != (folder.dev, folder.ino):
+        os.close(fd)
+        raise FileRefused(folder.display, "folder was replaced since it was scanned")
+    return fd
+
+
+def _log_capped(path: str, reason: str) -> None:
+    log.warning("%s: %s", path, reason)
 
 
 def mount_id(fd: int) -> int | None:

@@ -8,17 +8,19 @@ red.  When a wait fails, the message carries the daemon's log and every datagram
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -208,6 +210,7 @@ class Daemon:
         as_watchdog_pid: bool = False,
         journal: bool = False,
         name: str = "daemon",
+        user_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.notify = notify
         self.ledger = ledger
@@ -219,6 +222,8 @@ class Daemon:
             # systemd sets WATCHDOG_PID to the service's main pid; a shell that execs the daemon
             # keeps its pid, so $$ is the daemon's pid.
             command = ["sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *command]
+        if user_limits:
+            command = [*in_user_namespace(user_limits), *command]
         environ = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         for inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
             environ.pop(inherited, None)
@@ -305,6 +310,65 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+def in_user_namespace(limits: Mapping[str, int]) -> list[str]:
+    """A command prefix: run in a new user namespace (root mapped to root) whose per-user kernel
+    limits (/proc/sys/user/NAME, e.g. max_inotify_watches) are ``limits`` — the host's own
+    limits stay untouched.  unshare and sh exec in turn, so the pid stays the daemon's."""
+    settings = " && ".join(f"echo {n} > /proc/sys/user/{name}" for name, n in limits.items())
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", f'{settings} && exec "$@"', "sh"]
+
+
+def user_namespaces_work() -> bool:
+    """Whether this machine lets us make a user namespace and set its limits."""
+    try:
+        probe = subprocess.run(
+            [*in_user_namespace({"max_inotify_watches": 100}), "true"],
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
+_IN_OPEN = 0x20
+
+
+class DirectoryOpens:
+    """Counts how often any process opens each of ``folders`` (inotify's IN_OPEN on the folder
+    itself; opening a subfolder is an event with a name, not counted).  The kernel reports
+    every open, so the count is exact once :meth:`count` has drained the queue."""
+
+    def __init__(self, folders: Sequence[Path]) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        assert self._fd >= 0, os.strerror(ctypes.get_errno())
+        self._folders: dict[int, Path] = {}
+        for folder in folders:
+            wd = libc.inotify_add_watch(self._fd, os.fsencode(folder), _IN_OPEN)
+            assert wd >= 0, os.strerror(ctypes.get_errno())
+            self._folders[wd] = folder
+        self._counts = dict.fromkeys(folders, 0)
+
+    def count(self, folder: Path) -> int:
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, length = struct.unpack_from("iIII", data, offset)
+                offset += 16 + length
+                if mask & _IN_OPEN and not length and wd in self._folders:
+                    self._counts[self._folders[wd]] += 1
+        return self._counts[folder]
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 # ---------------------------------------------------------------------------------------------

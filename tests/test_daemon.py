@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,9 +41,11 @@ from daemon_harness import (
     TIMEOUT,
     ChunkedWriter,
     Daemon,
+    DirectoryOpens,
     NotifySocket,
     Reads,
     Status,
+    user_namespaces_work,
     wait_until,
 )
 from trees import apparent_size, ledger_lines, names, outcome_total, save_full
@@ -821,3 +824,270 @@ def test_a_full_disk_under_the_state_directory_stops_actions_not_the_daemon(
         "acting once there is room",
     )
     assert (run / "epoch1_inference.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching that fails says so and falls back; walks stay bounded; storms are rate-limited.
+
+needs_user_namespaces = pytest.mark.skipif(
+    not user_namespaces_work(), reason="no user namespaces: cannot set a private inotify limit"
+)
+
+
+@needs_user_namespaces
+def test_an_exhausted_watch_limit_is_said_and_that_root_polled(
+    tmp_path: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """With 20 inotify watches allowed (a user namespace's own limit, the host's untouched),
+    root a (5 folders) is watched and root b (30) cannot be: b is named in a warning, its
+    watches are given back, and b is polled — a checkpoint in a folder past the limit is
+    extracted although the rescan is an hour away.  Root a keeps its inotify watches."""
+    roots = {}
+    for name, count in (("a", 4), ("b", 29)):
+        roots[name] = tmp_path / name
+        for index in range(count):
+            (roots[name] / f"run{index}").mkdir(parents=True)
+    daemon = start_daemon(
+        str(roots["a"]),
+        str(roots["b"]),
+        "rescan_seconds=3600",
+        user_limits={"max_inotify_watches": 20},
+    )
+    daemon.wait_ready()
+    daemon.wait_log(f"{roots['b']}: the inotify watch limit is reached")
+    daemon.wait_log("watching 2 folders: 1 by inotify (5 watches), 1 by polling")
+
+    saved = {name: save_full(root / "run3" / "epoch1.pt", epoch=1) for name, root in roots.items()}
+    saved["b28"] = save_full(roots["b"] / "run28" / "epoch1.pt", epoch=1)
+    for name, path in (
+        ("a", roots["a"] / "run3"),
+        ("b", roots["b"] / "run3"),
+        ("b28", roots["b"] / "run28"),
+    ):
+        copy = path / "epoch1_inference.pt"
+        daemon.wait_until(copy.exists, f"the extraction in {path}")
+        assert_copy_matches(copy, saved[name])
+    warning = next(line for line in daemon.log().splitlines() if "watch limit" in line)
+    assert warning.startswith("WARNING ") and "polling it instead" in warning
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert "Traceback" not in daemon.log()
+
+
+def make_chain(top: Path, depth: int) -> None:
+    """``top/d/d/.../d``, ``depth`` folders deep: made one level at a time relative to the
+    last, since the whole path is far longer than PATH_MAX."""
+    top.mkdir(parents=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def chains() -> Iterator[list[Path]]:
+    """Chains made by the test, removed with rm -r (shutil.rmtree recurses, and would fail)."""
+    made: list[Path] = []
+    yield made
+    for top in made:
+        subprocess.run(["rm", "-rf", str(top)], check=True, timeout=TIMEOUT)
+
+
+def test_a_5000_deep_chain_is_cut_at_max_depth_and_the_root_stays_watched(
+    tree: Path, start_daemon: StartDaemon, chains: list[Path]
+) -> None:
+    """A user's chain of 5,000 nested folders: the walks stop at max_depth (said once, naming
+    the first folder left out), and the rest of the root is watched — a checkpoint written after
+    start is extracted by its events alone, the rescan being an hour away."""
+    deep = tree / "deep"
+    chains.append(deep)
+    make_chain(deep, 5000)
+    shallow = deep / "/".join(["d"] * 10)
+    saved_deep = save_full(shallow / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), "rescan_seconds=3600")  # max_depth: 64
+    daemon.wait_ready()
+    assert_copy_matches(shallow / "epoch1_inference.pt", saved_deep)
+
+    saved = save_full(tree / "run" / "epoch1.pt", epoch=1)
+    copy = tree / "run" / "epoch1_inference.pt"
+    daemon.wait_until(copy.exists, "the extraction of a checkpoint written after start")
+    assert_copy_matches(copy, saved)
+    cut = [line for line in daemon.log().splitlines() if "(max_depth)" in line]
+    assert len(cut) == 1, daemon.log()
+    assert cut[0].startswith(f"WARNING sweeper.daemon: {tree}/deep/d/d/")
+    assert cut[0].split(": ")[1] == f"{deep}{'/d' * 64}"  # 65 below the root
+    assert f"more than 64 folders below {tree}" in cut[0]
+
+
+def test_a_scan_opens_each_folder_once_however_deep(
+    tree: Path, start_daemon: StartDaemon, chains: list[Path]
+) -> None:
+    """The walk opens each folder relative to its parent, so its cost is linear in the tree:
+    the top of a 60-deep chain is opened once per scan (the catch-up sweep here), where
+    reopening every folder from the root opened it 60 times (a 10,000-deep chain took 138 s
+    per scan)."""
+    chain = tree / "chain"
+    chains.append(chain)
+    make_chain(chain, 60)
+    top, bottom = chain / "d", chain / "/".join(["d"] * 60)
+    opens = DirectoryOpens([top, bottom])
+    try:
+        daemon = start_daemon(str(tree), "rescan_seconds=3600")
+        daemon.wait_ready()
+        assert opens.count(top) == 1, daemon.details()
+        assert opens.count(bottom) == 1, daemon.details()
+    finally:
+        opens.close()
+
+
+def test_watchdog_pings_go_on_through_long_rescans(
+    tmp_path: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    """WatchdogSec=0.1 s: pings are due every 50 ms, and each rescan of 20,000 folders lasts
+    far longer.  The walk's progress is the heartbeat, so the pings go on while it runs (at
+    least one per 0.2 s here); before, they stopped 0.1 s into a scan, and systemd would have
+    killed a healthy daemon in the middle of every long rescan."""
+    root = tmp_path / "big"
+    for group in range(200):
+        for index in range(100):
+            (root / f"g{group}" / f"f{index}").mkdir(parents=True)
+    daemon = start_daemon(
+        str(root), "rescan_seconds=1", env={"WATCHDOG_USEC": "100000"}, as_watchdog_pid=True
+    )
+    since = daemon.wait_ready()
+
+    def working(message: str) -> bool:
+        status = Status.parse(message)
+        return status is not None and status.working > 0
+
+    def idle(message: str) -> bool:
+        status = Status.parse(message)
+        return status is not None and status.working == 0
+
+    pings, seconds = 0, 0.0
+    for _ in range(3):
+        start = daemon.wait_for(working, since=since)
+        began = time.monotonic()
+        since = daemon.wait_for(idle, since=start)
+        seconds += time.monotonic() - began
+        pings += notify.count("WATCHDOG=1", since=start) - notify.count("WATCHDOG=1", since=since)
+    assert seconds > 0.6, f"three rescans took only {seconds:.2f} s: make the tree bigger"
+    assert pings >= seconds / 0.2, f"{pings} pings in {seconds:.2f} s\n{daemon.details()}"
+
+
+def test_an_inotify_queue_overflow_rescans_at_once_and_events_keep_coming(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """A user's rename loop overflows the kernel's event queue (16,384 events; the daemon is
+    stopped meanwhile, so the overflow is certain).  Bob's checkpoint, written after the
+    overflow, raised no event the daemon will ever read: the daemon must say so and rescan at
+    once (the periodic rescan is an hour away).  Events keep coming afterwards, and SIGTERM
+    still exits 0 with no traceback."""
+    alice, bob = tree / "alice", tree / "bob"
+    alice.mkdir()
+    bob.mkdir()
+    (alice / "a.tmp").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    saved = save_full(outside / "epoch1.pt", epoch=1)
+    daemon = start_daemon(str(tree), "rescan_seconds=3600", "storm_rescan_seconds=3600")
+    daemon.wait_ready()
+
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        for _ in range(10_000):  # 20,000 renames: 40,000 events
+            os.rename(alice / "a.tmp", alice / "b.tmp")
+            os.rename(alice / "b.tmp", alice / "a.tmp")
+        os.rename(outside / "epoch1.pt", bob / "epoch1.pt")
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+
+    daemon.wait_until((bob / "epoch1_inference.pt").exists, "bob's checkpoint, by the rescan")
+    assert_copy_matches(bob / "epoch1_inference.pt", saved)
+    assert "WARNING sweeper.daemon: event storm: the inotify queue overflowed" in daemon.log()
+    later = save_full(bob / "epoch2.pt", epoch=2)
+    daemon.wait_until((bob / "epoch2_inference.pt").exists, "bob's next checkpoint, by events")
+    assert_copy_matches(bob / "epoch2_inference.pt", later)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert "Traceback" not in daemon.log()
+
+
+_STORM = textwrap.dedent(
+    """
+    import os, sys
+    folder = sys.argv[1]
+    number = 0
+    while not os.path.exists(os.path.join(folder, "stop")):
+        with open(os.path.join(folder, f"junk{number % 200}.pt"), "wb") as junk:
+            junk.write(b"not a checkpoint")
+        number += 1
+    """
+)
+
+
+def test_a_storm_without_end_rescans_at_most_once_per_storm_rescan_seconds(
+    tree: Path, start_daemon: StartDaemon
+) -> None:
+    """A user rewrites 200 checkpoint-named files without end, far past queue_size=20.  The
+    daemon rescans at once on the first storm, then at most once per storm_rescan_seconds=3
+    (it says the next rescan is deferred), not back to back.  A real checkpoint written during
+    the storm, whose event the storms drop, is still extracted: the deferred rescan is never
+    lost."""
+    junk, run = tree / "junk", tree / "run"
+    junk.mkdir()
+    daemon = start_daemon(
+        str(tree), "queue_size=20", "rescan_seconds=3600", "storm_rescan_seconds=3"
+    )
+    daemon.wait_ready()
+
+    began = time.monotonic()
+    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(junk)])
+    try:
+        daemon.wait_log("event storm: more than 20 changed files at once; rescanning every root")
+        saved = save_full(run / "epoch1.pt", epoch=1)
+        time.sleep(7)  # a storm lasting two intervals and more
+    finally:
+        (junk / "stop").touch()
+        storm.wait(timeout=TIMEOUT)
+    daemon.wait_until((run / "epoch1_inference.pt").exists, "the checkpoint from the storm")
+    assert_copy_matches(run / "epoch1_inference.pt", saved)
+    rescans = daemon.log().count("changed files at once; rescanning every root\n")
+    allowed = int((time.monotonic() - began) / 3) + 1
+    assert 2 <= rescans <= allowed, daemon.log()
+    assert "changed files at once; rescanning every root in " in daemon.log()  # deferred
+
+
+def test_while_a_rescan_for_new_symlinks_waits_so_do_the_settled_folders(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, notify: NotifySocket
+) -> None:
+    """A symlink pins its target wherever it is, and only a full rescan learns of it.  A second
+    new symlink within storm_rescan_seconds defers that rescan; a folder settling meanwhile must
+    wait for it, or the planner would demote a checkpoint the new symlink pins (keep_full=1)."""
+    run, links = tree / "run", tmp_path / "links"
+    links.mkdir()
+    save_full(run / "epoch1.pt", epoch=1, seed=1)
+    daemon = start_daemon(str(tree), "keep_full=1", "rescan_seconds=3600", "storm_rescan_seconds=4")
+    daemon.wait_ready()
+    assert (run / "epoch1_inference.pt").exists()
+
+    since = notify.mark()
+    os.symlink(links, tree / "first-link")
+    daemon.wait_log("new symlinks, which may pin files in any folder; rescanning every root")
+    busy = daemon.wait_for(
+        lambda m: (s := Status.parse(m)) is not None and s.queued + s.working > 0, since=since
+    )
+    daemon.wait_for(
+        lambda m: (s := Status.parse(m)) is not None and s.queued + s.working == 0, since=busy
+    )
+    os.symlink(run / "epoch1.pt", tree / "pin")  # the user pins epoch 1
+    daemon.wait_log("new symlinks, which may pin files in any folder; rescanning every root in ")
+    save_full(run / "epoch2.pt", epoch=2, seed=2)
+
+    daemon.wait_until((run / "epoch2_inference.pt").exists, "epoch 2's copy")
+    assert (run / "epoch1.pt").exists(), daemon.log()  # pinned: never demoted
