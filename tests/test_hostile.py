@@ -26,14 +26,19 @@ import torch
 import torch.storage
 from checkpoints import (
     assert_same_tensors,
+    batched_list,
     folder_state,
     full_checkpoint,
+    full_looking_pickle,
     load_without_allowlist,
     save_full_checkpoint,
+    save_pickle_as_checkpoint,
     tiny_model,
 )
 from conftest import CliRun
 from trees import snapshot
+
+from sweeper.torchzip import MEMORY_REFUSAL
 
 RunSweeper = Callable[..., CliRun]
 
@@ -296,7 +301,7 @@ def test_a_huge_memo_index_is_refused_in_a_parallel_sweep(tmp_path: Path) -> Non
     entries = {e["path"]: e for e in json.loads(run.stdout)["entries"]}
     memo = entries[str(tmp_path / "run0" / "memo.pt")]
     assert memo["action"] == "skip"
-    assert "MemoryError" in memo["reason"]
+    assert memo["reason"] == f"skipped: {MEMORY_REFUSAL}"
     assert entries[str(tmp_path / "run1" / "good.pt")]["action"] == "extract"
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB
 
@@ -399,8 +404,81 @@ def test_a_pickle_of_millions_of_objects_is_refused_before_it_is_read(
     )
 
     assert inspected.returncode == 1 and len(inspected.stderr_lines) == 1
-    assert "holds more than 16,000,000 objects" in inspected.stderr
+    assert "data.pkl has more than 8,000,000 objects" in inspected.stderr
     entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
     assert entries["bomb.pt"]["action"] == "skip"
-    assert "holds more than 16,000,000 objects" in entries["bomb.pt"]["reason"]
+    assert "data.pkl has more than 8,000,000 objects" in entries["bomb.pt"]["reason"]
     assert entries["fine.pt"]["action"] == "extract"
+
+
+# Pickles each just past one bound of the opcode walk and under the others (and under the 16M
+# opcodes refused before): what unpickling would allocate (a list of 8M ints; 8M references
+# to one list; a memo of 4M entries; a million lists, one inside the next), had it been let run.
+BOUND_BOMBS = {
+    "objects": (batched_list(b"K\x00", 8_001_000), "more than 8,000,000 objects"),
+    "container items": (
+        b"]q\x04" + batched_list(b"h\x04", 8_001_000)[1:],
+        "more than 8,000,000 container items",
+    ),
+    "memo entries": (batched_list(b"N\x94", 4_001_000), "more than 4,000,000 memo entries"),
+    "nesting": (
+        b"]" * 1_100_000 + b"a" * 1_099_999,
+        "more than 1,000,000 values on the stack at once (nesting)",
+    ),
+}
+
+
+@pytest.mark.parametrize("bomb", BOUND_BOMBS.values(), ids=BOUND_BOMBS.keys())
+def test_a_pickle_past_a_bound_is_refused_naming_it(
+    tmp_path: Path, run_sweeper: RunSweeper, bomb: tuple[bytes, str]
+) -> None:
+    """``inspect`` refuses it in one line naming the file and the bound; the sweep plans it as
+    skipped with the same reason and extracts the ordinary checkpoint beside it."""
+    history, bound = bomb
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    save_pickle_as_checkpoint(run / "bomb.pt", full_looking_pickle(history))
+    save_full_checkpoint(run / "fine.pt", epoch=1)
+
+    inspected = run_sweeper("inspect", run / "bomb.pt")
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+
+    assert inspected.returncode == 1
+    assert inspected.stderr_lines == [
+        f"ERROR sweeper: {run / 'bomb.pt'}: refused: data.pkl has {bound}, more than any real "
+        "checkpoint"
+    ]
+    entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
+    assert entries["bomb.pt"]["action"] == "skip"
+    assert f"refused: data.pkl has {bound}" in entries["bomb.pt"]["reason"]
+    assert entries["fine.pt"]["action"] == "extract"
+
+
+def test_a_big_real_checkpoint_passes_every_bound(tmp_path: Path, run_sweeper: RunSweeper) -> None:
+    """No bound refuses what torch.save writes: a Llama-2-7B-shaped state dict (291 tensors,
+    real names and shapes' ranks) with a real AdamW state after one step, inspected whole."""
+    layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{part}"
+        for i in range(32)
+        for part in [*(f"{p}.weight" for p in layer), "input_layernorm.weight",
+                     "post_attention_layernorm.weight"]
+    ]  # fmt: skip
+    weights = {name: torch.zeros(2, 2, requires_grad=True) for name in names}
+    optimizer = torch.optim.AdamW(weights.values(), lr=1e-4)
+    torch.autograd.backward(sum(w.sum() for w in weights.values()))
+    optimizer.step()
+    path = tmp_path / "llama.pt"
+    torch.save(
+        {"model_state_dict": weights, "optimizer_state_dict": optimizer.state_dict(), "epoch": 3},
+        path,
+    )
+
+    inspected = run_sweeper("inspect", "--json", path)
+
+    assert inspected.returncode == 0, inspected.stderr
+    assert len(names) == 291
+    assert inspected.json()["kind"] == "full"
