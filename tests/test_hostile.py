@@ -35,7 +35,7 @@ from checkpoints import (
     save_pickle_as_checkpoint,
     tiny_model,
 )
-from conftest import CliRun
+from conftest import CliRun, peak_rss_kib
 from trees import snapshot
 
 from sweeper.torchzip import MEMORY_REFUSAL
@@ -482,3 +482,21 @@ def test_a_big_real_checkpoint_passes_every_bound(tmp_path: Path, run_sweeper: R
     assert inspected.returncode == 0, inspected.stderr
     assert len(names) == 291
     assert inspected.json()["kind"] == "full"
+
+
+def test_verifying_a_copy_of_millions_of_values_takes_flat_memory(tmp_path: Path) -> None:
+    """An 8 MB full-looking checkpoint whose kept ``history`` is a list of 4M small ints, inside
+    every bound: its copy is written, read back and compared with the source one value at a
+    time, in well under 512 MiB (two lists of fingerprints took ~1.2 GB)."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    save_pickle_as_checkpoint(run / "e1.pt", full_looking_pickle(batched_list(b"K\x07", 4_000_000)))
+    ledger = tmp_path / "ledger.jsonl"
+
+    status, peak_kib, stderr = peak_rss_kib(
+        "sweep", tmp_path / "root", "--ledger", ledger, "min_age_seconds=0"
+    )
+
+    assert status == 0, stderr
+    assert (run / "e1_inference.pt").exists()
+    assert peak_kib < 512 * 1024, f"peak RSS {peak_kib // 1024} MiB"
