@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sweeper.errors import ConfigError
 from sweeper.policy import DEFAULT_ROLLING_NAMES, BestMode, InferenceRules, Rules
+from sweeper.workers import READER_MEMORY_LIMIT
 
 __all__ = [
     "FILE_KEY",
@@ -38,6 +39,7 @@ FILE_KEY = "<file>"
 STATE_DIR_RESOLVER = "sweeper.state_dir"
 
 _GLOB_CHARACTERS = frozenset("*?[")
+_MIN_MEMORY_LIMIT = 16 * 1024**2
 
 
 class ObserverKind(Enum):
@@ -80,6 +82,7 @@ class ConfigSchema:
     workers: int = 1
     queue_size: int = 10_000
     nice: int = 10
+    classify_memory_limit: int = READER_MEMORY_LIMIT
     keep_best: int = 0
     best_metric: str = "auto"
     best_mode: BestMode = BestMode.auto
@@ -107,6 +110,7 @@ class Settings:
     workers: int
     queue_size: int
     nice: int
+    classify_memory_limit: int = READER_MEMORY_LIMIT
     keep_best: int = 0
     best_metric: str = "auto"
     best_mode: BestMode = BestMode.auto
@@ -174,6 +178,9 @@ class Settings:
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
+        # Below a few MiB even a tiny checkpoint could not be read; 0 turns the limit off.
+        if self.classify_memory_limit != 0:
+            _check_at_least("classify_memory_limit", self.classify_memory_limit, _MIN_MEMORY_LIMIT)
 
 
 def load_settings(
@@ -235,6 +242,7 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         workers=schema.workers,
         queue_size=schema.queue_size,
         nice=schema.nice,
+        classify_memory_limit=schema.classify_memory_limit,
         keep_best=schema.keep_best,
         best_metric=schema.best_metric,
         best_mode=schema.best_mode,

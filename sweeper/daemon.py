@@ -45,7 +45,7 @@ from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.intact import Verifier, verify_inventory
-from sweeper.inventory import Inventory, ScanCache, expand_root, scan, scan_folder
+from sweeper.inventory import FileReader, Inventory, ScanCache, expand_root, scan, scan_folder
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.notify import Notifier
 from sweeper.plan import SweepPlan, plan_sweep
@@ -245,6 +245,9 @@ class Watcher:
         self._storm = threading.Event()
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
         self._verifier = Verifier()  # kept files are read in full once, not on every rescan
+        # Files' contents are read in a worker process of its own, under an address-space
+        # limit: a hostile file costs that worker, never the daemon, and is refused.
+        self._reader = FileReader(self.settings.classify_memory_limit, self._should_stop)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -287,6 +290,7 @@ class Watcher:
             self._stop_observers()
             for worker in self._workers:
                 worker.join(timeout=30)
+            self._reader.close()
         return 0
 
     def _lower_priority(self) -> None:
@@ -405,6 +409,9 @@ class Watcher:
         if settings.ledger != self.settings.ledger:
             log.warning("ledger path changes need a restart; keeping %s", self.settings.ledger)
             settings = _with_ledger(settings, self.settings.ledger)
+        if settings.classify_memory_limit != self.settings.classify_memory_limit:
+            self._reader.set_memory_limit(settings.classify_memory_limit)
+            self._cache = ScanCache()  # what the old limit refused is read again
         self.settings = settings
         self._stop_observers()
         self._start_observers()
@@ -539,7 +546,7 @@ class Watcher:
         settings = self.settings
 
         def inventory() -> Inventory:
-            found = scan(settings.roots, settings.patterns, cache=self._cache)
+            found = scan(settings.roots, settings.patterns, cache=self._cache, reader=self._reader)
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
 
@@ -549,7 +556,9 @@ class Watcher:
         settings = self.settings
         targets = self._symlink_targets
         self._act(
-            lambda: scan_folder(settings.roots, settings.patterns, folder, targets, self._cache),
+            lambda: scan_folder(
+                settings.roots, settings.patterns, folder, targets, self._cache, self._reader
+            ),
             exclusive=False,
         )
 

@@ -500,3 +500,68 @@ def test_verifying_a_copy_of_millions_of_values_takes_flat_memory(tmp_path: Path
     assert status == 0, stderr
     assert (run / "e1_inference.pt").exists()
     assert peak_kib < 512 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+
+
+def test_a_file_past_the_memory_limit_is_refused_and_the_tree_beside_it_swept(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """What the pickle bounds cannot see, the readers' address-space limit catches: a real
+    checkpoint whose notes are one 48 MB string (a handful of objects) needs more than
+    ``classify_memory_limit=32 MiB`` to read.  Run folders are read in worker processes even
+    for a tree this small: it is refused there and named, and the folder beside it is swept.
+    Under the default limit the same file is copied: the limit, not the file, refused it."""
+    root = tmp_path / "root"
+    (root / "big").mkdir(parents=True)
+    (root / "ordinary").mkdir()
+    save_full_checkpoint(root / "big" / "e1.pt", extra={"notes": "x" * 48_000_000})
+    for epoch in (1, 2):
+        save_full_checkpoint(root / "ordinary" / f"e{epoch}.pt", epoch=epoch)
+    ledger = tmp_path / "ledger.jsonl"
+    limited = f"classify_memory_limit={32 * 1024 * 1024}"
+
+    options = ["--ledger", ledger, "min_age_seconds=0"]
+
+    plan = run_sweeper("sweep", root, "--dry-run", "--json", *options, limited)
+    swept = run_sweeper("sweep", root, "--json", *options, limited)
+
+    entries = {e["path"]: e for e in plan.json()["entries"]}
+    big = entries[str(root / "big" / "e1.pt")]
+    assert (big["action"], big["reason"]) == ("skip", f"skipped: {MEMORY_REFUSAL}")
+    assert swept.returncode == 0, swept.stderr
+    assert f"{root / 'big' / 'e1.pt'}: {MEMORY_REFUSAL}" in swept.stderr
+    assert sorted(os.listdir(root / "big")) == ["e1.pt"]
+    assert sorted(os.listdir(root / "ordinary")) == [
+        "e1.pt", "e1_inference.pt", "e2.pt", "e2_inference.pt"
+    ]  # fmt: skip
+
+    unlimited = run_sweeper("sweep", root, "--json", *options)
+
+    assert unlimited.returncode == 0, unlimited.stderr
+    assert (root / "big" / "e1_inference.pt").exists()
+
+
+def test_a_file_inside_every_bound_that_needs_too_much_memory_is_refused_by_default(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """A 3 MB data.pkl of 3M empty dicts passes every pickle bound but takes more than the
+    default 512 MiB to read (and would take more again to copy and compare): ``inspect`` and
+    the sweep read it in a worker under that limit, refuse it in one line and one plan entry,
+    and plan the ordinary checkpoint beside it as usual."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    bomb = run / "dicts.pt"
+    save_pickle_as_checkpoint(bomb, full_looking_pickle(batched_list(b"}", 3_000_000)))
+    save_full_checkpoint(run / "fine.pt", epoch=1)
+
+    inspected = run_sweeper("inspect", bomb)
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+
+    assert inspected.returncode == 1
+    assert inspected.stderr_lines == [f"ERROR sweeper: {bomb}: {MEMORY_REFUSAL}"]
+    entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
+    assert (entries["dicts.pt"]["action"], entries["dicts.pt"]["reason"]) == (
+        "skip", f"skipped: {MEMORY_REFUSAL}"
+    )  # fmt: skip
+    assert entries["fine.pt"]["action"] == "extract"
