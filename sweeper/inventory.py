@@ -789,6 +789,8 @@ def _classify_file(
                 found.update(cached)
             else:
                 read = probes.read(fd, dir_fd, entry.name, display, opened, names)
+                if read.get("problem") == MEMORY_REFUSAL:
+                    log.warning("%s: %s", display, MEMORY_REFUSAL)
                 found.update(read)
                 if probes.cache is not None:
                     probes.cache.put(key, read)
@@ -862,8 +864,6 @@ class FileReader:
                 log.warning("%s: reading it failed (%s); refused", display, found.how)
                 return {"problem": f"refused: reading it failed ({found.how})"}
             self._names, self._names_in = names, worker
-            if found.get("problem") == MEMORY_REFUSAL:
-                log.warning("%s: %s", display, MEMORY_REFUSAL)
             return found
 
     def set_memory_limit(self, memory_limit: int) -> None:

@@ -565,3 +565,4 @@ def test_a_file_inside_every_bound_that_needs_too_much_memory_is_refused_by_defa
         "skip", f"skipped: {MEMORY_REFUSAL}"
     )  # fmt: skip
     assert entries["fine.pt"]["action"] == "extract"
+    assert f"{bomb}: {MEMORY_REFUSAL}" in plan.stderr  # the log names it too
