@@ -39,9 +39,9 @@ R = TypeVar("R")
 _POLL_SECONDS = 0.25
 # What a worker that reads untrusted files may map beyond what it starts with, unless
 # configured (classify_memory_limit).  A file that passes there is then copied by its parent
-# (read, written, read back and compared) at up to ~2x what reading it took: 890 MiB for the
+# (read, written, read back and compared) at up to ~2x what reading it took: 869 MiB for the
 # costliest file we could craft to pass 512 MiB, inside the units' MemoryMax=2G.  Real
-# checkpoints fit: 60,000 parameter tensors with AdamW state take 360 MiB to read (100,000 take
+# checkpoints fit: 60,000 parameter tensors with AdamW state take 354 MiB to read (100,000 take
 # ~600 MiB: raise this, and MemoryMax, for such).
 READER_MEMORY_LIMIT = 512 * 1024**2
 
