@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -119,22 +120,54 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from sweeper.inventory import limit_reading_memory, warn_if_memory_unlimited
+    from sweeper.workers import READER_MEMORY_LIMIT, WorkerDied, WorkerPool
+
+    # Read in a forked worker under an address-space limit: a file that demands more memory is
+    # refused there, and this process stays small.  (inspect reads no config: the default.)
+    warn_if_memory_unlimited(READER_MEMORY_LIMIT)
+    pool: WorkerPool[tuple[str, bool], _Inspected] = WorkerPool(
+        1, _inspect_in_worker, functools.partial(limit_reading_memory, READER_MEMORY_LIMIT)
+    )
     failed = 0
-    for path in args.files:
-        try:
-            text, data = _inspect_one(path, args.verify)
-        except FileRefused as error:
+    for (path, _), result in pool.map([(path, args.verify) for path in args.files]):
+        if isinstance(result, WorkerDied):
+            result = _Inspected(path, refused=f"refused: reading it failed ({result.how})")
+        if result.refused is not None:
             failed += 1
-            log.error("%s", error)
+            log.error("%s: %s", result.path, result.refused)
             if args.json:
                 print(
                     report.to_json(
-                        {"path": path, "kind": "invalid", "intact": False, "error": error.reason}
+                        {"path": path, "kind": "invalid", "intact": False, "error": result.refused}
                     )
                 )
             continue
-        print(report.to_json(data) if args.json else text)
+        print(report.to_json(result.data) if args.json else result.text)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    """What inspecting one file gave, as its worker sends it back."""
+
+    path: str  # the file the answer is about
+    text: str = ""
+    data: dict[str, object] = field(default_factory=dict)
+    refused: str | None = None  # why it could not be inspected
+
+
+def _inspect_in_worker(task: tuple[str, bool]) -> _Inspected:
+    path, verify = task
+    try:
+        text, data = _inspect_one(path, verify)
+    except FileRefused as error:
+        return _Inspected(error.path, refused=error.reason)
+    except MemoryError:
+        return _Inspected(path, refused=torchzip.MEMORY_REFUSAL)
+    except OSError as error:
+        return _Inspected(path, refused=str(error.strerror or error))
+    return _Inspected(path, text, data)
 
 
 def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
@@ -265,6 +298,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             refine=verified(now_ns),
             should_stop=stop,
             limits=limits,
+            memory_limit=settings.classify_memory_limit,
         )
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
@@ -278,6 +312,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             processes=processes,
             refine=verified(now_ns),
             limits=limits,
+            memory_limit=settings.classify_memory_limit,
         )
         entries = (
             entry

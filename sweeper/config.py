@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sweeper.errors import ConfigError
 from sweeper.policy import DEFAULT_ROLLING_NAMES, BestMode, InferenceRules, Rules
+from sweeper.workers import READER_MEMORY_LIMIT
 
 __all__ = [
     "FILE_KEY",
@@ -39,6 +40,7 @@ STATE_DIR_RESOLVER = "sweeper.state_dir"
 
 _GLOB_CHARACTERS = frozenset("*?[")
 MAX_DEPTH_LIMIT = 256
+_MIN_MEMORY_LIMIT = 16 * 1024**2
 
 
 class ObserverKind(Enum):
@@ -81,6 +83,7 @@ class ConfigSchema:
     workers: int = 1
     queue_size: int = 10_000
     nice: int = 10
+    classify_memory_limit: int = READER_MEMORY_LIMIT
     keep_best: int = 0
     best_metric: str = "auto"
     best_mode: BestMode = BestMode.auto
@@ -113,6 +116,7 @@ class Settings:
     workers: int
     queue_size: int
     nice: int
+    classify_memory_limit: int = READER_MEMORY_LIMIT
     keep_best: int = 0
     best_metric: str = "auto"
     best_mode: BestMode = BestMode.auto
@@ -193,6 +197,9 @@ class Settings:
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
+        # Below a few MiB even a tiny checkpoint could not be read; 0 turns the limit off.
+        if self.classify_memory_limit != 0:
+            _check_at_least("classify_memory_limit", self.classify_memory_limit, _MIN_MEMORY_LIMIT)
 
 
 def load_settings(
@@ -254,6 +261,7 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         workers=schema.workers,
         queue_size=schema.queue_size,
         nice=schema.nice,
+        classify_memory_limit=schema.classify_memory_limit,
         keep_best=schema.keep_best,
         best_metric=schema.best_metric,
         best_mode=schema.best_mode,

@@ -31,7 +31,15 @@ from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.intact import Verifier, verify_run
-from sweeper.inventory import FolderRef, Inventory, ScanCache, WalkLimits, scan, scan_folder
+from sweeper.inventory import (
+    FileReader,
+    FolderRef,
+    Inventory,
+    ScanCache,
+    WalkLimits,
+    scan,
+    scan_folder,
+)
 from sweeper.journal import Journal, reconcile
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.ledger_segments import compact_quietly
@@ -227,6 +235,9 @@ class Watcher:
         self._next_storm_rescan = 0.0
         self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
         self._verifier = Verifier()  # kept files are read in full once, not on every rescan
+        # Files' contents are read in a worker process of its own, under an address-space
+        # limit: a hostile file costs that worker, never the daemon, and is refused.
+        self._reader = FileReader(self.settings.classify_memory_limit, self._should_stop)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -270,6 +281,7 @@ class Watcher:
             self._stop_observers()
             for worker in self._workers:
                 worker.join(timeout=30)
+            self._reader.close()
         return 0
 
     def _lower_priority(self) -> None:
@@ -429,6 +441,9 @@ class Watcher:
         if settings.ledger != self.settings.ledger:
             log.warning("ledger path changes need a restart; keeping %s", self.settings.ledger)
             settings = _with_ledger(settings, self.settings.ledger)
+        if settings.classify_memory_limit != self.settings.classify_memory_limit:
+            self._reader.set_memory_limit(settings.classify_memory_limit)
+            self._cache = ScanCache()  # what the old limit refused is read again
         self.settings = settings
         self._stop_observers()
         self._start_observers()
@@ -631,6 +646,7 @@ class Watcher:
                 limits=self._limits(),
                 opened=self._opened,
                 capped=self._capped,
+                reader=self._reader,
             )
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
@@ -648,6 +664,7 @@ class Watcher:
                 targets,
                 self._cache,
                 limits=self._limits(),
+                reader=self._reader,
             ),
             exclusive=False,
         )

@@ -5,6 +5,11 @@ to directory descriptors with ``O_NOFOLLOW``, never follows a symlink, never lea
 filesystem of the root it started from, and checks every file with ``fstat`` after opening it.
 Only the literal prefix of a configured root (the part before its first glob character, which an
 admin wrote) is opened by path.
+
+What a file holds is read in a worker process under an address-space limit, never in the
+process that scans: forked workers classify whole run folders for one-shot sweeps, and a
+:class:`FileReader` (one long-lived worker) reads the files the daemon's scans reach.  A file
+that would take more memory than that limit is refused there; the scan goes on.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import fnmatch
 import functools
 import logging
 import os
-import resource
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +40,16 @@ from sweeper.extract import (
     superseded_name,
 )
 from sweeper.policy import CopyStatus
-from sweeper.torchzip import Kind, Mode
+from sweeper.torchzip import MEMORY_REFUSAL, Kind, Mode
+from sweeper.workers import (
+    READER_MEMORY_LIMIT,
+    ExecWorker,
+    Stopped,
+    WorkerDied,
+    WorkerPool,
+    address_space_limit_problem,
+    limit_address_space,
+)
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +271,18 @@ def scan(
     limits: WalkLimits = WalkLimits(),
     opened: FolderOpened | None = None,
     capped: FolderCapped | None = None,
+    reader: FileReader | None = None,
+    memory_limit: int = READER_MEMORY_LIMIT,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
-    With ``processes`` > 1 (one-shot sweeps, never the threaded daemon) folders are classified
-    by that many forked worker processes; the walk and the result stay the same.  ``refine``
-    is applied to each run folder where it was classified (see :class:`Scan`).
-    ``should_stop`` is also asked once per folder walked (the daemon's heartbeat).
+    Folders are classified by up to ``processes`` forked worker processes, each under an
+    address-space limit of ``memory_limit`` bytes more than it starts with (0: none).  With a
+    ``reader`` (the daemon's, which must not fork) or a ``cache``, this process walks and
+    probes, and ``reader`` (by default, a :class:`FileReader` for this scan) reads each file's
+    contents.  ``refine`` is applied to each run folder where it was classified (see
+    :class:`Scan`).  ``should_stop`` is also asked once per folder walked (the daemon's
+    heartbeat).
     """
     walk = Scan(
         roots,
@@ -275,6 +294,8 @@ def scan(
         opened=opened,
         capped=capped,
         should_stop=should_stop,
+        reader=reader,
+        memory_limit=memory_limit,
     )
     runs = tuple(walk.runs(progress, should_stop))
     return Inventory(
@@ -303,10 +324,14 @@ class Scan:
         opened: FolderOpened | None = None,
         capped: FolderCapped | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        reader: FileReader | None = None,
+        memory_limit: int = READER_MEMORY_LIMIT,
     ) -> None:
         self.patterns = tuple(patterns)
         self.processes = processes
         self.cache = cache
+        self.reader = reader
+        self.memory_limit = memory_limit
         # Applied to each run folder where it is classified (in the worker processes, in
         # parallel): sweeps pass the verification of the files their deletions count on.
         self.refine = refine
@@ -372,9 +397,16 @@ class Scan:
                 log.exception("%s: unexpected error while verifying", run.folder.display)
                 return pinned  # unverified: the plan deletes nothing that counts on it
 
-        classified = _classify_all(
-            self._folders, self.patterns, self.processes, self.cache, finish, should_stop
-        )
+        classified: Iterator[RunFolder | tuple[str, str]]
+        if self.reader is not None or self.cache is not None:
+            classified = _classify_here(
+                self._folders, self.patterns, self.cache, finish, should_stop, self.reader,
+                self.memory_limit,
+            )  # fmt: skip
+        else:
+            classified = _classify_in_workers(
+                self._folders, self.patterns, self.processes, finish, should_stop, self.memory_limit
+            )
         for run in classified:
             if isinstance(run, tuple):
                 self.problems.append(run)
@@ -387,33 +419,48 @@ class Scan:
                 yield run
 
 
-_PARALLEL_MIN_FOLDERS = 64
-_WORKER_MEMORY_BYTES = 2 * 1024**3  # address space a classifier may add to what it starts with
-
-
-def _classify_all(
+def _classify_here(
     tasks: list[tuple[str, FolderRef]],
     patterns: Sequence[str],
-    processes: int,
     cache: ScanCache | None,
     finish: Callable[[RunFolder], RunFolder],
     should_stop: Callable[[], bool],
-) -> Iterator[RunFolder | tuple[str, str]]:
-    """Classified run folders in task order, or (path, reason) for a folder that failed."""
-    if processes <= 1 or len(tasks) < _PARALLEL_MIN_FOLDERS:
-        probes = _Probes(_OpenForWriting(), cache)
+    reader: FileReader | None,
+    memory_limit: int,
+) -> Iterator[RunFolder]:
+    """Run folders walked and probed in this process; each file's contents read by ``reader``
+    (a :class:`FileReader` of this scan's own when None)."""
+    read = reader if reader is not None else FileReader(memory_limit)
+    probes = _Probes(_OpenForWriting(), cache, read)
+    try:
         for pattern, folder in tasks:
             if should_stop():
                 return
             yield finish(_classify_listed(pattern, folder, patterns, probes))
         if cache is not None:
             cache.prune()
-        return
-    from sweeper.workers import Stopped, WorkerDied, WorkerPool
+    finally:
+        if read is not reader:
+            read.close()
 
+
+def _classify_in_workers(
+    tasks: list[tuple[str, FolderRef]],
+    patterns: Sequence[str],
+    processes: int,
+    finish: Callable[[RunFolder], RunFolder],
+    should_stop: Callable[[], bool],
+    memory_limit: int,
+) -> Iterator[RunFolder | tuple[str, str]]:
+    """Classified run folders in task order, or (path, reason) for a folder that failed."""
+    if not tasks:
+        return
+    warn_if_memory_unlimited(memory_limit)
     # Forked: ``finish`` (a closure) reaches the workers by inheritance, never pickled.
     pool: WorkerPool[tuple[str, FolderRef], RunFolder] = WorkerPool(
-        processes, _classify_task, lambda: _init_worker(tuple(patterns), finish)
+        min(processes, len(tasks)),
+        _classify_task,
+        lambda: _init_worker(tuple(patterns), finish, memory_limit),
     )
     try:
         for (_, folder), run in pool.map(tasks, should_stop):
@@ -431,26 +478,43 @@ _worker_finish: Callable[[RunFolder], RunFolder] | None = None
 _worker_probes: _Probes | None = None
 
 
-def _init_worker(patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFolder]) -> None:
-    """A forked classifier (signal handling is the pool's: ``sweeper.workers``).
-
-    A crafted pickle can ask the unpickler for a huge memo; here a memory ceiling turns that
-    into a MemoryError (the file is refused) at no cost per file.
-    """
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            virtual = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        ceiling = virtual + _WORKER_MEMORY_BYTES
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        if hard == resource.RLIM_INFINITY or hard >= ceiling:
-            resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
-            torchzip.rely_on_address_space_limit()
-    except (OSError, ValueError):
-        pass  # no ceiling: the opcode walk stays on
+def _init_worker(
+    patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFolder], memory_limit: int
+) -> None:
+    """A forked classifier (signal handling is the pool's: ``sweeper.workers``).  Under its
+    address-space limit a huge memo fails as a MemoryError (a refused file) too, so the opcode
+    walk may skip pickles too small to pass a bound: ~0.2 ms a file, on trees of thousands."""
+    if limit_reading_memory(memory_limit):
+        torchzip.rely_on_address_space_limit()
     global _worker_patterns, _worker_probes, _worker_finish
     _worker_patterns = patterns
     _worker_finish = finish
     _worker_probes = _Probes(_OpenForWriting(), None)
+
+
+def limit_reading_memory(memory_limit: int) -> bool:
+    """In a worker process that reads untrusted files: cap its address space at ``memory_limit``
+    bytes more than it maps now (0: no cap), so that a file demanding more fails with
+    MemoryError and is refused.  Whether the cap is in force."""
+    return memory_limit > 0 and limit_address_space(memory_limit)
+
+
+def warn_if_memory_unlimited(memory_limit: int) -> None:
+    """Say once per process when the workers' address-space limit cannot be set (a seccomp
+    filter that denies setrlimit/prlimit64): files are then still bounded by the opcode walk."""
+    if memory_limit > 0:
+        problem = address_space_limit_problem()
+        if problem is not None:
+            _warn_unlimited(problem)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unlimited(problem: str) -> None:
+    log.warning(
+        "cannot limit the memory of the processes that read checkpoints (setrlimit: %s); "
+        "only the pickle bounds protect against a file that demands too much",
+        problem,
+    )
 
 
 def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
@@ -576,10 +640,12 @@ def scan_folder(
     symlink_targets: frozenset[tuple[int, int]] = frozenset(),
     cache: ScanCache | None = None,
     limits: WalkLimits = WalkLimits(),
+    reader: FileReader | None = None,
 ) -> Inventory:
-    """Like ``scan``, for the one run folder at ``path`` (not its subfolders).  Symlinks
-    elsewhere are not walked: ``symlink_targets`` (from the last full scan) pins their targets.
-    A folder past ``limits.max_entries`` is left alone, as a full scan leaves it."""
+    """Like ``scan``, for the one run folder at ``path`` (not its subfolders), read by
+    ``reader`` (by default, a :class:`FileReader` for this call).  Symlinks elsewhere are not
+    walked: ``symlink_targets`` (from the last full scan) pins their targets.  A folder past
+    ``limits.max_entries`` is left alone, as a full scan leaves it."""
     located = locate_folder(roots, path)
     if located is None:
         return Inventory((), ((path, "not a folder below the configured roots"),))
@@ -598,7 +664,12 @@ def scan_folder(
         reason = f"holds more than {limits.max_entries} entries (max_folder_entries); not swept"
         return Inventory((), ((path, reason),))
     entries = listed
-    files = _classify_folder(folder, entries, patterns, _Probes(_OpenForWriting(), cache))
+    read = reader if reader is not None else FileReader(READER_MEMORY_LIMIT)
+    try:
+        files = _classify_folder(folder, entries, patterns, _Probes(_OpenForWriting(), cache, read))
+    finally:
+        if read is not reader:
+            read.close()
     targets = symlink_targets | _folder_symlink_targets(folder, entries)
     run = _pin_symlink_targets(RunFolder(pattern, folder, files, owner), set(targets))
     return Inventory((run,) if files else (), (), frozenset(targets))
@@ -785,6 +856,10 @@ def _classify_safely(
     """One file that breaks the classifier in an unforeseen way is reported, never fatal."""
     try:
         return _classify_file(dir_fd, folder, entry, names, probes)
+    except MemoryError:  # past the worker's address-space limit: the file asks too much
+        display = os.path.join(folder.display, entry.name)
+        log.warning("%s: %s", display, MEMORY_REFUSAL)
+        return _entry(entry.name, display, entry.info, {"problem": MEMORY_REFUSAL})
     except OSError as error:  # an I/O error reading it: one line, no traceback
         display = os.path.join(folder.display, entry.name)
         reason = f"unreadable: {error.strerror or error}"
@@ -838,10 +913,12 @@ def _classify_file(
             if cached is not None:
                 found.update(cached)
             else:
-                before = dict(found)
-                _read_checkpoint(fd, dir_fd, entry.name, display, opened, names, found)
+                read = probes.read(fd, dir_fd, entry.name, display, opened, names)
+                if read.get("problem") == MEMORY_REFUSAL:
+                    log.warning("%s: %s", display, MEMORY_REFUSAL)
+                found.update(read)
                 if probes.cache is not None:
-                    probes.cache.put(key, {k: v for k, v in found.items() if k not in before})
+                    probes.cache.put(key, read)
         return _entry(entry.name, display, info, found)
     finally:
         os.close(fd)
@@ -861,6 +938,92 @@ def _entry(name: str, display: str, info: os.stat_result, found: dict[str, Any])
         found.pop("problem", None),
         **found,
     )
+
+
+_Read = Callable[[int, int, str, str, os.stat_result, set[str]], dict[str, Any]]
+
+
+def _read_here(
+    fd: int, dir_fd: int, name: str, display: str, info: os.stat_result, names: set[str]
+) -> dict[str, Any]:
+    """What the open file's directory and pickle say (and its copy's, beside it in ``dir_fd``),
+    read in this process: only in one that reads under an address-space limit."""
+    found: dict[str, Any] = {}
+    _read_checkpoint(fd, dir_fd, name, display, info, names, found)
+    return found
+
+
+class FileReader:
+    """Reads the files a scan reaches in a worker process of its own under an address-space
+    limit (``memory_limit`` bytes more than it starts with; 0: none), so that what a hostile
+    file makes the unpickler allocate lands there, never in the scanning process.  The daemon
+    keeps one: its worker is exec'd once (a fork would copy the daemon's threads mid-step) and
+    reused file after file; a file that kills it is refused, and the next file gets a new one.
+    Threads share it; reads are one at a time."""
+
+    def __init__(self, memory_limit: int, should_stop: Callable[[], bool] = lambda: False) -> None:
+        warn_if_memory_unlimited(memory_limit)
+        self.memory_limit = memory_limit
+        self._worker = _reading_worker(memory_limit)
+        self._should_stop = should_stop
+        self._lock = threading.Lock()
+        # The folder listing the worker holds, and which worker holds it: a folder's names go
+        # over once, not with each of its files.
+        self._names: set[str] | None = None
+        self._names_in = 0
+
+    def __call__(
+        self, fd: int, dir_fd: int, name: str, display: str, info: os.stat_result, names: set[str]
+    ) -> dict[str, Any]:
+        with self._lock:
+            worker = self._worker.ensure_started()
+            send = names is not self._names or worker != self._names_in
+            task = (name, display, info, names if send else None)
+            try:
+                found = self._worker.call(task, (fd, dir_fd), self._should_stop)
+            except Stopped:
+                self._names = None
+                return {"problem": "not read: sweeper is stopping"}
+            if isinstance(found, WorkerDied):
+                self._names = None
+                log.warning("%s: reading it failed (%s); refused", display, found.how)
+                return {"problem": f"refused: reading it failed ({found.how})"}
+            self._names, self._names_in = names, worker
+            return found
+
+    def set_memory_limit(self, memory_limit: int) -> None:
+        """Read under ``memory_limit`` from the next file on (in a new worker)."""
+        with self._lock:
+            if memory_limit != self.memory_limit:
+                warn_if_memory_unlimited(memory_limit)
+                self._worker.close()
+                self._worker = _reading_worker(memory_limit)
+                self.memory_limit = memory_limit
+
+    def close(self) -> None:
+        """End the worker (the next read starts another)."""
+        self._worker.close()
+
+
+def _reading_worker(memory_limit: int) -> ExecWorker[_ReadTask, dict[str, Any]]:
+    return ExecWorker(_read_in_worker, functools.partial(limit_reading_memory, memory_limit))
+
+
+_ReadTask = tuple[str, str, os.stat_result, "set[str] | None"]
+_reader_names: set[str] = set()
+
+
+def _read_in_worker(task: _ReadTask, fds: list[int]) -> dict[str, Any]:
+    """A :class:`FileReader`'s worker: read one file, sent open with its folder."""
+    global _reader_names
+    name, display, info, names = task
+    if names is not None:
+        _reader_names = names
+    fd, dir_fd = fds
+    try:
+        return _read_here(fd, dir_fd, name, display, info, _reader_names)
+    except MemoryError:
+        return {"problem": MEMORY_REFUSAL}
 
 
 def _read_checkpoint(
@@ -1037,6 +1200,7 @@ def _identity(info: os.stat_result) -> tuple[int, ...]:
 class _Probes:
     writers: _OpenForWriting
     cache: ScanCache | None
+    read: _Read = _read_here  # what reads a file's contents: here, or a FileReader's worker
 
     def cache_key(
         self, dir_fd: int, name: str, info: os.stat_result, names: set[str]

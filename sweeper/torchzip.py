@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import functools
 import io
+import itertools
 import json
 import os
 import pickle
@@ -712,27 +713,79 @@ def _shareable(allowed: object) -> object:
 _ALLOWED_GLOBALS = {name: _shareable(value) for name, value in _allowed_globals().items()}
 
 
-# How to step over each opcode's argument: a size for fixed arguments, or a negative code.
-_LENGTH1, _LENGTH4, _LENGTH8, _ONE_LINE, _TWO_LINES, _PUT4, _PUT_LINE, _STOP, _BAD = (
-    -1,
-    -4,
-    -8,
-    -10,
-    -11,
-    -12,
-    -13,
-    -14,
-    -99,
+# ---------------------------------------------------------------------------------------------
+# The opcode walk: what a pickle would make the unpickler allocate, counted before it runs.
+#
+# CPython's unpickler allocates as it goes, and a few bytes of pickle can ask for a lot: a list
+# of 40M small ints is an 80 MB data.pkl that costs gigabytes once unpickled, fingerprinted and
+# compared, and ``LONG_BINPUT 0x7fffffff`` sizes the memo at 16 GiB before any allowlist is
+# asked.  So every opcode is stepped over, never executed, and what it would do to the
+# unpickler's stack, memo and containers is counted; a file past any bound is refused unread.
+#
+# The bounds are far above what torch.save writes for any real checkpoint.  Measured (torch
+# 2.13): a Llama-2-7B-shaped state dict (291 tensors) with its AdamW state is 36k opcodes, 19k
+# objects, 19k container items, 8k memo entries and a stack 595 deep; each parameter adds ~125
+# opcodes, ~62 objects, ~66 items and ~28 memo entries (its tensor, and its optimizer entry with
+# three tensors).  A model of 100,000 parameter tensors with AdamW state, beyond any single-file
+# checkpoint seen in practice, is 12.5M opcodes, 6.3M objects, 6.6M items, 2.8M memo entries and
+# a stack 2k deep (pickle writes containers in batches of 1000): under every bound.  At the
+# bounds unpickling may still cost ~1 GiB, which classification pays in a worker process under
+# an address-space limit (see sweeper.inventory).
+_MAX_PICKLE_OPCODES = 16_000_000
+_MAX_PICKLE_OBJECTS = 8_000_000  # values made: literals, containers, instances, call results
+_MAX_CONTAINER_ITEMS = 8_000_000  # references put into lists, dicts, tuples and instances
+_MAX_MEMO_ENTRIES = 4_000_000
+# Values (and marks) on the unpickler's stack at once: how deeply the data nests, and the
+# largest container written in one piece (a tuple: lists, dicts and sets come in batches).
+_MAX_STACK_DEPTH = 1_000_000
+# Each opcode is at least a byte and adds at most one to any count, so a shorter pickle cannot
+# pass a bound: under an address-space limit, where a huge memo index fails as a MemoryError
+# (a refused file), it need not be walked.
+_WALK_ALWAYS_BYTES = min(
+    _MAX_PICKLE_OPCODES,
+    _MAX_PICKLE_OBJECTS,
+    _MAX_CONTAINER_ITEMS,
+    _MAX_MEMO_ENTRIES,
+    _MAX_STACK_DEPTH,
 )
+_CHECK_EVERY = 65_536  # opcodes between looks at the counts (each grows by at most 1 an opcode)
+
+# How to step over each opcode's argument: a size for fixed arguments, or a negative code.  The
+# opcodes that involve a MARK have codes of their own (INST steps over its two lines too).
+(
+    _LENGTH1, _LENGTH4, _LENGTH8, _ONE_LINE, _TWO_LINES, _PUT4, _PUT_LINE, _STOP, _MARK,
+    _MARK_TO_VALUE, _MARK_INTO, _POP, _POP_MARK, _INST, _BAD,
+) = (-1, -4, -8, -10, -11, -12, -13, -14, -20, -21, -22, -23, -24, -25, -99)  # fmt: skip
 _STEP = [_BAD] * 256
 for _ops, _step in (
-    (b"(0)12NRabdeilostu}]\x81\x85\x86\x87\x88\x89\x92\x93\x94Q", 0),
+    (b")2NRabs}]\x81\x85\x86\x87\x88\x89\x92\x93\x94Q", 0),
     (b"Khq\x80\x82", 1), (b"M\x83", 2), (b"Jj\x84", 4), (b"G\x95", 8),
     (b"UC\x8c\x8a", _LENGTH1), (b"TXB\x8b", _LENGTH4), (b"\x8d\x8e\x96", _LENGTH8),
-    (b"IFLSVgP", _ONE_LINE), (b"ci", _TWO_LINES), (b"r", _PUT4), (b"p", _PUT_LINE), (b".", _STOP),
+    (b"IFLSVgP", _ONE_LINE), (b"c", _TWO_LINES), (b"r", _PUT4), (b"p", _PUT_LINE), (b".", _STOP),
+    (b"(", _MARK), (b"tldo", _MARK_TO_VALUE), (b"eu", _MARK_INTO), (b"0", _POP),
+    (b"1", _POP_MARK), (b"i", _INST),
 ):  # fmt: skip
     for _op in _ops:
         _STEP[_op] = _step
+
+# What every other opcode does: its change to the stack's depth, and one number tallying the
+# objects it makes, the container items it stores and the memo entries it adds, packed so that
+# the walk pays one addition per opcode (no field can reach 2**25 between two looks).
+_ITEM, _MEMO, _FIELD = 1 << 25, 1 << 50, (1 << 25) - 1
+_DEPTH = [0] * 256
+_TALLY = [0] * 256
+for _ops, _depth, _tally in (
+    (b"IJKLFGNPSTUVXBC})]c\x88\x89\x8a\x8b\x8c\x8d\x8e\x96\x82\x83\x84", 1, 1),  # a new value
+    (b"2ghj", 1, 0),  # another reference to a value already made
+    (b"R\x81\x93", -1, 1),  # a call or a class: two values in, one out
+    (b"Q", 0, 1),  # BINPERSID: a persistent id in, a storage out
+    (b"\x92", -2, 1),  # NEWOBJ_EX: class, args and kwargs in, the instance out
+    (b"a", -1, _ITEM), (b"s", -2, 2 * _ITEM), (b"b", -1, _ITEM),  # APPEND, SETITEM, BUILD
+    (b"\x85", 0, 1 + _ITEM), (b"\x86", -1, 1 + 2 * _ITEM), (b"\x87", -2, 1 + 3 * _ITEM),
+    (b"pqr\x94", 0, _MEMO),
+):  # fmt: skip
+    for _op in _ops:
+        _DEPTH[_op], _TALLY[_op] = _depth, _tally
 
 
 _memo_walk_needed = True
@@ -740,52 +793,68 @@ _memo_walk_needed = True
 
 def rely_on_address_space_limit() -> None:
     """For a worker process whose RLIMIT_AS is set: an oversized memo then fails as MemoryError
-    (a refused file), so the opcode walk below can be skipped."""
+    (a refused file), so small pickles, which cannot pass any bound, need no walk."""
     global _memo_walk_needed
     _memo_walk_needed = False
 
 
-# Opcodes a data.pkl may hold: a state dict of 100k tensors takes about 2M.  An 80 MB pickle of
-# 40M small ints (a list that costs gigabytes once unpickled and compared) is refused unread.
-_MAX_PICKLE_OPCODES = 16_000_000
-_WALK_ALWAYS_BYTES = 4 * 1024 * 1024  # a smaller pickle cannot hold that many
-
-
-class _TooManyObjects(Exception):
-    pass
-
-
-def _memo_indices_are_sequential(data: bytes) -> bool:
-    """Walk the opcodes and check every memo index a PUT names is at most the number of PUTs so
-    far, as any pickler writes them, and that there are at most ``_MAX_PICKLE_OPCODES``
-    (raises :class:`_TooManyObjects`).
-
-    CPython's unpickler sizes its memo by the largest index it is given, so a 200-byte pickle
-    saying ``LONG_BINPUT 0x7fffffff`` would make sweeper allocate 32 GiB before any allowlist
-    is consulted.  (BINPUT takes one byte, so it needs no check; MEMOIZE has no index.)
-    """
-    i, end, puts, ops = 0, len(data), 0, 0
-    step, unpack = _STEP, struct.unpack_from
+def _check_pickle(data: bytes, path: str) -> None:
+    """Walk the opcodes of ``data`` and refuse it (:class:`FileRefused`, naming the bound) when
+    it would make the unpickler allocate more than the bounds above allow, or when a memo index
+    a PUT names is beyond the number of PUTs so far (+256), as no pickler writes them: CPython
+    sizes its memo by the largest index it is given.  Allocates nothing that grows with the
+    pickle but its list of open MARKs, itself bounded."""
+    i, end, puts, ops, depth, tally = 0, len(data), 0, 0, 0, 0
+    marks: list[int] = []
+    look = _CHECK_EVERY
+    step, depths, tallies, unpack = _STEP, _DEPTH, _TALLY, struct.unpack_from
     try:
         while i < end:
-            size = step[data[i]]
+            op = data[i]
+            size = step[op]
             i += 1
             ops += 1
-            if ops > _MAX_PICKLE_OPCODES:
-                raise _TooManyObjects()
+            if ops >= look:
+                _check_counts(ops, tally, depth + len(marks), path)
+                look += _CHECK_EVERY
             if size >= 0:
                 i += size
             elif size == _LENGTH4:
                 i += 4 + unpack("<I", data, i)[0]
-            elif size == _LENGTH1:
-                i += 1 + data[i]
             elif size == _PUT4:
                 if unpack("<I", data, i)[0] > puts + 256:
-                    return False
+                    raise _Malformed("memo index out of sequence")
                 puts += 1
                 i += 4
+            elif size == _LENGTH1:
+                i += 1 + data[i]
+            elif size == _MARK:
+                marks.append(depth)
+            elif size in (_MARK_INTO, _MARK_TO_VALUE, _INST):
+                if size == _INST:
+                    i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+                if not marks:
+                    raise _Malformed("no MARK to build to")
+                items = depth - marks.pop()
+                if items < 0:
+                    raise _Malformed("stack underflow")
+                tally += items * _ITEM
+                depth -= items
+                if size != _MARK_INTO:  # the values between the mark make one new value
+                    depth += 1
+                    tally += 1
+            elif size == _POP:
+                if marks and marks[-1] == depth:
+                    marks.pop()
+                else:
+                    depth -= 1
+            elif size == _POP_MARK:
+                if not marks:
+                    raise _Malformed("no MARK to pop")
+                depth = marks.pop()
             elif size == _STOP:
-                return True
+                _check_counts(ops, tally, depth + len(marks), path)
+                return
             elif size == _ONE_LINE:
                 i = data.index(b"\n", i) + 1
             elif size == _TWO_LINES:
@@ -793,16 +862,43 @@ def _memo_indices_are_sequential(data: bytes) -> bool:
             elif size == _PUT_LINE:
                 newline = data.index(b"\n", i)
                 if int(data[i:newline]) > puts + 256:
-                    return False
+                    raise _Malformed("memo index out of sequence")
                 puts += 1
                 i = newline + 1
             elif size == _LENGTH8:
                 i += 8 + unpack("<Q", data, i)[0]
-            else:
-                return False  # not an opcode: let nothing this odd reach the unpickler
+            else:  # not an opcode torch writes: let nothing this odd reach the unpickler
+                raise _Malformed(f"opcode {op:#04x} is not allowed")
+            depth += depths[op]
+            tally += tallies[op]
     except (ValueError, struct.error, IndexError):
-        return False
-    return False
+        raise FileRefused(path, "malformed pickle in data.pkl: cut short") from None
+    except _Malformed as error:
+        raise FileRefused(path, f"malformed pickle in data.pkl: {error}") from None
+    raise FileRefused(path, "malformed pickle in data.pkl: no STOP opcode")
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _check_counts(ops: int, tally: int, depth: int, path: str) -> None:
+    """Refuse the file if a count passed its bound; the reason names the bound."""
+    objects, items, memo = tally & _FIELD, (tally >> 25) & _FIELD, tally >> 50
+    for count, bound, what in (
+        (ops, _MAX_PICKLE_OPCODES, "opcodes"),
+        (objects, _MAX_PICKLE_OBJECTS, "objects"),
+        (items, _MAX_CONTAINER_ITEMS, "container items"),
+        (memo, _MAX_MEMO_ENTRIES, "memo entries"),
+        (depth, _MAX_STACK_DEPTH, "values on the stack at once (nesting)"),
+    ):
+        if count > bound:
+            raise FileRefused(
+                path,
+                f"refused: data.pkl has more than {bound:,} {what}, more than any real checkpoint",
+            )
+    if depth < 0:
+        raise _Malformed("stack underflow")
 
 
 class _InertUnpickler(pickle.Unpickler):
@@ -836,6 +932,11 @@ class _InertUnpickler(pickle.Unpickler):
         return known
 
 
+# Why a file is refused when reading it runs out of memory: in a worker process, that is its
+# address-space limit (classify_memory_limit); the same words wherever it happens.
+MEMORY_REFUSAL = "refused: reading it needs more memory than sweeper allows (classify_memory_limit)"
+
+
 def load_inert(data: bytes, path: str) -> object:
     """Unpickle ``data`` into inert values; nothing in it is ever executed."""
     return _load_inert(data, path)[0]
@@ -843,19 +944,10 @@ def load_inert(data: bytes, path: str) -> object:
 
 def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
     """The inert root object and every storage the pickle references."""
-    # Bounded before anything is allocated: workers under an address-space ceiling skip the
-    # walk for small pickles (the ceiling turns a huge memo into a refusal), never for big ones.
-    if _memo_walk_needed or len(data) > _WALK_ALWAYS_BYTES:
-        try:
-            sequential = _memo_indices_are_sequential(data)
-        except _TooManyObjects:
-            raise FileRefused(
-                path,
-                f"refused: data.pkl holds more than {_MAX_PICKLE_OPCODES:,} objects "
-                "(what it would cost to read is unbounded)",
-            ) from None
-        if not sequential:
-            raise FileRefused(path, "malformed pickle in data.pkl: memo index out of sequence")
+    # Bounded before anything is allocated: workers under an address-space limit skip the walk
+    # for pickles too small to pass a bound (the limit turns a huge memo into a refusal).
+    if _memo_walk_needed or len(data) >= _WALK_ALWAYS_BYTES:
+        _check_pickle(data, path)
     try:
         unpickler = _InertUnpickler(data, path)
         return unpickler.load(), list(unpickler.storages.values())
@@ -863,10 +955,12 @@ def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
         raise
     except (_MalformedPickle, pickle.UnpicklingError, ValueError, TypeError, EOFError) as error:
         raise FileRefused(path, f"malformed pickle in data.pkl: {error}") from None
-    except (AttributeError, IndexError, KeyError, RecursionError, MemoryError) as error:
+    except (AttributeError, IndexError, KeyError, RecursionError) as error:
         raise FileRefused(
             path, f"malformed pickle in data.pkl: {type(error).__name__}: {error}"
         ) from None
+    except MemoryError:
+        raise FileRefused(path, MEMORY_REFUSAL) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1693,65 +1787,79 @@ def verify_output(
     written = load_inert(read_record(out_fd, archive, "data.pkl", path, _MAX_PICKLE_BYTES), path)
     expected = select_output(source, mode)
     try:
-        same = _fingerprint(written, plan.source_keys) == _fingerprint(expected, None)
+        same = _same_trees(written, expected, plan.source_keys)
     except (RecursionError, _MalformedPickle) as error:
         raise FileRefused(path, f"verification failed: {error or 'nests too deeply'}") from None
     if not same:
         raise FileRefused(path, "verification failed: output tensors differ from the source")
 
 
-def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> list[object]:
-    """A comparable description of a pickled tree: structure, plain values, and for each tensor
-    its source storage key, dtype, offset, size, stride; shared objects are numbered so that
-    storage sharing and tied weights compare too."""
-    ids: dict[int, int] = {}
-    out: list[object] = []
-
-    def visit(item: object) -> None:
-        if len(out) > _MAX_FINGERPRINT_ITEMS:
+def _same_trees(written: object, expected: object, key_map: Mapping[str, str]) -> bool:
+    """Whether two pickled trees have the same fingerprint (see :func:`_fingerprint`), compared
+    item by item as both are made: memory stays flat, where two lists of a tree of 8M small
+    ints' fingerprints took 2 GB."""
+    pairs = itertools.zip_longest(
+        _fingerprint(written, key_map), _fingerprint(expected, None), fillvalue=_END
+    )
+    for count, (mine, theirs) in enumerate(pairs):
+        if count > _MAX_FINGERPRINT_ITEMS:
             raise _MalformedPickle("too many objects to compare")
+        if mine != theirs:
+            return False
+    return True
+
+
+_END = object()
+
+
+def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> Iterator[object]:
+    """A comparable description of a pickled tree, one item at a time: structure, plain values,
+    and for each tensor its source storage key, dtype, offset, size, stride; shared objects are
+    numbered so that storage sharing and tied weights compare too."""
+    ids: dict[int, int] = {}
+
+    def visit(item: object) -> Iterator[object]:
         if isinstance(item, PlainData):
             item = item.value
         if isinstance(item, StorageRef | TensorRef | ParameterRef | dict | list | tuple):
             if id(item) in ids:
-                out.append(("ref", ids[id(item)]))
+                yield ("ref", ids[id(item)])
                 return
             ids[id(item)] = len(ids)
         if isinstance(item, StorageRef):
             key = key_map[item.key] if key_map is not None else item.key
-            out.append(("storage", key, item.storage_type.name, item.numel))
+            yield ("storage", key, item.storage_type.name, item.numel)
         elif isinstance(item, TensorRef):
             dtype = item.dtype.name if item.dtype else None
-            out.append(("tensor", item.offset, item.size, item.stride, item.requires_grad, dtype))
-            visit(item.storage)
-            visit(item.metadata)
+            yield ("tensor", item.offset, item.size, item.stride, item.requires_grad, dtype)
+            yield from visit(item.storage)
+            yield from visit(item.metadata)
         elif isinstance(item, ParameterRef):
-            out.append(("parameter", item.requires_grad))
-            visit(item.data)
+            yield ("parameter", item.requires_grad)
+            yield from visit(item.data)
         elif isinstance(item, dict):
-            out.append(("dict", len(item)))
+            yield ("dict", len(item))
             if isinstance(item, InertOrderedDict):
-                visit(item.attributes)
+                yield from visit(item.attributes)
             for k, v in item.items():
-                visit(k)
-                visit(v)
+                yield from visit(k)
+                yield from visit(v)
         elif isinstance(item, list | tuple):
-            out.append((type(item).__name__, len(item)))
+            yield (type(item).__name__, len(item))
             for v in item:
-                visit(v)
+                yield from visit(v)
         elif isinstance(item, DtypeRef):
-            out.append(("dtype", item.name))
+            yield ("dtype", item.name)
         elif isinstance(item, SizeRef):
-            out.append(("size", item.dims))
+            yield ("size", item.dims)
         elif isinstance(item, DeviceRef):
-            out.append(("device", item.args))
+            yield ("device", item.args)
         elif isinstance(item, float) and item != item:
-            out.append(("float", "nan"))
+            yield ("float", "nan")
         else:
-            out.append((type(item).__name__, item))
+            yield (type(item).__name__, item)
 
-    visit(value)
-    return out
+    return visit(value)
 
 
 # ---------------------------------------------------------------------------------------------

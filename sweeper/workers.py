@@ -1,4 +1,4 @@
-"""Forked worker processes that survive their own deaths: one task per worker at a time.
+"""Worker processes that survive their own deaths: one task per worker at a time.
 
 ``multiprocessing.Pool.imap`` waits for ever for the result of a task whose worker died (an
 OOM kill, ``kill -9``), and a sweep under the timer unit then hangs for hours with SIGTERM
@@ -6,6 +6,12 @@ ignored.  Here each worker takes one task over its own pipe, the parent watches 
 worker's pipe *and* its process sentinel, and a worker that dies fails only the task it held:
 that result is a :class:`WorkerDied`, a fresh worker takes its place, and the rest go on.  The
 parent polls ``should_stop`` while it waits, so a stop request ends everything promptly.
+
+:class:`WorkerPool` forks its workers, for one-shot commands; :class:`ExecWorker` is one
+long-lived worker started from a fresh interpreter, for the daemon, whose threads a fork would
+copy mid-step (a lock one of them holds stays held in the child for ever).  Either kind can cap
+its own address space (:func:`limit_address_space`), so that reading a hostile file fails with
+MemoryError in the worker instead of growing a process until the OOM killer ends it.
 """
 
 from __future__ import annotations
@@ -14,9 +20,15 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import resource
 import signal
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkProcess
 from typing import Generic, TypeVar
@@ -25,6 +37,13 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _POLL_SECONDS = 0.25
+# What a worker that reads untrusted files may map beyond what it starts with, unless
+# configured (classify_memory_limit).  A file that passes there is then copied by its parent
+# (read, written, read back and compared) at up to ~2x what reading it took: 869 MiB for the
+# costliest file we could craft to pass 512 MiB, inside the units' MemoryMax=2G.  Real
+# checkpoints fit: 60,000 parameter tensors with AdamW state take 354 MiB to read (100,000 take
+# ~600 MiB: raise this, and MemoryMax, for such).
+READER_MEMORY_LIMIT = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ def _serve(
     conn: Connection,
     parent_end: Connection,
     parent_pid: int,
-    initializer: Callable[[], None],
+    initializer: Callable[[], object],
     work: Callable[[object], object],
 ) -> None:
     _die_with(parent_pid)
@@ -97,7 +116,7 @@ class WorkerPool(Generic[T, R]):
         self,
         processes: int,
         work: Callable[[T], R],
-        initializer: Callable[[], None] = lambda: None,
+        initializer: Callable[[], object] = lambda: None,
     ) -> None:
         self._context = multiprocessing.get_context("fork")
         self._processes = max(1, processes)
@@ -194,3 +213,183 @@ def _how(exitcode: int | None) -> str:
         except ValueError:  # a real-time signal has no name
             return f"killed by signal {-exitcode}"
     return f"exited with status {exitcode}"
+
+
+def limit_address_space(extra: int) -> bool:
+    """Cap this process's address space (RLIMIT_AS) at what it maps now plus ``extra`` bytes:
+    past it an allocation fails with MemoryError instead of growing the process until the OOM
+    killer ends it.  False when the limit could not be set (a seccomp filter that denies
+    setrlimit/prlimit64 answers EPERM), in which case nothing changed."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        ceiling = mapped + extra
+        if hard != resource.RLIM_INFINITY:
+            ceiling = min(ceiling, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (ceiling, hard))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def address_space_limit_problem() -> str | None:
+    """Why this process (and so its workers) cannot lower its RLIMIT_AS, or None when it can:
+    set to what it already is, which changes nothing."""
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, resource.getrlimit(resource.RLIMIT_AS))
+    except (OSError, ValueError) as error:
+        return str(getattr(error, "strerror", None) or error)
+    return None
+
+
+def _nothing() -> None:
+    pass
+
+
+class ExecWorker(Generic[T, R]):
+    """One worker process, started by exec of a fresh interpreter that imports this very
+    sweeper, and reused call after call: ``call(task, fds)`` runs ``work(task, fds)`` there and
+    returns its result, or :class:`WorkerDied` when the worker died (or ``work`` raised); the
+    next call starts a fresh worker.  Open file descriptors travel with the task (SCM_RIGHTS),
+    so the worker reads exactly the file its parent opened.
+
+    ``work`` and ``initializer`` must be importable (module-level functions, or partials of
+    them): they reach the worker pickled.  Calls are serialised; ``close`` ends the worker (a
+    later call starts another).
+    """
+
+    def __init__(
+        self,
+        work: Callable[[T, list[int]], R],
+        initializer: Callable[[], object] = _nothing,
+    ) -> None:
+        self._work = work
+        self._initializer = initializer
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
+        self.started = 0  # workers started so far: a new number means a fresh worker
+
+    def ensure_started(self) -> int:
+        """Start the worker unless one is running; the number of the running one."""
+        with self._lock:
+            self._ensure()
+            return self.started
+
+    def call(
+        self, task: T, fds: Sequence[int] = (), should_stop: Callable[[], bool] = lambda: False
+    ) -> R | WorkerDied:
+        """Raises :class:`Stopped` (the worker ended) when ``should_stop`` turns true first."""
+        with self._lock:
+            conn, sock = self._ensure()
+            # if it died, the closed pipe says so below, and the task fails
+            with contextlib.suppress(OSError):
+                conn.send((task, len(fds)))
+                if fds:
+                    reduction.sendfds(sock, list(fds))
+            while True:
+                ready = wait([conn], timeout=_POLL_SECONDS)
+                if should_stop():
+                    self._end(kill=True)
+                    raise Stopped()
+                if not ready:
+                    continue
+                try:
+                    status, value = conn.recv()
+                except (EOFError, OSError):  # it died: its end of the pipe closed
+                    return WorkerDied(self._end(kill=False))
+                return value if status == "ok" else WorkerDied(value)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._process is not None:
+                self._end(kill=False, orderly=True)
+
+    def _ensure(self) -> tuple[Connection, socket.socket]:
+        if self._process is not None and self._conn is not None and self._sock is not None:
+            return self._conn, self._sock
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with child:
+            # -P: never import from the working directory; the parent's sweeper goes first.
+            self._process = subprocess.Popen(
+                [sys.executable, "-P", *_inherited_flags(), "-c", _EXEC_BOOT,
+                 str(child.fileno()), str(os.getpid()), _sweeper_parent()],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        self._conn = Connection(os.dup(parent.fileno()))
+        self._sock = parent
+        self.started += 1
+        with contextlib.suppress(OSError):
+            self._conn.send((self._initializer, self._work))
+        return self._conn, self._sock
+
+    def _end(self, *, kill: bool, orderly: bool = False) -> str:
+        """End (or reap) the worker; how it ended, in words."""
+        process, conn, sock = self._process, self._conn, self._sock
+        self._process = self._conn = self._sock = None
+        assert process is not None and conn is not None and sock is not None
+        if orderly:
+            with contextlib.suppress(OSError):
+                conn.send(None)  # an idle worker exits by itself
+        elif kill:
+            process.kill()
+        conn.close()
+        sock.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return _how(process.returncode)
+
+
+_EXEC_BOOT = (
+    "import sys; sys.path.insert(0, sys.argv[3]); from sweeper.workers import _serve_exec; "
+    "_serve_exec(int(sys.argv[1]), int(sys.argv[2]))"
+)
+
+
+def _sweeper_parent() -> str:
+    """The folder that holds the sweeper package this process runs."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _inherited_flags() -> list[str]:
+    flags = sys.flags
+    chosen = [("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
+              ("-S", flags.no_site), ("-B", flags.dont_write_bytecode)]  # fmt: skip
+    return [flag for flag, wanted in chosen if wanted]
+
+
+def _serve_exec(fd: int, parent_pid: int) -> None:
+    """The loop of an :class:`ExecWorker`: its initializer and work come first, then tasks."""
+    conn = Connection(fd)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(fd))
+    _die_with(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        initializer, work = conn.recv()
+    except EOFError:
+        return
+    initializer()
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        task, count = message
+        fds = reduction.recvfds(sock, count) if count else []
+        try:
+            answer: tuple[str, object] = ("ok", work(task, fds))
+        except BaseException as error:  # reported to the parent as this task's failure
+            answer = ("error", f"raised {type(error).__name__}: {error}")
+        finally:
+            for received in fds:
+                os.close(received)
+        conn.send(answer)

@@ -169,6 +169,34 @@ def save_as_if_on_gpu(obj: object, path: Path, location: str = "cuda:0") -> None
         torch.serialization.location_tag = real
 
 
+def save_pickle_as_checkpoint(path: Path, pickled: bytes) -> None:
+    """A zip archive in torch's layout (stored records under one top folder) whose data.pkl is
+    ``pickled``: for pickles no ``torch.save`` writes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/version", "3\n")
+
+
+def full_looking_pickle(history: bytes) -> bytes:
+    """The protocol-2 pickle of ``{"model_state_dict": {}, "optimizer_state_dict": {},
+    "history": H}``, H being the opcodes ``history`` (memo indices from 4 on are free): what
+    would be planned as a full checkpoint, were it read."""
+    return (
+        b"\x80\x02}q\x00(X\x10\x00\x00\x00model_state_dict}q\x01"
+        b"X\x14\x00\x00\x00optimizer_state_dict}q\x02X\x07\x00\x00\x00historyq\x03"
+        + history
+        + b"u."
+    )
+
+
+def batched_list(item: bytes, count: int) -> bytes:
+    """The opcodes of a list of ``count`` copies of ``item`` (one value's opcodes), as pickle
+    writes a list: EMPTY_LIST, then APPENDS in batches of 1000."""
+    batches, rest = divmod(count, 1000)
+    batch = b"(" + item * 1000 + b"e"
+    return b"]" + batch * batches + (b"(" + item * rest + b"e" if rest else b"")
+
+
 # ---------------------------------------------------------------------------------------------
 # Looking at tensors.
 

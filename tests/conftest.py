@@ -53,6 +53,34 @@ def run_cli(
     return CliRun(done.returncode, done.stdout, done.stderr)
 
 
+_PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "done = subprocess.run(sys.argv[1:], capture_output=True)\n"
+    "sys.stderr.buffer.write(done.stderr)\n"
+    "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+)
+
+
+def peak_rss_kib(*args: str | os.PathLike[str], timeout: float = 300) -> tuple[int, int, str]:
+    """Run ``sweeper ARGS`` and return (exit status, peak RSS in KiB, stderr).  The peak is the
+    largest of the command and its workers, measured from a small parent of its own: the kernel
+    carries a process's high-water mark across fork and exec, so measured from here it could
+    never read below this test process's own."""
+    command = [sys.executable, "-m", "sweeper", *(os.fspath(arg) for arg in args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("JOURNAL_STREAM", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    status, peak = done.stdout.split()
+    return int(status), int(peak), done.stderr
+
+
 @pytest.fixture
 def run_sweeper() -> Callable[..., CliRun]:
     """``run_sweeper("extract", path, "--json")`` runs the CLI and returns a :class:`CliRun`."""

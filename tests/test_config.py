@@ -105,6 +105,8 @@ def test_bundled_config_documents_every_key() -> None:
         ("max_folder_entries=10", "max_folder_entries", 10),
         ("nice=0", "nice", 0),
         ("nice=19", "nice", 19),
+        ("classify_memory_limit=0", "classify_memory_limit", 0),
+        ("classify_memory_limit=16777216", "classify_memory_limit", 16 * 1024**2),
         ("ledger=/srv/sweeper/ledger.jsonl", "ledger", Path("/srv/sweeper/ledger.jsonl")),
     ],
 )
@@ -205,6 +207,8 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["max_folder_entries=0"], "max_folder_entries"),
         (["nice=-1"], "nice"),
         (["nice=20"], "nice"),
+        (["classify_memory_limit=16777215"], "classify_memory_limit"),
+        (["classify_memory_limit=-1"], "classify_memory_limit"),
         (["keep_best=-1"], "keep_best"),
         (["keep_every=-2"], "keep_every"),
         (["best_metric=' '"], "best_metric"),

@@ -30,8 +30,12 @@ import torch
 from checkpoints import (
     TEMP_MARK,
     assert_same_tensors,
+    batched_list,
     full_checkpoint,
+    full_looking_pickle,
     load_without_allowlist,
+    save_full_checkpoint,
+    save_pickle_as_checkpoint,
     tiny_model,
 )
 from daemon_harness import (
@@ -51,6 +55,7 @@ from daemon_harness import (
 from trees import apparent_size, ledger_lines, names, outcome_total, save_full
 
 from sweeper.daemon import filesystem_type, wants_polling
+from sweeper.torchzip import MEMORY_REFUSAL
 
 QUIET_WAIT = SETTLE_SECONDS + RESCAN_SECONDS  # long enough for an event and a rescan to act
 
@@ -1091,3 +1096,85 @@ def test_while_a_rescan_for_new_symlinks_waits_so_do_the_settled_folders(
 
     daemon.wait_until((run / "epoch2_inference.pt").exists, "epoch 2's copy")
     assert (run / "epoch1.pt").exists(), daemon.log()  # pinned: never demoted
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files: read in the daemon's reader process, never in the daemon.
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's own peak resident memory (its mm's high-water mark, not carried over from
+    the process that started it)."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1])
+
+
+def test_memory_bombs_are_refused_while_the_daemon_stays_small(
+    tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """Already there at start, each in a run folder of its own beside an ordinary one: the
+    issue's bomb (a data.pkl that is a list of 40M small ints, 80 MB), one the opcode count let
+    through before (12M ints: gigabytes once unpickled, copied and compared), and one inside
+    every pickle bound that needs more than the readers' default 512 MiB to read (3M empty
+    dicts).  The ordinary folder gets its copy; each bomb is named in the log as refused, for
+    its reason, and left alone; the daemon's own peak RSS stays at most 128 MiB: their contents
+    were read in its reader process."""
+    past_a_bound = "data.pkl has more than 8,000,000 objects"
+    past_the_limit = "reading it needs more memory than sweeper allows"
+    bombs = {
+        tree / "bomb40" / "e1.pt": (b"K\x00", 40_000_000, past_a_bound),
+        tree / "bomb12" / "e1.pt": (b"K\x00", 12_000_000, past_a_bound),
+        tree / "dicts" / "e1.pt": (b"}", 3_000_000, past_the_limit),
+    }
+    for bomb, (item, count, _) in bombs.items():
+        bomb.parent.mkdir()
+        save_pickle_as_checkpoint(bomb, full_looking_pickle(batched_list(item, count)))
+    saved = save_full(tree / "run" / "e1.pt", epoch=1)
+
+    daemon = start_daemon(str(tree))
+    daemon.wait_ready()
+    daemon.wait_until(inference(tree / "run" / "e1.pt").exists, "the ordinary folder's copy")
+    for bomb, (_, _, reason) in bombs.items():
+        daemon.wait_log(f"{bomb}: skipped: refused: {reason}")
+    peak_kib = _vm_hwm_kib(daemon.pid)
+
+    assert_copy_matches(inference(tree / "run" / "e1.pt"), saved)
+    for bomb in bombs:
+        assert names(bomb.parent) == {"e1.pt"}
+        assert records_for(ledger, bomb) == []
+    assert peak_kib <= 128 * 1024, f"the daemon's peak RSS: {peak_kib // 1024} MiB"
+    assert len(_children(daemon.pid)) == 1  # its one reader, alive for the next files
+    assert daemon.alive()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(child) for child in children.read().split()]
+    return found
+
+
+def test_a_reload_that_raises_the_memory_limit_reads_a_refused_file_again(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon
+) -> None:
+    """A checkpoint whose notes are one 48 MB string needs more than 32 MiB to read: under
+    ``classify_memory_limit: 33554432`` it is refused and named in the log.  A reload (SIGHUP)
+    that raises the limit applies from the next read on, and forgets what the old limit
+    refused: the next scan reads the file and writes its copy."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"classify_memory_limit: {32 * 1024 * 1024}\n")
+    big = tree / "run" / "e1.pt"
+    saved = save_full_checkpoint(big, extra={"notes": "x" * 48_000_000})
+    daemon = start_daemon(str(tree), config=config)
+    daemon.wait_ready()
+    daemon.wait_log(f"{big}: {MEMORY_REFUSAL}")
+    assert not inference(big).exists()
+
+    config.write_text("classify_memory_limit: 536870912\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded")
+
+    daemon.wait_until(inference(big).exists, "the copy, once the limit allows reading it")
+    assert_copy_matches(inference(big), saved)

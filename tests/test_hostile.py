@@ -26,14 +26,19 @@ import torch
 import torch.storage
 from checkpoints import (
     assert_same_tensors,
+    batched_list,
     folder_state,
     full_checkpoint,
+    full_looking_pickle,
     load_without_allowlist,
     save_full_checkpoint,
+    save_pickle_as_checkpoint,
     tiny_model,
 )
-from conftest import CliRun
+from conftest import CliRun, peak_rss_kib
 from trees import snapshot
+
+from sweeper.torchzip import MEMORY_REFUSAL
 
 RunSweeper = Callable[..., CliRun]
 
@@ -296,7 +301,7 @@ def test_a_huge_memo_index_is_refused_in_a_parallel_sweep(tmp_path: Path) -> Non
     entries = {e["path"]: e for e in json.loads(run.stdout)["entries"]}
     memo = entries[str(tmp_path / "run0" / "memo.pt")]
     assert memo["action"] == "skip"
-    assert "MemoryError" in memo["reason"]
+    assert memo["reason"] == f"skipped: {MEMORY_REFUSAL}"
     assert entries[str(tmp_path / "run1" / "good.pt")]["action"] == "extract"
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1024 * 1024  # KiB
 
@@ -487,8 +492,165 @@ def test_a_pickle_of_millions_of_objects_is_refused_before_it_is_read(
     )
 
     assert inspected.returncode == 1 and len(inspected.stderr_lines) == 1
-    assert "holds more than 16,000,000 objects" in inspected.stderr
+    assert "data.pkl has more than 8,000,000 objects" in inspected.stderr
     entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
     assert entries["bomb.pt"]["action"] == "skip"
-    assert "holds more than 16,000,000 objects" in entries["bomb.pt"]["reason"]
+    assert "data.pkl has more than 8,000,000 objects" in entries["bomb.pt"]["reason"]
     assert entries["fine.pt"]["action"] == "extract"
+
+
+# Pickles each just past one bound of the opcode walk and under the others (and under the 16M
+# opcodes refused before): what unpickling would allocate (a list of 8M ints; 8M references
+# to one list; a memo of 4M entries; a million lists, one inside the next), had it been let run.
+BOUND_BOMBS = {
+    "objects": (batched_list(b"K\x00", 8_001_000), "more than 8,000,000 objects"),
+    "container items": (
+        b"]q\x04" + batched_list(b"h\x04", 8_001_000)[1:],
+        "more than 8,000,000 container items",
+    ),
+    "memo entries": (batched_list(b"N\x94", 4_001_000), "more than 4,000,000 memo entries"),
+    "nesting": (
+        b"]" * 1_100_000 + b"a" * 1_099_999,
+        "more than 1,000,000 values on the stack at once (nesting)",
+    ),
+}
+
+
+@pytest.mark.parametrize("bomb", BOUND_BOMBS.values(), ids=BOUND_BOMBS.keys())
+def test_a_pickle_past_a_bound_is_refused_naming_it(
+    tmp_path: Path, run_sweeper: RunSweeper, bomb: tuple[bytes, str]
+) -> None:
+    """``inspect`` refuses it in one line naming the file and the bound; the sweep plans it as
+    skipped with the same reason and extracts the ordinary checkpoint beside it."""
+    history, bound = bomb
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    save_pickle_as_checkpoint(run / "bomb.pt", full_looking_pickle(history))
+    save_full_checkpoint(run / "fine.pt", epoch=1)
+
+    inspected = run_sweeper("inspect", run / "bomb.pt")
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+
+    assert inspected.returncode == 1
+    assert inspected.stderr_lines == [
+        f"ERROR sweeper: {run / 'bomb.pt'}: refused: data.pkl has {bound}, more than any real "
+        "checkpoint"
+    ]
+    entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
+    assert entries["bomb.pt"]["action"] == "skip"
+    assert f"refused: data.pkl has {bound}" in entries["bomb.pt"]["reason"]
+    assert entries["fine.pt"]["action"] == "extract"
+
+
+def test_a_big_real_checkpoint_passes_every_bound(tmp_path: Path, run_sweeper: RunSweeper) -> None:
+    """No bound refuses what torch.save writes: a Llama-2-7B-shaped state dict (291 tensors,
+    real names and shapes' ranks) with a real AdamW state after one step, inspected whole."""
+    layer = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{part}"
+        for i in range(32)
+        for part in [*(f"{p}.weight" for p in layer), "input_layernorm.weight",
+                     "post_attention_layernorm.weight"]
+    ]  # fmt: skip
+    weights = {name: torch.zeros(2, 2, requires_grad=True) for name in names}
+    optimizer = torch.optim.AdamW(weights.values(), lr=1e-4)
+    torch.autograd.backward(sum(w.sum() for w in weights.values()))
+    optimizer.step()
+    path = tmp_path / "llama.pt"
+    torch.save(
+        {"model_state_dict": weights, "optimizer_state_dict": optimizer.state_dict(), "epoch": 3},
+        path,
+    )
+
+    inspected = run_sweeper("inspect", "--json", path)
+
+    assert inspected.returncode == 0, inspected.stderr
+    assert len(names) == 291
+    assert inspected.json()["kind"] == "full"
+
+
+def test_verifying_a_copy_of_millions_of_values_takes_flat_memory(tmp_path: Path) -> None:
+    """An 8 MB full-looking checkpoint whose kept ``history`` is a list of 4M small ints, inside
+    every bound: its copy is written, read back and compared with the source one value at a
+    time, in well under 512 MiB (two lists of fingerprints took ~1.2 GB)."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    save_pickle_as_checkpoint(run / "e1.pt", full_looking_pickle(batched_list(b"K\x07", 4_000_000)))
+    ledger = tmp_path / "ledger.jsonl"
+
+    status, peak_kib, stderr = peak_rss_kib(
+        "sweep", tmp_path / "root", "--ledger", ledger, "min_age_seconds=0"
+    )
+
+    assert status == 0, stderr
+    assert (run / "e1_inference.pt").exists()
+    assert peak_kib < 512 * 1024, f"peak RSS {peak_kib // 1024} MiB"
+
+
+def test_a_file_past_the_memory_limit_is_refused_and_the_tree_beside_it_swept(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """What the pickle bounds cannot see, the readers' address-space limit catches: a real
+    checkpoint whose notes are one 48 MB string (a handful of objects) needs more than
+    ``classify_memory_limit=32 MiB`` to read.  Run folders are read in worker processes even
+    for a tree this small: it is refused there and named, and the folder beside it is swept.
+    Under the default limit the same file is copied: the limit, not the file, refused it."""
+    root = tmp_path / "root"
+    (root / "big").mkdir(parents=True)
+    (root / "ordinary").mkdir()
+    save_full_checkpoint(root / "big" / "e1.pt", extra={"notes": "x" * 48_000_000})
+    for epoch in (1, 2):
+        save_full_checkpoint(root / "ordinary" / f"e{epoch}.pt", epoch=epoch)
+    ledger = tmp_path / "ledger.jsonl"
+    limited = f"classify_memory_limit={32 * 1024 * 1024}"
+
+    options = ["--ledger", ledger, "min_age_seconds=0"]
+
+    plan = run_sweeper("sweep", root, "--dry-run", "--json", *options, limited)
+    swept = run_sweeper("sweep", root, "--json", *options, limited)
+
+    entries = {e["path"]: e for e in plan.json()["entries"]}
+    big = entries[str(root / "big" / "e1.pt")]
+    assert (big["action"], big["reason"]) == ("skip", f"skipped: {MEMORY_REFUSAL}")
+    assert swept.returncode == 0, swept.stderr
+    assert f"{root / 'big' / 'e1.pt'}: {MEMORY_REFUSAL}" in swept.stderr
+    assert sorted(os.listdir(root / "big")) == ["e1.pt"]
+    assert sorted(os.listdir(root / "ordinary")) == [
+        "e1.pt", "e1_inference.pt", "e2.pt", "e2_inference.pt"
+    ]  # fmt: skip
+
+    unlimited = run_sweeper("sweep", root, "--json", *options)
+
+    assert unlimited.returncode == 0, unlimited.stderr
+    assert (root / "big" / "e1_inference.pt").exists()
+
+
+def test_a_file_inside_every_bound_that_needs_too_much_memory_is_refused_by_default(
+    tmp_path: Path, run_sweeper: RunSweeper
+) -> None:
+    """A 3 MB data.pkl of 3M empty dicts passes every pickle bound but takes more than the
+    default 512 MiB to read (and would take more again to copy and compare): ``inspect`` and
+    the sweep read it in a worker under that limit, refuse it in one line and one plan entry,
+    and plan the ordinary checkpoint beside it as usual."""
+    run = tmp_path / "root" / "run"
+    run.mkdir(parents=True)
+    bomb = run / "dicts.pt"
+    save_pickle_as_checkpoint(bomb, full_looking_pickle(batched_list(b"}", 3_000_000)))
+    save_full_checkpoint(run / "fine.pt", epoch=1)
+
+    inspected = run_sweeper("inspect", bomb)
+    plan = run_sweeper(
+        "sweep", tmp_path / "root", "--dry-run", "--json", "--ledger", tmp_path / "l"
+    )
+
+    assert inspected.returncode == 1
+    assert inspected.stderr_lines == [f"ERROR sweeper: {bomb}: {MEMORY_REFUSAL}"]
+    entries = {os.path.basename(e["path"]): e for e in plan.json()["entries"]}
+    assert (entries["dicts.pt"]["action"], entries["dicts.pt"]["reason"]) == (
+        "skip", f"skipped: {MEMORY_REFUSAL}"
+    )  # fmt: skip
+    assert entries["fine.pt"]["action"] == "extract"
+    assert f"{bomb}: {MEMORY_REFUSAL}" in plan.stderr  # the log names it too

@@ -1,23 +1,26 @@
-"""The classifiers' worker pool: a worker that dies fails only its task; a stop ends it all.
+"""The classifiers' workers: a worker that dies fails only its task; a stop ends it all.
 
-Real forked processes throughout; the deaths are real signals.
+Real forked (and exec'd) processes throughout; the deaths are real signals.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 from trees import days_ago, save_full
+from worker_tasks import exec_task
 
-from sweeper.workers import Stopped, WorkerDied, WorkerPool
+from sweeper.workers import ExecWorker, Stopped, WorkerDied, WorkerPool, limit_address_space
 
 
 def _square_or_die(task: int) -> int:
@@ -131,6 +134,108 @@ def test_workers_die_with_their_parent(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# ExecWorker: one long-lived worker from a fresh interpreter, for a process that has threads.
+
+
+@pytest.fixture
+def importable_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exec'd worker imports its work by name: worker_tasks must be on its path."""
+    tests = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, str(REPO_ROOT)]))
+
+
+@pytest.mark.usefixtures("importable_tests")
+def test_an_exec_worker_reads_what_it_is_sent_and_a_dead_one_is_replaced(tmp_path: Path) -> None:
+    """Started while another thread runs (where a fork would copy that thread's locks); the
+    descriptor it reads is the one it was sent, even once the file's name is gone."""
+    busy = threading.Event()
+    spinner = threading.Thread(target=busy.wait, daemon=True)
+    spinner.start()
+    (tmp_path / "f").write_bytes(b"the file the parent opened")
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    (tmp_path / "f").unlink()
+    worker: ExecWorker[tuple[str, float], tuple[bytes, int]] = ExecWorker(exec_task)
+    try:
+        first = worker.call(("read", 0), [fd])
+        died = worker.call(("die", 0))
+        after = worker.call(("read", 0), [fd])
+    finally:
+        worker.close()
+        os.close(fd)
+        busy.set()
+
+    assert isinstance(first, tuple) and first[0] == b"the file the parent opened"
+    assert died == WorkerDied("killed by SIGKILL")
+    assert isinstance(after, tuple) and after[0] == first[0] and after[1] != first[1]
+    assert worker.started == 2
+    assert first[1] != os.getpid() and not os.path.exists(f"/proc/{after[1]}/status")
+
+
+@pytest.mark.usefixtures("importable_tests")
+def test_an_exec_worker_under_an_address_space_limit_fails_with_memory_error() -> None:
+    """64 MiB more than it starts with: a 256 MiB allocation fails there, as MemoryError (the
+    task fails, the worker lives on); without the limit the same allocation succeeds."""
+    limited: ExecWorker[tuple[str, float], tuple[bytes, int]] = ExecWorker(
+        exec_task, functools.partial(limit_address_space, 64 * 1024 * 1024)
+    )
+    free: ExecWorker[tuple[str, float], tuple[bytes, int]] = ExecWorker(exec_task)
+    try:
+        refused = limited.call(("allocate", 256))
+        small = limited.call(("allocate", 16))
+        unlimited = free.call(("allocate", 256))
+    finally:
+        limited.close()
+        free.close()
+
+    assert isinstance(refused, WorkerDied) and refused.how.startswith("raised MemoryError")
+    assert isinstance(small, tuple) and limited.started == 1
+    assert isinstance(unlimited, tuple)
+
+
+@pytest.mark.usefixtures("importable_tests")
+def test_a_stop_request_ends_an_exec_worker_promptly() -> None:
+    worker: ExecWorker[tuple[str, float], tuple[bytes, int]] = ExecWorker(exec_task)
+    pid = worker.call(("read", 0))
+    assert isinstance(pid, tuple)
+    started = time.monotonic()
+
+    with pytest.raises(Stopped):
+        worker.call(("sleep", 600), should_stop=lambda: time.monotonic() > started + 0.5)
+
+    assert time.monotonic() - started < 10
+    assert not os.path.exists(f"/proc/{pid[1]}/status")
+    worker.close()
+
+
+@pytest.mark.usefixtures("importable_tests")
+def test_an_exec_worker_dies_with_its_parent() -> None:
+    script = (
+        "from sweeper.workers import ExecWorker\n"
+        "from worker_tasks import exec_task\n"
+        "print(ExecWorker(exec_task).call(('read', 0))[1], flush=True)\n"
+        "ExecWorker(exec_task).call(('sleep', 600))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        parent.stdout.readline()  # the first worker answered: the second is about to start
+        deadline = time.monotonic() + 30
+        while len(_children(parent.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        workers = _children(parent.pid)
+        assert workers
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
     deadline = time.monotonic() + 10
     while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
