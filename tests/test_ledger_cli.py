@@ -6,13 +6,14 @@ owners), and once by a real sweep.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from conftest import CliRun
-from trees import days_ago, ledger_lines, outcome_total, save_full
+from trees import days_ago, ledger_lines, outcome_total, save_full, write_history
 
 from sweeper.ledger import Action, Ledger, new_record
 
@@ -221,3 +222,29 @@ def test_totals_of_a_real_sweep(
     assert set(by_day) <= {today.isoformat(), (today - timedelta(days=1)).isoformat()}
     assert sum(r for _, r in by_day.values()) == reclaimed
     assert outcome_total(ledger_lines(ledger)) == reclaimed
+
+
+def test_a_large_ledger_is_read_in_memory_that_does_not_grow_with_it(
+    tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A 40 MB ledger (100,000 deletions and their intents): the totals are right and the
+    command's own peak memory stays far below the ledger's size (every record held at once
+    took 4x the ledger's size)."""
+    gnu_time = "/usr/bin/time"
+    if not os.access(gnu_time, os.X_OK):
+        pytest.skip("needs GNU time to read the command's own peak memory")
+    ledger = tmp_path / "ledger.jsonl"
+    write_history(ledger, 100_000)
+    assert ledger.stat().st_size > 40 * 10**6
+    usage = tmp_path / "usage"
+
+    done = run_sweeper(
+        "ledger", "--ledger", ledger, "--json", prefix=[gnu_time, "-f", "%M", "-o", usage]
+    )
+
+    assert done.returncode == 0, done.stderr
+    (total,) = done.json()["rows"]
+    assert total["count"] == 100_000
+    assert total["reclaimed_bytes"] == sum(1000 + n for n in range(100_000))
+    peak_kib = int(usage.read_text().split()[-1])
+    assert peak_kib < 64 * 1024, f"{peak_kib} KiB"
