@@ -40,32 +40,40 @@ CHANGES = (
 )  # fmt: skip
 # EIO can also strike a read.
 CALLS = {"kill": CHANGES, "ENOSPC": CHANGES, "EIO": (*CHANGES, "read", "pread", "preadv")}
+# ``kill-after:NAME`` kills at the first call after the first NAME call returned (a state to
+# hand to another process, e.g. the daemon: a copy linked into place, its record not written).
+AFTER = "kill-after:"
 KILLED = 137
 
 
 def _install(point: int, mode: str, main_pid: int) -> list[int]:
     """Wrap the calls; returns the live call counter ([count])."""
     count = [0]
+    after = mode[len(AFTER) :] if mode.startswith(AFTER) else None
+    armed = [False]
 
-    def faulting(real: Callable[..., Any]) -> Callable[..., Any]:
+    def faulting(real: Callable[..., Any], name: str) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             if os.getpid() == main_pid:
                 count[0] += 1
-                if count[0] == point:
-                    if mode == "kill":
-                        os._exit(KILLED)
+                if armed[0] or (count[0] == point and mode == "kill"):
+                    os._exit(KILLED)
+                if count[0] == point and after is None:
                     number = errno.ENOSPC if mode == "ENOSPC" else errno.EIO
                     raise OSError(number, os.strerror(number))
-            return real(*args, **kwargs)
+            result = real(*args, **kwargs)
+            if name == after and os.getpid() == main_pid:
+                armed[0] = True
+            return result
 
         return call
 
-    for name in CALLS[mode]:
-        setattr(os, name, faulting(getattr(os, name)))
+    for name in CALLS.get(mode, CHANGES):
+        setattr(os, name, faulting(getattr(os, name), name))
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is not None:
-        counted = faulting(renameat2)
+        counted = faulting(renameat2, "renameat2")
 
         def renameat2_call(*args: Any) -> int:
             try:
@@ -123,6 +131,9 @@ def main() -> int:
             fill = {"root": os.path.join(tree, "root"), "ledger": ledger}
             args = [arg.format(**fill) for arg in spec["args"]]
             faulted, calls = _run(args, os.path.join(tree, "faulted.log"), point, mode)
+            if mode.startswith(AFTER):  # one run, left as it is for the caller
+                print(json.dumps({"mode": mode, "tree": tree, "faulted": faulted}), flush=True)
+                break
             rerun, _ = _run(args, os.path.join(tree, "rerun.log"))
             hit = faulted == KILLED or calls >= point
             print(json.dumps({"mode": mode, "point": point, "tree": tree, "hit": hit,

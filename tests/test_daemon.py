@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import json
 import os
 import re
 import shutil
@@ -1178,3 +1179,60 @@ def test_a_reload_that_raises_the_memory_limit_reads_a_refused_file_again(
 
     daemon.wait_until(inference(big).exists, "the copy, once the limit allows reading it")
     assert_copy_matches(inference(big), saved)
+
+
+def test_the_daemon_reconciles_what_a_killed_sweep_left_open(
+    tmp_path: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """A one-shot sweep killed right after it put a copy in place, before the copy's record: the
+    daemon's first run closes the intent from the tree (the copy is there: counted as written),
+    removes the marker, and the ledger's totals equal what the tree shows."""
+    template = tmp_path / "template"
+    run = template / "root" / "run"
+    run.mkdir(parents=True)
+    (template / "state").mkdir()
+    save_full(run / "epoch1.pt", epoch=1)
+    os.utime(run / "epoch1.pt", (1_700_000_000, 1_700_000_000))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "template": str(template),
+                "work": str(tmp_path / "work"),
+                "modes": ["kill-after:renameat2"],
+                "args": ["sweep", "{root}", "--ledger", "{ledger}", "min_age_seconds=0"],
+            }
+        )
+    )
+    (tmp_path / "work").mkdir()
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    (point,) = [json.loads(line) for line in driver.stdout.splitlines()]
+    assert point["faulted"] == 137
+    crashed = Path(point["tree"])
+    copy = crashed / "root" / "run" / "epoch1_inference.pt"
+    assert copy.exists()
+    assert [r["action"] for r in records(crashed / "state" / "ledger.jsonl")] == ["extract-intent"]
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", ".open"):
+        shutil.copy2(crashed / "state" / f"ledger.jsonl{suffix}", f"{ledger}{suffix}")
+
+    daemon = start_daemon(str(crashed / "root"))
+    daemon.wait_ready()
+
+    actions = [r["action"] for r in records(ledger)]
+    assert actions == ["extract-intent", "extract"], daemon.details()
+    closing = records(ledger)[-1]
+    assert (
+        closing["reason"].startswith("reconciled by run ")
+        and "its copy is in place" in closing["reason"]
+    )
+    assert closing["bytes_written"] == copy.stat().st_size == -outcome_total(records(ledger))
+    assert not Path(f"{ledger}.open").exists()
