@@ -352,7 +352,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             run_id=run_id,
             should_stop=stop,
             progress=progress.executed,
-            journal=Journal(str(settings.ledger)),
+            journal=Journal(str(settings.ledger), run_id),
         )
         progress.clear()
     text = report.sweep_json(plan, result) if args.json else None

@@ -682,21 +682,23 @@ class Watcher:
             run_id = uuid.uuid4().hex[:12]
             try:
                 check_writable(settings.ledger)
-                reconcile(
-                    str(settings.ledger),
-                    AppendEach(str(settings.ledger)),
-                    run_id=run_id,
-                    clock=_now,
-                )
+                if exclusive:  # no other run is half-way: every marker is a dead run's
+                    reconcile(
+                        str(settings.ledger),
+                        AppendEach(str(settings.ledger)),
+                        run_id=run_id,
+                        clock=_now,
+                    )
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return
-            compact_quietly(
-                str(settings.ledger),
-                max_bytes=settings.ledger_max_bytes,
-                segments=settings.ledger_segments,
-                clock=_now,
-            )
+            if exclusive:
+                compact_quietly(
+                    str(settings.ledger),
+                    max_bytes=settings.ledger_max_bytes,
+                    segments=settings.ledger_segments,
+                    clock=_now,
+                )
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
@@ -709,7 +711,7 @@ class Watcher:
                 AppendEach(str(settings.ledger)),
                 run_id=run_id,
                 should_stop=self._should_stop,
-                journal=Journal(str(settings.ledger)),
+                journal=Journal(str(settings.ledger), run_id),
             )
         if result.ledger_error is not None:
             self._ledger_trouble(result.ledger_error)

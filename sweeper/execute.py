@@ -22,6 +22,7 @@ from sweeper.extract import (
     delete_if_same,
     extract,
     move_aside,
+    open_regular,
     output_name,
     remove_stale_temps,
     verify_existing_copy,
@@ -121,6 +122,7 @@ class _Context:
             bytes_written=written,
             reclaimed_bytes=deleted - written if outcome else None,
             file_id=file_id,
+            folder_id=(entry.folder.dev, entry.folder.ino) if action in INTENTS else None,
         )
         try:
             self.ledger.append(record)
@@ -326,6 +328,7 @@ def _write_copy(
         entry,
         LedgerAction.EXTRACT_INTENT,
         entry.reason,
+        written=entry.bytes_written,  # planned: reconciliation counts only a copy of this size
         deleted=0 if stale is None or entry.keep_as is not None else stale.size,
         outcome=False,
         file_id=entry.replaces,
@@ -339,6 +342,7 @@ def _write_copy(
         replace=False,
         replacing=stale,
         keep_aside=entry.keep_as,
+        frees_after=entry.size if entry.action is Action.DELETE else 0,
     )
     written = result.bytes_out
     if stale is None:
@@ -367,14 +371,24 @@ def _require_owned_copy(entry: PlanEntry, dir_fd: int) -> None:
 
 def _require_needs(entry: PlanEntry, dir_fd: int) -> None:
     """The files whose presence justified this deletion must still be there, unchanged (so
-    still the verified files the plan counted on); otherwise the deletion is not done."""
+    still the verified files the plan counted on), and on disk: each is fsynced, and the
+    folder, before the deletion counts on them (a checkpoint saved seconds ago may still be
+    only in the page cache).  Otherwise the deletion is not done."""
     for need in entry.needs:
         try:
-            now = os.stat(need.name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
+            fd, now = open_regular(need.name, dir_fd, os.path.join(entry.folder.display, need.name))
+        except FileRefused as error:
+            gone = error.reason.endswith("No such file or directory")
             raise FileRefused(
-                entry.path, f"not deleted: {need.name}, which justified it, is gone"
+                entry.path,
+                f"not deleted: {need.name}, which justified it, "
+                + ("is gone" if gone else f"changed since it was scanned ({error.reason})"),
             ) from None
+        try:
+            if FileIdentity.of(now) == FileIdentity(need.dev, need.ino, need.size, need.mtime_ns):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
             need.dev,
             need.ino,
@@ -385,6 +399,8 @@ def _require_needs(entry: PlanEntry, dir_fd: int) -> None:
                 entry.path,
                 f"not deleted: {need.name}, which justified it, changed since it was scanned",
             )
+    if entry.needs:
+        os.fsync(dir_fd)
 
 
 def _failed(entry: PlanEntry, context: _Context, reason: str, written: int = 0) -> Outcome:

@@ -151,19 +151,26 @@ def expansion_problem(info: os.stat_result, output_bytes: int) -> str | None:
     return None
 
 
-def _require_room(target: Located, size: int) -> None:
+RESERVE_NOTE = " (root's reserve is not used)"
+
+
+def _require_room(target: Located, size: int, *, frees: int = 0) -> None:
     """The copy must fit in the space left to ordinary users, with room for the ledger after
-    it: root's reserved blocks are the system's, not a user's checkpoints'."""
+    it: root's reserved blocks are the system's, not a user's checkpoints'.  A copy written
+    only to let its larger source be deleted right after (``frees``: the source's size, on
+    the same filesystem) may borrow from the reserve: on a disk users filled, that is how
+    space comes back."""
     try:
         vfs = os.fstatvfs(target.dir_fd)
     except OSError:
         return  # the write itself still fails cleanly on a full disk
-    available = vfs.f_bavail * vfs.f_frsize
+    borrow = frees > size
+    available = (vfs.f_bfree if borrow else vfs.f_bavail) * vfs.f_frsize
     if size + _HEADROOM_BYTES > available:
         raise FileRefused(
             target.display,
             f"disk full: the {size}-byte copy needs {size + _HEADROOM_BYTES} bytes free to users "
-            f"and {available} are (root's reserve is not used); nothing written",
+            f"and {available} are{'' if borrow else RESERVE_NOTE}; nothing written",
         )
 
 
@@ -221,6 +228,7 @@ def extract(
     replace: bool = True,
     replacing: FileIdentity | None = None,
     keep_aside: str | None = None,
+    frees_after: int = 0,
 ) -> ExtractResult:
     """Write ``target`` from ``source``: temp file -> fsync -> verify -> rename -> fsync dir.
 
@@ -233,8 +241,10 @@ def extract(
     replaces anything).  With
     ``delete_source`` the source is unlinked only after that, and only if the name still
     refers to the very file that was read.  ``expected`` is the file the caller listed; a
-    different (or since modified) file under that name is refused.  Any failure leaves no temp
-    file and the source untouched.
+    different (or since modified) file under that name is refused.  ``frees_after`` is what the
+    caller deletes right after (the source's size): such a copy may borrow root's reserve on a
+    full disk (see ``_require_room``).  Any failure leaves no temp file and the source
+    untouched.
     """
     started = time.monotonic()
     fd, info = open_regular(source.name, source.dir_fd, source.display)
@@ -252,7 +262,8 @@ def extract(
         expansion = expansion_problem(info, plan.total_size)
         if expansion is not None:
             raise FileRefused(source.display, expansion)
-        _require_room(target, plan.total_size)
+        frees = info.st_size if delete_source else frees_after
+        _require_room(target, plan.total_size, frees=frees)
         _write_verified(
             fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing, keep_aside
         )
@@ -339,12 +350,17 @@ def _write_verified(
         # The copy's name may not survive a crash: it must not be counted on.  Take it back
         # (only the very file just linked); if even that fails, say so -- the caller leaves the
         # intent open for start-up reconciliation, which confirms it or abandons it.
+        # A copy that replaced a stale one outright is left in place: taking it back would
+        # leave no copy at all, so it too is left to reconciliation.
         reason = f"not confirmed on disk (fsync of its folder: {error.strerror})"
+        if replacing is not None and keep_aside is None:
+            raise NotConfirmed(target.display, reason + "; left in place") from None
         try:
             _unlink_if(target, linked)
-            os.fsync(target.dir_fd)
         except (OSError, FileRefused):
             raise NotConfirmed(target.display, reason + "; left in place") from None
+        with contextlib.suppress(OSError):
+            os.fsync(target.dir_fd)
         raise FileRefused(target.display, reason + "; removed") from None
 
 

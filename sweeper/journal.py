@@ -3,9 +3,10 @@
 Every action that changes the tree is preceded by an intent record (``extract-intent``,
 ``delete-intent``) and followed by its outcome (``extract``/``refresh``/``delete``) or a ``fail``.
 A run killed between the two leaves an intent open: the bytes it freed or wrote are not in the
-totals.  Before its first intent a run leaves a small marker beside the ledger (``<ledger>.open``,
-the ledger's length at that moment) and removes it once every intent it wrote is closed; so a
-marker found at start-up means the ledger's tail after that offset may hold open intents.
+totals.  Before its first intent a run leaves a small marker beside the ledger
+(``<ledger>.open.<run id>``, the ledger's length at that moment) and removes it once every intent
+it wrote is closed; so a marker found by a run that holds the action lock exclusively means the
+ledger's tail after that offset may hold a dead run's open intents.
 
 :func:`reconcile` reads that tail, asks the tree what became of each open intent and appends the
 outcome: ``delete`` when the checkpoint is gone (the run stopped after the unlink, before
@@ -19,6 +20,7 @@ Callers hold the action lock, so no other sweeper is half-way through an action.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -43,43 +45,58 @@ from sweeper.torchzip import Mode
 
 log = logging.getLogger(__name__)
 
-MARKER_SUFFIX = ".open"
+MARKER_SUFFIX = ".open."
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
-def marker_path_for(ledger_path: str | os.PathLike[str]) -> str:
-    return os.fspath(ledger_path) + MARKER_SUFFIX
+def marker_path_for(ledger_path: str | os.PathLike[str], run_id: str) -> str:
+    return os.fspath(ledger_path) + MARKER_SUFFIX + run_id
+
+
+def markers_of(ledger_path: str | os.PathLike[str]) -> list[str]:
+    """The markers runs left beside the ledger (live runs' own, or dead runs')."""
+    folder, base = os.path.split(os.fspath(ledger_path))
+    prefix = base + MARKER_SUFFIX
+    try:
+        names = os.listdir(folder or ".")
+    except FileNotFoundError:
+        return []
+    return sorted(
+        os.path.join(folder, name)
+        for name in names
+        if name.startswith(prefix) and not name.endswith(".tmp")
+    )
 
 
 @dataclass
 class Journal:
-    """One run's marker: :meth:`begin` before its first intent, :meth:`end` once all are closed."""
+    """One run's marker (``<ledger>.open.<run id>``): :meth:`begin` before its first intent,
+    :meth:`end` once all its intents are closed.  Runs under a shared action lock (the
+    daemon's folder sweeps, several at once) each have their own."""
 
     ledger_path: str
+    run_id: str
     begun: bool = False
 
     def begin(self) -> None:
-        """Leave the marker (durably, atomically) unless one is already there: an earlier,
-        unreconciled marker names an earlier offset, which covers this run too."""
+        """Leave the marker, durably and atomically: the ledger's length now."""
         if self.begun:
             return
-        marker = marker_path_for(self.ledger_path)
-        if not os.path.lexists(marker):
-            try:
-                info = os.stat(self.ledger_path, follow_symlinks=False)
-                offset, identity = info.st_size, [info.st_dev, info.st_ino]
-            except FileNotFoundError:
-                offset, identity = 0, None
-            body = json.dumps({"offset": offset, "ledger": identity, "pid": os.getpid()})
-            _write_atomically(marker, body.encode("ascii") + b"\n")
+        try:
+            info = os.stat(self.ledger_path, follow_symlinks=False)
+            offset, identity = info.st_size, [info.st_dev, info.st_ino]
+        except FileNotFoundError:
+            offset, identity = 0, None
+        body = json.dumps({"offset": offset, "ledger": identity, "pid": os.getpid()})
+        _write_atomically(marker_path_for(self.ledger_path, self.run_id), body.encode() + b"\n")
         self.begun = True
 
     def end(self) -> None:
-        """Every intent this run wrote is closed: nothing is left to reconcile."""
+        """Every intent this run wrote is closed: nothing of it is left to reconcile."""
         if self.begun:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(marker_path_for(self.ledger_path))
+                os.unlink(marker_path_for(self.ledger_path, self.run_id))
             self.begun = False
 
 
@@ -101,16 +118,15 @@ def _write_atomically(path: str, data: bytes) -> None:
         os.close(parent)
 
 
-def _read_marker(ledger_path: str) -> int | None:
-    """The offset from which open intents are looked for; None when there is no marker."""
-    marker = marker_path_for(ledger_path)
+def _read_marker(ledger_path: str, marker: str) -> int:
+    """The offset from which the open intents of the run that left ``marker`` are looked for."""
     try:
         fd = os.open(marker, _OPEN_FILE)
     except FileNotFoundError:
-        return None
+        return 0
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise FileRefused(marker, "is not a regular file")
+            return 0
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -118,7 +134,7 @@ def _read_marker(ledger_path: str) -> int | None:
         body = json.loads(raw)
         offset = int(body["offset"])
         identity = body.get("ledger")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return 0  # unreadable (torn by a crash): look through the whole ledger
     try:
         info = os.stat(ledger_path, follow_symlinks=False)
@@ -147,11 +163,13 @@ def reconcile(
     warn: Callable[[str], None] = log.warning,
 ) -> Reconciled:
     """Close every intent an interrupted run left open, as the tree shows it ended (see the
-    module docstring); then remove the marker.  Raises LedgerUnavailable when a record cannot
-    be appended: the marker stays, and the next run tries again."""
-    offset = _read_marker(ledger_path)
-    if offset is None:
+    module docstring); then remove the markers.  Raises LedgerUnavailable when a record cannot
+    be appended: the markers stay, and the next run tries again.  Callers hold the action lock
+    exclusively: every marker found is a dead run's."""
+    markers = markers_of(ledger_path)
+    if not markers:
         return Reconciled()
+    offset = min(_read_marker(ledger_path, marker) for marker in markers)
     pending: dict[tuple[str, str, str], LedgerRecord] = {}
     for record in iter_ledger(ledger_path, warn, start=offset):
         if record.action in INTENTS:
@@ -162,7 +180,11 @@ def reconcile(
                 pending.pop((record.run_id, record.path, kind), None)
     done = abandoned = reclaimed = 0
     for intent in pending.values():
-        outcome = _resolve(intent, run_id, clock())
+        try:
+            outcome = _resolve(intent, run_id, clock())
+        except Exception as error:  # one user's file must not stop every run: not counted
+            log.warning("%s: cannot reconcile: %s: %s", intent.path, type(error).__name__, error)
+            outcome = _abandoned(intent, run_id, clock(), f"cannot tell ({type(error).__name__})")
         try:
             sink.append(outcome)
         except FileRefused as error:
@@ -175,34 +197,51 @@ def reconcile(
             done += 1
             reclaimed += outcome.reclaimed_bytes or 0
         log.warning("%s: %s", outcome.path, outcome.reason)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(marker_path_for(ledger_path))
+    for marker in markers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(marker)
     return Reconciled(done, abandoned, reclaimed)
+
+
+def _closing(
+    intent: LedgerRecord,
+    run_id: str,
+    now: datetime,
+    action: str,
+    reason: str,
+    *,
+    written: int = 0,
+    deleted: int = 0,
+) -> LedgerRecord:
+    """The record that closes ``intent``: under its run's id, counted unless abandoned."""
+    counts = action != Action.ABANDON
+    return new_record(
+        now=now,
+        action=action,
+        path=intent.path,
+        owner=intent.owner,
+        uid=intent.uid,
+        reason=f"reconciled by run {run_id}: {reason}",
+        run_id=intent.run_id,  # closes that run's intent
+        root=intent.root,
+        epoch=intent.epoch,
+        metric=intent.metric,
+        output=intent.output,
+        bytes_deleted=deleted if counts else 0,
+        bytes_written=written if counts else 0,
+        reclaimed_bytes=deleted - written if counts else None,
+        file_id=intent.file_id,
+        folder_id=intent.folder_id,
+    )
+
+
+def _abandoned(intent: LedgerRecord, run_id: str, now: datetime, why: str) -> LedgerRecord:
+    return _closing(intent, run_id, now, Action.ABANDON, f"run {intent.run_id}: {why}; not counted")
 
 
 def _resolve(intent: LedgerRecord, run_id: str, now: datetime) -> LedgerRecord:
     interrupted = f"run {intent.run_id} was interrupted"
-
-    def outcome(action: str, reason: str, *, written: int = 0, deleted: int = 0) -> LedgerRecord:
-        counts = action != Action.ABANDON
-        return new_record(
-            now=now,
-            action=action,
-            path=intent.path,
-            owner=intent.owner,
-            uid=intent.uid,
-            reason=f"reconciled by run {run_id}: {reason}",
-            run_id=intent.run_id,  # closes that run's intent
-            root=intent.root,
-            epoch=intent.epoch,
-            metric=intent.metric,
-            output=intent.output,
-            bytes_deleted=deleted if counts else 0,
-            bytes_written=written if counts else 0,
-            reclaimed_bytes=deleted - written if counts else None,
-            file_id=intent.file_id,
-        )
-
+    outcome = functools.partial(_closing, intent, run_id, now)
     try:
         dir_fd = _open_record_folder(intent)
     except (OSError, FileRefused):
@@ -227,11 +266,18 @@ def _resolve_delete(
     try:
         now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
-    if intent.file_id is not None and (now.st_dev, now.st_ino) != intent.file_id[:2]:
-        # The name holds another file now: the one the intent named was unlinked.
-        return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
-    return outcome(Action.ABANDON, f"{interrupted} before deleting it; it is still there")
+        now = None
+    if now is not None and (
+        intent.file_id is None or (now.st_dev, now.st_ino) == intent.file_id[:2]
+    ):
+        return outcome(Action.ABANDON, f"{interrupted} before deleting it; it is still there")
+    if intent.file_id is None:
+        return outcome(Action.ABANDON, f"{interrupted}; its file is gone, by whom unknown")
+    elsewhere = _name_of_inode(dir_fd, intent.file_id[0], intent.file_id[1])
+    if elsewhere is not None:  # renamed, not deleted: nothing was freed
+        return outcome(Action.ABANDON, f"{interrupted} before deleting it; it is now {elsewhere}")
+    # Gone from its folder (or the name holds another file): the intent's unlink happened.
+    return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
 
 
 def _resolve_extract(
@@ -250,6 +296,9 @@ def _resolve_extract(
         return outcome(Action.ABANDON, f"{interrupted} before its copy was in place")
     if intent.file_id is not None and (identity.dev, identity.ino) == intent.file_id[:2]:
         return outcome(Action.ABANDON, f"{interrupted}; the stale copy is still in place")
+    if intent.bytes_written and identity.size != intent.bytes_written:
+        # Not the copy that run was writing (its size was planned): someone else's file.
+        return outcome(Action.ABANDON, f"{interrupted}; the file in its copy's place is not it")
     # The copy is in place but the run never confirmed it is on disk: confirm it now.  Its
     # bytes are counted either way (they take space); it is trusted for a deletion only after
     # the next run verifies it in full and fsyncs it again.
@@ -272,6 +321,17 @@ def _resolve_extract(
     )
 
 
+def _name_of_inode(dir_fd: int, dev: int, ino: int) -> str | None:
+    """The name under which the folder holds the file (dev, ino), if it still does."""
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.inode() == ino:
+                info = entry.stat(follow_symlinks=False)
+                if (info.st_dev, info.st_ino) == (dev, ino):
+                    return entry.name
+    return None
+
+
 def _open_record_folder(record: LedgerRecord) -> int:
     """The folder of ``record.path``, opened below its root's trusted prefix without following
     a symlink (the path is only ever read and fsynced here)."""
@@ -287,6 +347,9 @@ def _open_record_folder(record: LedgerRecord) -> int:
             child = os.open(part, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = child
+        info = os.fstat(fd)
+        if record.folder_id is not None and (info.st_dev, info.st_ino) != record.folder_id:
+            raise FileRefused(record.path, "its folder is not the one the run worked in")
     except BaseException:
         os.close(fd)
         raise

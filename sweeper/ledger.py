@@ -125,6 +125,7 @@ class LedgerRecord:
     root: str
     file_id: tuple[int, int, int, int] | None = None
     records: int | None = None
+    folder_id: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.time.utcoffset() is None:
@@ -139,6 +140,11 @@ class LedgerRecord:
             _require_int("reclaimed_bytes", self.reclaimed_bytes, minimum=None)
         if self.records is not None:
             _require_int("records", self.records, minimum=0)
+        if self.folder_id is not None:
+            if len(self.folder_id) != 2:
+                raise ValueError(f"folder_id is not (dev, ino): {self.folder_id!r}")
+            for number in self.folder_id:
+                _require_int("folder_id", number, minimum=0)
         if self.file_id is not None:
             if len(self.file_id) != 4:
                 raise ValueError(f"file_id is not (dev, ino, size, mtime_ns): {self.file_id!r}")
@@ -170,6 +176,7 @@ def new_record(
     host: str | None = None,
     file_id: tuple[int, int, int, int] | None = None,
     records: int | None = None,
+    folder_id: tuple[int, int] | None = None,
 ) -> LedgerRecord:
     """Build a record stamped with ``now`` (converted to UTC) and this machine's host name.
 
@@ -194,6 +201,7 @@ def new_record(
         root=root,
         file_id=file_id,
         records=records,
+        folder_id=folder_id,
     )
 
 
@@ -305,6 +313,8 @@ def encode_record(record: LedgerRecord) -> bytes:
         obj["file_id"] = list(record.file_id)
     if record.records is not None:
         obj["records"] = record.records
+    if record.folder_id is not None:
+        obj["folder_id"] = list(record.folder_id)
     # ensure_ascii: pure-ASCII lines, so no tool splits a record at U+2028 or NEL in a file name.
     line = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return line.encode("ascii") + b"\n"
@@ -379,7 +389,20 @@ def decode_record(line: bytes) -> LedgerRecord:
         root=root,
         file_id=None if file_id is None else (file_id[0], file_id[1], file_id[2], file_id[3]),
         records=_get(obj, "records", int, optional=True) if "records" in obj else None,
+        folder_id=_int_pair(obj.get("folder_id")),
     )
+
+
+def _int_pair(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+    ):
+        raise ValueError(f"field 'folder_id' has unexpected value {value!r}")
+    return (value[0], value[1])
 
 
 # --- files and locks ------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 The ledger only grows; on a busy server it would pass a gigabyte.  When it passes
 ``ledger_max_bytes``, :func:`compact_if_due` starts it again from one ``carry`` record per (UTC
 day, root, owner, host) holding the totals of that group's outcome records (and how many records
-they stand for).  Every total ``sweeper ledger`` shows -- overall, by root, by owner, by day, and
-``--since`` to the day -- is the same before and after.  The file as it was is kept, record by
+they stand for) -- per month instead, or per root and owner alone, when a record per day would
+not bring the ledger under half its limit (and not at all when even that would not: compacting
+again on every run would only push the detailed records out).  Every total ``sweeper ledger``
+shows -- overall, by root, by owner, by day, and ``--since`` to the day -- is the same before
+and after.  The file as it was is kept, record by
 record, as ``<ledger>.1``; older segments shift to ``.2`` ... and the oldest past
 ``ledger_segments`` is deleted (its totals live on in the carry records).
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sweeper.errors import FileRefused
-from sweeper.journal import marker_path_for
+from sweeper.journal import markers_of
 from sweeper.ledger import (
     Action,
     LedgerRecord,
@@ -71,7 +74,7 @@ def compact_if_due(
         size = os.stat(ledger_path, follow_symlinks=False).st_size
     except FileNotFoundError:
         return None
-    if size < max_bytes or os.path.lexists(marker_path_for(ledger_path)):
+    if size < max_bytes or markers_of(ledger_path):
         return None
     lock_fd = _open_private(lock_path_for(ledger_path), os.O_RDWR, create=True)
     try:
@@ -79,7 +82,7 @@ def compact_if_due(
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
-        return _compact(ledger_path, segments, clock(), warn)
+        return _compact(ledger_path, segments, clock(), warn, max_bytes)
     finally:
         os.close(lock_fd)  # releases the lock
 
@@ -98,9 +101,18 @@ def compact_quietly(
 _Key = tuple[str, str, str, int, str]  # UTC day, root, owner, uid, host
 
 
-def _compact(
-    ledger_path: str, segments: int, now: datetime, warn: Callable[[str], None]
-) -> Compacted:
+# How finely carry records keep time: by UTC day, then (when a day per group is still too much
+# for the limit) by month, then not at all.  ``--since`` is exact to that grain.
+_GRAINS: tuple[tuple[str, Callable[[LedgerRecord], str]], ...] = (
+    ("day", lambda record: record.time.date().isoformat()),
+    ("month", lambda record: record.time.strftime("%Y-%m")),
+    ("all time", lambda record: ""),
+)
+
+
+def _carries(
+    ledger_path: str, grain: Callable[[LedgerRecord], str], warn: Callable[[str], None]
+) -> tuple[int, dict[_Key, list[int]], dict[_Key, LedgerRecord]]:
     totals: dict[_Key, list[int]] = {}  # records, reclaimed, deleted, written
     latest: dict[_Key, LedgerRecord] = {}
     read = 0
@@ -108,7 +120,7 @@ def _compact(
         read += 1
         if record.reclaimed_bytes is None:
             continue  # intents (all closed: no marker) and failures hold no totals
-        key = (record.time.date().isoformat(), record.root, record.owner, record.uid, record.host)
+        key = (grain(record), record.root, record.owner, record.uid, record.host)
         counts = totals.setdefault(key, [0, 0, 0, 0])
         counts[0] += 1 if record.records is None else record.records
         counts[1] += record.reclaimed_bytes
@@ -116,28 +128,51 @@ def _compact(
         counts[3] += record.bytes_written
         if key not in latest or record.time >= latest[key].time:
             latest[key] = record
+    return read, totals, latest
+
+
+def _compact(
+    ledger_path: str,
+    segments: int,
+    now: datetime,
+    warn: Callable[[str], None],
+    max_bytes: int,
+) -> Compacted | None:
     segment = segment_path(ledger_path, 1) if segments else None
-    lines = [
-        encode_record(
-            new_record(
-                now=latest[key].time,  # the group's last record: --since stays exact to the day
-                action=Action.CARRY,
-                path=key[1],
-                owner=key[2],
-                uid=key[3],
-                reason=f"totals of {records} records compacted on {now.date().isoformat()}"
-                + (f"; the records are in {os.path.basename(segment)}" if segment else ""),
-                run_id="compacted",
-                root=key[1],
-                bytes_deleted=deleted,
-                bytes_written=written,
-                reclaimed_bytes=reclaimed,
-                host=key[4],
-                records=records,
+    for grain_name, grain in _GRAINS:
+        read, totals, latest = _carries(ledger_path, grain, warn)
+        lines = [
+            encode_record(
+                new_record(
+                    now=latest[key].time,  # the group's last record: --since exact to the grain
+                    action=Action.CARRY,
+                    path=key[1],
+                    owner=key[2],
+                    uid=key[3],
+                    reason=f"totals of {records} records (by {grain_name}) compacted on "
+                    f"{now.date().isoformat()}"
+                    + (f"; the records are in {os.path.basename(segment)}" if segment else ""),
+                    run_id="compacted",
+                    root=key[1],
+                    bytes_deleted=deleted,
+                    bytes_written=written,
+                    reclaimed_bytes=reclaimed,
+                    host=key[4],
+                    records=records,
+                )
             )
+            for key, (records, reclaimed, deleted, written) in sorted(totals.items())
+        ]
+        if sum(map(len, lines)) <= max_bytes // 2:
+            break
+    else:
+        # Even one carry per root and owner is too much for the limit: compacting again on
+        # every run would only push the detailed records out.  Say so; leave it.
+        warn(
+            f"{ledger_path}: not compacted: its totals alone (one record per root and owner) "
+            f"would take more than half of ledger_max_bytes ({max_bytes}); raise it"
         )
-        for key, (records, reclaimed, deleted, written) in sorted(totals.items())
-    ]
+        return None
     temp = ledger_path + COMPACT_SUFFIX
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)  # a compaction cut short

@@ -1361,7 +1361,7 @@ class Provenance:
     def decode(cls, data: bytes) -> Provenance | None:
         try:
             fields = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # a user's file: anything
             return None
         if not isinstance(fields, dict):
             return None

@@ -56,6 +56,7 @@ from daemon_harness import (
 from trees import apparent_size, ledger_lines, names, outcome_total, save_full
 
 from sweeper.daemon import filesystem_type, wants_polling
+from sweeper.journal import markers_of
 from sweeper.torchzip import MEMORY_REFUSAL
 
 QUIET_WAIT = SETTLE_SECONDS + RESCAN_SECONDS  # long enough for an event and a rescan to act
@@ -1221,8 +1222,10 @@ def test_the_daemon_reconciles_what_a_killed_sweep_left_open(
     assert copy.exists()
     assert [r["action"] for r in records(crashed / "state" / "ledger.jsonl")] == ["extract-intent"]
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", ".open"):
-        shutil.copy2(crashed / "state" / f"ledger.jsonl{suffix}", f"{ledger}{suffix}")
+    for name in os.listdir(crashed / "state"):  # the ledger and the dead run's marker
+        suffix = name[len("ledger.jsonl") :]
+        shutil.copy2(crashed / "state" / name, f"{ledger}{suffix}")
+    assert len(markers_of(ledger)) == 1
 
     daemon = start_daemon(str(crashed / "root"))
     daemon.wait_ready()
@@ -1235,4 +1238,4 @@ def test_the_daemon_reconciles_what_a_killed_sweep_left_open(
         and "its copy is in place" in closing["reason"]
     )
     assert closing["bytes_written"] == copy.stat().st_size == -outcome_total(records(ledger))
-    assert not Path(f"{ledger}.open").exists()
+    assert markers_of(ledger) == []

@@ -28,6 +28,8 @@ from checkpoints import TEMP_MARK, assert_same_tensors
 from conftest import REPO_ROOT, CliRun
 from trees import ledger_lines, outcome_total, save_full, set_mtime, write_history
 
+from sweeper.journal import markers_of
+
 ARGS = [
     "sweep", "{root}", "--ledger", "{ledger}", "min_age_seconds=0", "keep_full=1",
     "rolling_names=[best_model.pt]", "--json",
@@ -105,7 +107,7 @@ def _check_point(
             if record["action"] in closing:
                 open_intents.discard((record["run_id"], record["path"], kind))
     assert not open_intents, f"{where}: intents left open: {open_intents}"
-    assert not (tree / "state" / "ledger.jsonl.open").exists(), where
+    assert markers_of(tree / "state" / "ledger.jsonl") == [], where
 
 
 @pytest.mark.parametrize(
