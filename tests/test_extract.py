@@ -516,10 +516,10 @@ def _legacy(folder: Path) -> Path:
     return path
 
 
-def _no_model_state_dict(folder: Path) -> Path:
+def _no_model_weights(folder: Path) -> Path:
     path = folder / "ckpt.pt"
     checkpoint = full_checkpoint()
-    checkpoint["state_dict"] = checkpoint.pop("model_state_dict")
+    checkpoint["weights"] = checkpoint.pop("model_state_dict")  # a key no family names
     torch.save(checkpoint, path)
     return path
 
@@ -578,7 +578,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
     "central-signature": (_central_signature_broken, "malformed archive", True),
     "central-offset": (_central_offset_past_end, "malformed archive", True),
     "local-header": (_local_header_renamed, "malformed archive", False),
-    "no-model-state-dict": (_no_model_state_dict, "no 'model_state_dict'", False),
+    "no-model-weights": (_no_model_weights, "cannot reduce it: holds training state", False),
     "inference": (_inference, "already an inference checkpoint", False),
     "bare-weights": (_bare_weights, "already bare weights", False),
     "directory": (_directory, "a directory", True),

@@ -1,37 +1,36 @@
-"""What a checkpoint holds: its kind, family, progress and metrics, from its pickle alone."""
+"""What a checkpoint holds: its family, kind, progress and metrics, from its pickle alone.
+
+The pickle is read by the inert unpickler; which layout family it is and what each top-level
+key holds is decided by ``sweeper.formats.families``.
+"""
 
 from __future__ import annotations
 
 import enum
-import re
+import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 from sweeper.errors import FileRefused
-from sweeper.formats.records import _MAX_PICKLE_BYTES, Archive, read_archive, read_record
+from sweeper.formats import families
+from sweeper.formats.family import Description, Kind, Role, ScalarReader
+from sweeper.formats.records import (
+    _MAX_PICKLE_BYTES,
+    Archive,
+    read_archive,
+    read_record,
+    record_data_offset,
+)
 from sweeper.formats.unpickler import (
-    InertObject,
     InertOrderedDict,
-    NumpyArray,
-    NumpyDtype,
-    NumpyScalar,
-    ParameterRef,
     StorageRef,
     TensorRef,
     _load_inert,
+    as_number,
+    walk_values,
 )
 
-# ---------------------------------------------------------------------------------------------
-# What a checkpoint holds.
-
-
-class Kind(enum.Enum):
-    FULL = "full training checkpoint"
-    INFERENCE = "inference checkpoint"
-    WEIGHTS = "bare weights"
-    OTHER = "not a checkpoint"
+__all__ = ["Checkpoint", "KeyUsage", "Kind", "Mode", "key_usage", "open_checkpoint"]
 
 
 class Mode(enum.Enum):
@@ -39,31 +38,20 @@ class Mode(enum.Enum):
     WEIGHTS = "weights"
 
 
-MODEL_KEY = "model_state_dict"
-# Keys that only resuming training needs; everything else is kept.  Matched anywhere in the key,
-# case-insensitively: optimizer_state_dict, lr_scheduler, grad_scaler, cuda_rng_state, ...
-_TRAINING_STATE = re.compile(r"optim|sched|scaler|rng|random_state", re.IGNORECASE)
-_EPOCH_KEYS = ("epoch",)
-_STEP_KEYS = ("global_step", "step", "iteration", "iter")
-
-
-def is_training_state_key(key: object) -> bool:
-    return isinstance(key, str) and bool(_TRAINING_STATE.search(key))
-
-
 @dataclass(frozen=True)
 class KeyUsage:
     """One top-level key: its role and the storage bytes first reached through it."""
 
     key: str
-    role: Literal["model", "training-state", "metadata"]
+    role: Role
     tensor_bytes: int
     tensors: int
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What ``open_checkpoint`` learnt from a file's directory and pickle (no tensor data read)."""
+    """What ``open_checkpoint`` learnt from a file's directory and pickle (no tensor data read
+    but the few bytes of a score a family keeps in a tensor)."""
 
     path: str
     file_size: int
@@ -73,9 +61,15 @@ class Checkpoint:
     metrics: tuple[tuple[str, float], ...]
     archive: Archive = field(repr=False)
     root: object = field(repr=False, compare=False)
-    # Numbers one level down (``{"metrics": {"val_acc": 0.9}}`` -> ``metrics.val_acc``), outside
-    # training state: where keep_best looks when the top level holds no such name.
-    inner_metrics: tuple[tuple[str, float], ...] = ()
+    # Numbers one level down (``{"metrics": {"val_acc": 0.9}}`` -> ``metrics.val_acc``), in
+    # metadata: where keep_best looks when the top level holds no such name.
+    inner_metrics: tuple[tuple[str, float], ...]
+    # Its layout family's word on every top-level key.
+    description: Description = field(repr=False, compare=False)
+
+    @property
+    def family(self) -> str:
+        return self.description.family
 
     @property
     def progress(self) -> tuple[int, int] | None:
@@ -99,123 +93,66 @@ def open_checkpoint(fd: int, path: str) -> Checkpoint:
             raise FileRefused(
                 path, f"malformed archive: record data/{storage.key} has the wrong size"
             )
-    kind = _classify(root)
-    epoch = step = None
-    metrics: list[tuple[str, float]] = []
-    if isinstance(root, dict):
-        for key, value in root.items():
-            number = _as_number(value)
-            if number is None or not isinstance(key, str):
-                continue
-            if key in _EPOCH_KEYS and isinstance(number, int):
-                epoch = number
-            elif key in _STEP_KEYS and isinstance(number, int):
-                step = number if step is None else step
-            elif not isinstance(number, bool):
-                metrics.append((key, float(number)))
+    description = families.describe(root, _scalar_reader(fd, archive, path))
+    progress = description.progress
     return Checkpoint(
         path,
         archive.file_size,
-        kind,
-        epoch,
-        step,
-        tuple(metrics),
+        description.kind,
+        progress.epoch,
+        progress.step,
+        progress.metrics,
         archive,
         root,
-        _inner_metrics(root),
+        _inner_metrics(root, description),
+        description,
     )
 
 
-def _inner_metrics(root: object) -> tuple[tuple[str, float], ...]:
+_SCALAR_FORMATS = {"float64": "d", "float32": "f", "float16": "e", "int64": "q", "int32": "i"}
+
+
+def _scalar_reader(fd: int, archive: Archive, path: str) -> ScalarReader:
+    """Reads the number in a one-element tensor of a typed storage (a few bytes, no CRC: a
+    metric, never anything sweeper writes or deletes by)."""
+    order = (
+        ">" if "byteorder" in archive.records and archive.records["byteorder"].size == 3 else "<"
+    )
+
+    def read(tensor: TensorRef) -> float | None:
+        storage_type = tensor.storage.storage_type
+        code = _SCALAR_FORMATS.get(storage_type.dtype)
+        if tensor.numel != 1 or code is None or tensor.dtype is not None:
+            return None
+        record = archive.data_record(tensor.storage.key)
+        if record is None:
+            return None
+        start = (
+            record_data_offset(fd, archive, record, path) + tensor.offset * storage_type.itemsize
+        )
+        data = os.pread(fd, storage_type.itemsize, start)
+        if len(data) != storage_type.itemsize:
+            return None
+        number: float = struct.unpack(order + code, data)[0]
+        return float(number)
+
+    return read
+
+
+def _inner_metrics(root: object, description: Description) -> tuple[tuple[str, float], ...]:
     if not isinstance(root, dict):
         return ()
     found = []
     for key, value in root.items():
-        if not isinstance(key, str) or key == MODEL_KEY or is_training_state_key(key):
+        if not isinstance(key, str) or description.roles.get(key) != "metadata":
             continue
         if not isinstance(value, dict) or isinstance(value, InertOrderedDict):
             continue
         for inner, item in value.items():
-            number = _as_number(item)
+            number = as_number(item)
             if isinstance(inner, str) and number is not None and not isinstance(number, bool):
                 found.append((f"{key}.{inner}", float(number)))
     return tuple(found)
-
-
-def _classify(root: object) -> Kind:
-    if not isinstance(root, dict):
-        return Kind.OTHER
-    if MODEL_KEY in root:
-        if any(is_training_state_key(k) for k in root):
-            return Kind.FULL
-        return Kind.INFERENCE
-    if root and all(isinstance(v, TensorRef | ParameterRef) for v in root.values()):
-        return Kind.WEIGHTS
-    return Kind.OTHER
-
-
-def _as_number(value: object) -> int | float | None:
-    if isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, NumpyScalar):
-        return _numpy_scalar_value(value)
-    return None
-
-
-def _numpy_scalar_value(value: NumpyScalar) -> int | float | bool | None:
-    dtype = value.dtype
-    if not isinstance(dtype, NumpyDtype) or not dtype.args or not isinstance(dtype.args[0], str):
-        return None
-    code = dtype.args[0]
-    data = value.data
-    formats = {
-        "f8": "d",
-        "f4": "f",
-        "f2": "e",
-        "i8": "q",
-        "i4": "i",
-        "i2": "h",
-        "i1": "b",
-        "u8": "Q",
-        "u4": "I",
-        "u2": "H",
-        "u1": "B",
-        "b1": "?",
-    }
-    if code not in formats or not isinstance(data, bytes):
-        return None
-    fmt = "<" + formats[code]
-    if len(data) != struct.calcsize(fmt):
-        return None
-    number: int | float | bool = struct.unpack(fmt, data)[0]
-    return number
-
-
-def _walk(value: object, seen: set[int] | None = None) -> Iterator[object]:
-    """Every value reachable from ``value``, each object once (iterative: pickles can nest deep)."""
-    seen = set() if seen is None else seen
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        if isinstance(item, dict):
-            stack.extend(item.values())
-            stack.extend(item.keys())
-            if isinstance(item, InertOrderedDict):
-                stack.extend(item.attributes.values())
-        elif isinstance(item, list | tuple | set | frozenset):
-            stack.extend(item)
-        elif isinstance(item, TensorRef):
-            stack.extend((item.storage, item.hooks, item.metadata))
-        elif isinstance(item, ParameterRef):
-            stack.extend((item.data, item.hooks, item.state))
-        elif isinstance(item, InertObject):
-            stack.append(item.state)
-        elif isinstance(item, NumpyScalar | NumpyArray):
-            stack.append(item.data if isinstance(item, NumpyScalar) else item.args)
 
 
 def key_usage(checkpoint: Checkpoint) -> tuple[KeyUsage, ...]:
@@ -226,14 +163,8 @@ def key_usage(checkpoint: Checkpoint) -> tuple[KeyUsage, ...]:
     seen: set[int] = set()
     usage = []
     for key, value in root.items():
-        role: Literal["model", "training-state", "metadata"] = (
-            "model"
-            if key == MODEL_KEY
-            else "training-state"
-            if is_training_state_key(key)
-            else "metadata"
-        )
-        items = list(_walk(value, seen))
+        role = checkpoint.description.roles.get(key, "metadata")
+        items = list(walk_values(value, seen))
         storage_bytes = sum(s.nbytes for s in items if isinstance(s, StorageRef))
         tensors = sum(1 for t in items if isinstance(t, TensorRef))
         usage.append(KeyUsage(str(key), role, storage_bytes, tensors))

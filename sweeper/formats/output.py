@@ -20,13 +20,9 @@ from typing import Any
 
 from sweeper.errors import FileRefused
 from sweeper.formats.checkpoint import (
-    MODEL_KEY,
     Checkpoint,
     Kind,
     Mode,
-    _numpy_scalar_value,
-    _walk,
-    is_training_state_key,
 )
 from sweeper.formats.records import (
     _ALIGNMENT,
@@ -61,6 +57,7 @@ from sweeper.formats.unpickler import (
     DeviceRef,
     DtypeRef,
     InertDefaultDict,
+    InertDict,
     InertObject,
     InertOrderedDict,
     NumpyArray,
@@ -75,6 +72,8 @@ from sweeper.formats.unpickler import (
     _MalformedPickle,
     _no_build,
     load_inert,
+    numpy_scalar_value,
+    walk_values,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -133,25 +132,27 @@ def _plain_config(value: object, path: str, budget: list[int] | None = None) -> 
     if isinstance(value, PathValue):
         return "/".join(str(p) for p in value.parts).replace("//", "/")
     if isinstance(value, NumpyScalar):
-        return _numpy_scalar_value(value)
+        return numpy_scalar_value(value)
     if value is None or isinstance(value, str | int | float | bool | bytes):
         return value
     raise FileRefused(path, f"config holds an unsupported value of type {type(value).__name__}")
 
 
 def _portable_metadata(value: object, key: str, path: str) -> object:
-    """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts."""
-    if key == "config" or isinstance(value, InertObject):
+    """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts: configs,
+    namespaces and Lightning's ``AttributeDict`` anywhere in it make it all plain data."""
+    foreign = (InertObject, InertDict)
+    if key == "config" or any(isinstance(item, foreign) for item in walk_values(value)):
         try:
             return PlainData(_plain_config(value, path))
         except RecursionError:
             raise FileRefused(path, f"metadata key {key!r} nests too deeply") from None
     if isinstance(value, NumpyScalar):
-        number = _numpy_scalar_value(value)
+        number = numpy_scalar_value(value)
         if number is None:
             raise FileRefused(path, f"metadata key {key!r} holds an unsupported numpy scalar")
         return number
-    for item in _walk(value):
+    for item in walk_values(value):
         # frozenset, defaultdict and classes are not on torch's weights_only allowlist either.
         if isinstance(
             item,
@@ -172,26 +173,32 @@ def _portable_metadata(value: object, key: str, path: str) -> object:
 def select_output(checkpoint: Checkpoint, mode: Mode) -> object:
     """The object an extraction writes: the weights, plus (inference mode) the metadata.
 
-    Kept: ``model_state_dict`` and every other top-level key that is not training state
-    (optimizer, scheduler, AMP scaler, RNG state), with configs turned into plain containers.
+    What is weights, training state and metadata is the checkpoint's layout family's word
+    (``sweeper.formats.families``).  Kept: the model keys as they are and every metadata key,
+    configs and namespaces turned into plain containers; dropped: training state (optimizer,
+    scheduler, AMP scaler, RNG state, ...) and what the copy cannot carry.
     """
     path = checkpoint.path
+    description = checkpoint.description
     if checkpoint.kind is not Kind.FULL:
+        if checkpoint.kind is Kind.UNREDUCIBLE:
+            raise FileRefused(path, f"cannot reduce it: {description.reason}")
         if checkpoint.kind is Kind.OTHER:
-            raise FileRefused(path, f"not a full training checkpoint: no {MODEL_KEY!r}")
+            raise FileRefused(path, "not a full training checkpoint: no model weights")
         raise FileRefused(path, f"already {_article(checkpoint.kind)}; nothing to extract")
     root = checkpoint.root
-    assert isinstance(root, dict)
-    weights = root[MODEL_KEY]
+    assert isinstance(root, dict) and description.weights_key is not None
+    weights = root[description.weights_key]
     if not isinstance(weights, dict):
-        raise FileRefused(path, f"{MODEL_KEY!r} is not a state dict")
+        raise FileRefused(path, f"{description.weights_key!r} is not a state dict")
     if mode is Mode.WEIGHTS:
         return weights
     kept: dict[object, object] = {}
     for key, value in root.items():
-        if key == MODEL_KEY:
+        role = description.roles[key]
+        if role == "model":
             kept[key] = value
-        elif not is_training_state_key(key):
+        elif role == "metadata":
             kept[key] = _portable_metadata(value, str(key), path)
     return kept
 

@@ -15,7 +15,7 @@ import io
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -184,6 +184,17 @@ class InertOrderedDict(OrderedDict[Any, Any], metaclass=_Sealed):
     attributes: dict[str, object] = {}  # noqa: RUF012 - replaced per instance, never mutated
 
 
+class InertDict(dict[Any, Any], metaclass=_Sealed):
+    """An allowlisted ``dict`` subclass (Lightning's ``AttributeDict``): its items, and nothing
+    else.  ``NEWOBJ`` makes a bare dict, ``SETITEMS`` fills it; none of the real class's code
+    runs, and calling the class with arguments (``REDUCE``) fails."""
+
+    global_name = "?"
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
 class InertDefaultDict(dict[Any, Any], metaclass=_Sealed):
     def __init__(self, factory: object = None, *args: object) -> None:
         super().__init__()
@@ -326,6 +337,10 @@ def _inert_class(global_name: str) -> type[InertObject]:
     return type(global_name.rpartition(".")[2], (InertObject,), {"global_name": global_name})
 
 
+def _inert_dict(global_name: str) -> type[InertDict]:
+    return type(global_name.rpartition(".")[2], (InertDict,), {"global_name": global_name})
+
+
 def _make(factory: Callable[..., object]) -> Callable[..., object]:
     def call(*args: object) -> object:
         return factory(args)
@@ -352,6 +367,19 @@ def _allowed_globals() -> dict[str, object]:
         "pathlib.Path": _make(PathValue),
         "typing.Any": TypeRef("typing.Any"),
         "argparse.Namespace": _inert_class("argparse.Namespace"),
+        # Lightning's hyper-parameters (1.x pickled them as this dict subclass).
+        "lightning.fabric.utilities.data.AttributeDict": _inert_dict(
+            "lightning.fabric.utilities.data.AttributeDict"
+        ),
+        "lightning_fabric.utilities.data.AttributeDict": _inert_dict(
+            "lightning_fabric.utilities.data.AttributeDict"
+        ),
+        "lightning.pytorch.utilities.parsing.AttributeDict": _inert_dict(
+            "lightning.pytorch.utilities.parsing.AttributeDict"
+        ),
+        "pytorch_lightning.utilities.parsing.AttributeDict": _inert_dict(
+            "pytorch_lightning.utilities.parsing.AttributeDict"
+        ),
     }
     for name, (dtype, itemsize) in _STORAGE_TYPES.items():
         allowed[f"torch.{name}"] = StorageType(name, dtype, itemsize)
@@ -661,3 +689,71 @@ def _load_inert(data: bytes, path: str) -> tuple[object, list[StorageRef]]:
         ) from None
     except MemoryError:
         raise FileRefused(path, MEMORY_REFUSAL) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading inert values.
+
+
+def as_number(value: object) -> int | float | None:
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, NumpyScalar):
+        return numpy_scalar_value(value)
+    return None
+
+
+def numpy_scalar_value(value: NumpyScalar) -> int | float | bool | None:
+    dtype = value.dtype
+    if not isinstance(dtype, NumpyDtype) or not dtype.args or not isinstance(dtype.args[0], str):
+        return None
+    code = dtype.args[0]
+    data = value.data
+    formats = {
+        "f8": "d",
+        "f4": "f",
+        "f2": "e",
+        "i8": "q",
+        "i4": "i",
+        "i2": "h",
+        "i1": "b",
+        "u8": "Q",
+        "u4": "I",
+        "u2": "H",
+        "u1": "B",
+        "b1": "?",
+    }
+    if code not in formats or not isinstance(data, bytes):
+        return None
+    fmt = "<" + formats[code]
+    if len(data) != struct.calcsize(fmt):
+        return None
+    number: int | float | bool = struct.unpack(fmt, data)[0]
+    return number
+
+
+def walk_values(value: object, seen: set[int] | None = None) -> Iterator[object]:
+    """Every value reachable from ``value``, each object once (iterative: pickles can nest deep)."""
+    seen = set() if seen is None else seen
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+            if isinstance(item, InertOrderedDict):
+                stack.extend(item.attributes.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
+        elif isinstance(item, TensorRef):
+            stack.extend((item.storage, item.hooks, item.metadata))
+        elif isinstance(item, ParameterRef):
+            stack.extend((item.data, item.hooks, item.state))
+        elif isinstance(item, InertObject):
+            stack.append(item.state)
+        elif isinstance(item, NumpyScalar | NumpyArray):
+            stack.append(item.data if isinstance(item, NumpyScalar) else item.args)

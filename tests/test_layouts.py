@@ -1,0 +1,109 @@
+"""Single-file layouts of other libraries, end to end through ``sweeper sweep``.
+
+Each test sweeps a run folder written by (or exactly as) the library with ``keep_full=2`` and
+checks: the newest two stay complete, older ones are demoted, every copy loads the way its
+ecosystem loads it with the same weights, and plan == tree == ledger to the byte
+(:func:`test_retention.sweep_and_account`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import assert_same_tensors
+from conftest import CliRun
+from layouts import lightning_module, lightning_run, quiet_library
+from test_retention import NO_AGE, copies, kept_full, sweep_and_account
+from test_sweep import Sweeper, by_name
+from trees import days_ago, set_mtime
+
+KEEP_TWO = "keep_full=2"
+
+
+@pytest.fixture
+def sweeper(tmp_path: Path, run_sweeper: Callable[..., CliRun]) -> Sweeper:
+    return Sweeper(tmp_path, run_sweeper)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = torch.load(path, weights_only=True)
+    return loaded
+
+
+def assert_same_values(expected: object, actual: object, where: str = "") -> None:
+    """Equal trees: tensors compared as assert_same_tensors does, the rest with ==."""
+    if isinstance(expected, torch.Tensor):
+        assert_same_tensors({where: expected}, {where: actual})
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), where
+        for key, value in expected.items():
+            assert_same_values(value, actual[key], f"{where}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert type(actual) is type(expected) and len(actual) == len(expected), where
+        for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            assert_same_values(want, got, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch Lightning
+
+
+def test_lightning_run_keeps_two_and_demotes_to_what_save_weights_only_writes(
+    sweeper: Sweeper, tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A real Trainer's four epochs and last.ckpt: epochs 2 and 3 stay full, epochs 0 and 1
+    are demoted to copies that hold exactly what ModelCheckpoint(save_weights_only=True) wrote
+    for the same epochs, load with load_from_checkpoint and weights_only=True, and the plan,
+    the tree and the ledger agree to the byte.  inspect names the family and reads the
+    monitored val_loss out of the callbacks' state."""
+    run = sweeper.root / "run"
+    weights_only = tmp_path / "weights_only"
+    lightning_run(run, weights_only)
+    epochs = [f"epoch={e}-step={2 * (e + 1)}.ckpt" for e in range(4)]
+    assert sorted(p.name for p in run.iterdir()) == sorted([*epochs, "last.ckpt"])
+    for epoch, name in enumerate(epochs):  # old, in epoch order: the stored epoch decides
+        set_mtime(run / name, days_ago(1) + epoch)
+    set_mtime(run / "last.ckpt", days_ago(1) + 10)
+    saved = {name: _load(run / name) for name in epochs}
+
+    inspected = run_sweeper("inspect", run / epochs[0], "--json").json()
+    assert (inspected["kind"], inspected["family"]) == ("full", "lightning")
+    callbacks = saved[epochs[0]]["callbacks"]
+    (monitored,) = [state for state in callbacks.values() if state.get("monitor")]
+    assert monitored["monitor"] == "val_loss"  # the weights-only callback monitors nothing
+    assert inspected["metrics"] == {"val_loss": pytest.approx(monitored["current_score"].item())}
+    assert (inspected["epoch"], inspected["step"]) == (0, 2)
+    roles = {key["key"]: key["role"] for key in inspected["keys"]}
+    assert roles["state_dict"] == "model"
+    assert {roles[k] for k in ("optimizer_states", "lr_schedulers", "callbacks")} == {
+        "training-state"
+    }
+
+    plan, _ = sweep_and_account(sweeper, NO_AGE, KEEP_TWO)
+
+    entries = by_name(plan["entries"])
+    assert {entries[name]["action"] for name in epochs[:2]} == {"delete"}
+    assert kept_full(run) == {*epochs[2:], "last.ckpt"}
+    assert {f"epoch={e}-step={2 * (e + 1)}_inference.ckpt" for e in (0, 1)} <= copies(run)
+    for name in epochs[2:]:  # complete: still what the trainer wrote
+        assert_same_values(saved[name], _load(run / name))
+    module = lightning_module()
+    for epoch, name in enumerate(epochs[:2]):
+        copy = run / name.replace(".ckpt", "_inference.ckpt")
+        written = _load(copy)
+        assert_same_values(_load(weights_only / name), written)
+        with quiet_library():
+            model = module.load_from_checkpoint(copy)
+        assert model.hparams == {"hidden": 8, "lr": 0.01}
+        assert_same_tensors(saved[name]["state_dict"], written["state_dict"])
+        assert_same_tensors(
+            {k: v for k, v in saved[name]["state_dict"].items()},
+            {k: v.detach() for k, v in model.state_dict().items()},
+        )
+        assert written["epoch"] == epoch
