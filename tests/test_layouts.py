@@ -8,6 +8,7 @@ ecosystem loads it with the same weights, and plan == tree == ledger to the byte
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ import pytest
 import torch
 from checkpoints import assert_same_tensors
 from conftest import CliRun
-from layouts import lightning_module, lightning_run, quiet_library
+from layouts import (
+    lightning_module,
+    lightning_run,
+    quiet_library,
+    timm_args,
+    timm_load_checkpoint,
+    timm_model,
+    timm_run,
+)
 from test_retention import NO_AGE, copies, kept_full, sweep_and_account
 from test_sweep import Sweeper, by_name
 from trees import days_ago, set_mtime
@@ -107,3 +116,68 @@ def test_lightning_run_keeps_two_and_demotes_to_what_save_weights_only_writes(
             {k: v.detach() for k, v in model.state_dict().items()},
         )
         assert written["epoch"] == epoch
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+def test_timm_run_keeps_two_and_demotes_with_its_hard_links_as_aliases(
+    sweeper: Sweeper, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """Six epochs as timm's CheckpointSaver leaves them: checkpoint-N.pth.tar, last.pth.tar
+    hard-linked to epoch 5 and model_best.pth.tar to epoch 2 (the best metric).  Epochs 5 and
+    2 are aliases: kept, the plan says why, never deleted.  keep_full=2 counts the others and
+    keeps epochs 4 and 3; epochs 0 and 1 are demoted to checkpoint-N_inference.pth.tar.  Every
+    copy loads with timm's load_checkpoint (weights and EMA weights) and weights_only=True,
+    args as a plain dict; plan, tree and ledger agree to the byte."""
+    run = sweeper.root / "run"
+    metrics = [0.1, 0.3, 0.6, 0.5, 0.4, 0.55]
+    saved = timm_run(run, metrics, [days_ago(1) + epoch for epoch in range(len(metrics))])
+    epochs = [f"checkpoint-{epoch}.pth.tar" for epoch in range(len(metrics))]
+    assert (run / "last.pth.tar").stat().st_ino == (run / epochs[5]).stat().st_ino
+    assert (run / "model_best.pth.tar").stat().st_ino == (run / epochs[2]).stat().st_ino
+
+    inspected = run_sweeper("inspect", run / epochs[0], "--json").json()
+    assert (inspected["kind"], inspected["family"]) == ("full", "timm")
+    assert (inspected["epoch"], inspected["metrics"]) == (0, {"metric": 0.1})
+    roles = {key["key"]: key["role"] for key in inspected["keys"]}
+    assert roles == {
+        "epoch": "metadata",
+        "arch": "metadata",
+        "optimizer": "training-state",
+        "version": "metadata",
+        "args": "metadata",
+        "amp_scaler": "training-state",
+        "state_dict": "model",
+        "state_dict_ema": "model",
+        "metric": "metadata",
+    }
+
+    plan, _ = sweep_and_account(sweeper, NO_AGE, KEEP_TWO)
+
+    entries = by_name(plan["entries"])
+    assert {entries[name]["action"] for name in epochs[:2]} == {"delete"}
+    assert "hard-linked as last.pth.tar in this folder (an alias)" in entries[epochs[5]]["reason"]
+    assert "hard-linked as model_best.pth.tar in this folder" in entries[epochs[2]]["reason"]
+    assert kept_full(run) == {*epochs[2:], "last.pth.tar", "model_best.pth.tar"}
+    assert {f"checkpoint-{epoch}_inference.pth.tar" for epoch in (0, 1)} <= copies(run)
+    for name in epochs[2:]:  # complete: still what the saver wrote (its Namespace allowed)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            assert_same_values(_plain(saved[name]), _plain(_load(run / name)))
+    for epoch, name in enumerate(epochs[:2]):
+        copy = run / f"checkpoint-{epoch}_inference.pth.tar"
+        written = _load(copy)
+        expected = {k: v for k, v in saved[name].items() if k not in ("optimizer", "amp_scaler")}
+        expected["args"] = vars(timm_args())
+        assert_same_values(expected, written)
+        model, ema = timm_model(0), timm_model(0)
+        timm_load_checkpoint(model, copy)
+        timm_load_checkpoint(ema, copy, use_ema=True)
+        assert_same_tensors(saved[name]["state_dict"], model.state_dict())
+        assert_same_tensors(saved[name]["state_dict_ema"], ema.state_dict())
+
+
+def _plain(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A timm checkpoint with its Namespace as the dict weights_only=True cannot load it as."""
+    return {k: vars(v) if k == "args" else v for k, v in checkpoint.items()}
