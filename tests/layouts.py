@@ -180,3 +180,49 @@ def timm_load_checkpoint(model: torch.nn.Module, path: Path, use_ema: bool = Fal
     key = "state_dict_ema" if use_ema and "state_dict_ema" in checkpoint else "state_dict"
     state_dict = {k.removeprefix("module."): v for k, v in checkpoint[key].items()}
     model.load_state_dict(state_dict, strict=True)
+
+
+def mmengine_checkpoint(epoch: int) -> dict[str, Any]:
+    """What mmengine's ``Runner.save_checkpoint`` writes (mmengine/runner/runner.py): meta
+    (epoch, iter, versions, seed), state_dict, optimizer, param_schedulers, message_hub and,
+    with an EMA hook, ema_state_dict.  The message hub's logged scalars are HistoryBuffers of
+    numpy arrays, which sweeper does not read: this one holds runtime info only."""
+    model = timm_model(epoch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    iteration = 10 * (epoch + 1)
+    return {
+        "meta": {
+            "epoch": epoch + 1,
+            "iter": iteration,
+            "mmengine_version": "0.10.7",
+            "seed": 42,
+            "experiment_name": "tiny_20261130",
+            "time": "20261130_000000",
+            "dataset_meta": {"classes": ("cat", "dog")},
+        },
+        "state_dict": model.state_dict(),
+        "message_hub": {
+            "log_scalars": {},
+            "runtime_info": {"epoch": epoch + 1, "iter": iteration, "max_epochs": 4},
+            "resumed_keys": {"epoch": True, "iter": True},
+        },
+        "optimizer": optimizer.state_dict(),
+        "param_schedulers": [scheduler.state_dict()],
+        "ema_state_dict": timm_model(100 + epoch).state_dict(),
+    }
+
+
+def generic_checkpoint(epoch: int) -> dict[str, Any]:
+    """A hand-rolled training script's file: weights under ``model`` beside optimizer-like
+    keys (the shape many research repositories write)."""
+    model = timm_model(epoch)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return {
+        "model": model.state_dict(),
+        "optim": optimizer.state_dict(),
+        "lr_sched": torch.optim.lr_scheduler.StepLR(optimizer, 1).state_dict(),
+        "epoch": epoch,
+        "best_acc": 0.5 + epoch / 10,
+        "notes": {"dataset": "tiny", "seed": 3},
+    }

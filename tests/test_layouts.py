@@ -18,8 +18,10 @@ import torch
 from checkpoints import assert_same_tensors
 from conftest import CliRun
 from layouts import (
+    generic_checkpoint,
     lightning_module,
     lightning_run,
+    mmengine_checkpoint,
     quiet_library,
     timm_args,
     timm_load_checkpoint,
@@ -181,3 +183,75 @@ def test_timm_run_keeps_two_and_demotes_with_its_hard_links_as_aliases(
 def _plain(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A timm checkpoint with its Namespace as the dict weights_only=True cannot load it as."""
     return {k: vars(v) if k == "args" else v for k, v in checkpoint.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# mmengine and generic layouts, written by hand after their savers
+
+
+@pytest.mark.parametrize(
+    ("family", "build", "name", "dropped", "progress"),
+    [
+        (
+            "mmengine",
+            mmengine_checkpoint,
+            "epoch_{}.pth",
+            {"optimizer", "param_schedulers", "message_hub"},
+            lambda epoch: (epoch + 1, 10 * (epoch + 1)),
+        ),
+        ("generic", generic_checkpoint, "ckpt_{}.pt", {"optim", "lr_sched"}, lambda e: (e, None)),
+    ],
+)
+def test_hand_written_layouts_keep_two_and_demote(
+    sweeper: Sweeper,
+    run_sweeper: Callable[..., CliRun],
+    family: str,
+    build: Callable[[int], dict[str, Any]],
+    name: str,
+    dropped: set[str],
+    progress: Callable[[int], tuple[int, int | None]],
+) -> None:
+    """Four epochs: inspect names the family and its epoch/step; epochs 3 and 2 stay
+    complete, 0 and 1 are demoted to copies holding every key but the training state, which
+    load with weights_only=True; plan, tree and ledger agree to the byte."""
+    run = sweeper.root / "run"
+    run.mkdir()
+    saved = {}
+    for epoch in range(4):
+        saved[name.format(epoch)] = build(epoch)
+        torch.save(saved[name.format(epoch)], run / name.format(epoch))
+        set_mtime(run / name.format(epoch), days_ago(1) + epoch)
+    inspected = run_sweeper("inspect", run / name.format(1), "--json").json()
+    assert (inspected["kind"], inspected["family"]) == ("full", family)
+    assert (inspected["epoch"], inspected["step"]) == progress(1)
+    roles = {key["key"]: key["role"] for key in inspected["keys"]}
+    assert {key for key, role in roles.items() if role == "training-state"} == dropped
+
+    plan, _ = sweep_and_account(sweeper, NO_AGE, KEEP_TWO)
+
+    entries = by_name(plan["entries"])
+    assert {entries[name.format(epoch)]["action"] for epoch in (0, 1)} == {"delete"}
+    assert kept_full(run) == {name.format(3), name.format(2)}
+    for epoch in (2, 3):
+        assert_same_values(saved[name.format(epoch)], _load(run / name.format(epoch)))
+    for epoch in (0, 1):
+        copy = run / name.format(epoch).replace(".", "_inference.")
+        expected = {k: v for k, v in saved[name.format(epoch)].items() if k not in dropped}
+        assert_same_values(expected, _load(copy))
+
+
+def test_inspect_says_why_it_cannot_reduce_training_state(
+    checkpoint_dir: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """Optimizer state beside weights under a key no family names: inspect calls it a
+    training checkpoint it cannot reduce and says why, never "not a checkpoint"."""
+    path = checkpoint_dir / "odd.pt"
+    checkpoint = generic_checkpoint(0)
+    checkpoint["weights"] = checkpoint.pop("model")
+    torch.save(checkpoint, path)
+    inspected = run_sweeper("inspect", path, "--json").json()
+    assert inspected["kind"] == "unreducible"
+    assert inspected["description"] == "training checkpoint sweeper cannot reduce"
+    assert "holds training state (optim, lr_sched)" in inspected["cannot_reduce"]
+    text = run_sweeper("inspect", path).stdout
+    assert "cannot reduce it: holds training state" in text and "not a checkpoint" not in text
