@@ -73,7 +73,7 @@ class ConfigSchema:
     """
 
     roots: list[str] = field(default_factory=lambda: ["results/checkpoints"])
-    patterns: list[str] = field(default_factory=lambda: ["*.pt", "*.pth", "*.ckpt"])
+    patterns: list[str] = field(default_factory=lambda: ["*.pt", "*.pth", "*.ckpt", "*.pth.tar"])
     keep_full: int = 2
     ledger: str = "${" + STATE_DIR_RESOLVER + ":}/ledger.jsonl"
     min_age_seconds: int = 600

@@ -37,12 +37,27 @@ _FILE_TYPES = {
 }
 
 
+# Extensions of more than one part: timm's ``checkpoint-3.pth.tar`` is a .pth.tar file.
+_DOUBLE_EXTENSIONS = (".pth.tar",)
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """``epoch_3.pt`` -> (``epoch_3``, ``pt``); ``checkpoint-3.pth.tar`` -> (``checkpoint-3``,
+    ``pth.tar``); a name without one -> (the name, ``pt``)."""
+    for extension in _DOUBLE_EXTENSIONS:
+        if name.endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)], extension[1:]
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem:
+        return name, "pt"
+    return stem, suffix
+
+
 def output_name(source_name: str, mode: Mode) -> str:
     """``best_model.pt`` -> ``best_model_inference.pt`` (or ``_weights.pt``), as the seed guide's
-    extract_weights.py names them; the source's extension is kept."""
-    stem, dot, suffix = source_name.rpartition(".")
-    if not dot or not stem:
-        stem, suffix = source_name, "pt"
+    extract_weights.py names them; the source's extension is kept (``checkpoint-3.pth.tar`` ->
+    ``checkpoint-3_inference.pth.tar``)."""
+    stem, suffix = split_extension(source_name)
     return f"{stem}_{mode.value}.{suffix}"
 
 
@@ -54,9 +69,7 @@ def superseded_name(source_name: str, made_from: torchzip.Provenance, taken: set
     takes its name: ``epoch_1.pt`` -> ``epoch_1.superseded-20261129T2145-1a2b3c4d_inference.pt``
     (the old version's mtime and pickle CRC; ``-2``, ``-3``... when ``taken`` holds it already):
     still sweeper's output, never the copy of a file of that name, never longer than NAME_MAX."""
-    stem, dot, suffix = source_name.rpartition(".")
-    if not dot or not stem:
-        stem, suffix = source_name, "pt"
+    stem, suffix = split_extension(source_name)
     written = time.strftime("%Y%m%dT%H%M", time.gmtime(made_from.mtime_ns // 1_000_000_000))
     mark = f"superseded-{written}-{made_from.pickle_crc32:08x}"
     for number in range(1, 1000):
@@ -69,7 +82,7 @@ def superseded_name(source_name: str, made_from: torchzip.Provenance, taken: set
 
 
 def is_sweeper_output(name: str) -> bool:
-    stem = name.rpartition(".")[0]
+    stem = split_extension(name)[0] if "." in name else ""
     return stem.endswith(("_inference", "_weights"))
 
 

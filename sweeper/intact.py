@@ -20,7 +20,7 @@ from sweeper import policy, torchzip
 from sweeper.errors import FileRefused
 from sweeper.extract import open_regular
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder, open_folder
-from sweeper.plan import to_candidate
+from sweeper.plan import to_candidates
 from sweeper.policy import Rules
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
     folder = _OpenedOnce(run.folder)
     try:
         while True:
-            candidates = [to_candidate(file) for file in files.values()]
+            candidates = to_candidates(files.values())
             decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
             todo = policy.needs_verification(candidates, decisions)
             if not todo:

@@ -1050,6 +1050,9 @@ def _read_checkpoint(
         metric=_headline_metric(checkpoint.metrics),
         metrics=checkpoint.metrics + checkpoint.inner_metrics,
     )
+    if checkpoint.kind is Kind.UNREDUCIBLE:
+        found["problem"] = f"cannot reduce it: {checkpoint.description.reason}"
+        return
     if own:
         try:
             source = torchzip.read_provenance(fd, checkpoint.archive, display)

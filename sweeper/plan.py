@@ -8,6 +8,7 @@ then reclaims on the same tree.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sweeper import policy
@@ -89,7 +90,22 @@ def _status(file: FileEntry) -> Status:
     return Status.UNUSABLE
 
 
-def to_candidate(file: FileEntry) -> Candidate:
+def to_candidates(files: Iterable[FileEntry]) -> list[Candidate]:
+    """The candidates of one run folder's files; a hard-linked file whose every link is one of
+    them is told its other names (an alias, as timm's ``last.pth.tar`` is of an epoch file)."""
+    files = list(files)
+    names: dict[tuple[int, int], list[str]] = {}
+    for file in files:
+        names.setdefault((file.dev, file.ino), []).append(file.name)
+    candidates = []
+    for file in files:
+        linked = names[(file.dev, file.ino)]
+        aliases = () if file.nlink < 2 or len(linked) != file.nlink else linked
+        candidates.append(to_candidate(file, tuple(n for n in aliases if n != file.name)))
+    return candidates
+
+
+def to_candidate(file: FileEntry, aliases: tuple[str, ...] = ()) -> Candidate:
     status = _status(file)
     problem = file.problem
     if status is Status.UNUSABLE and problem is None:
@@ -104,6 +120,7 @@ def to_candidate(file: FileEntry) -> Candidate:
         step=file.step,
         problem=problem,
         nlink=file.nlink,
+        aliases=aliases,
         pinned=file.pinned,
         copy=copy.status if copy else CopyStatus.NONE,
         copy_name=copy.name if copy else None,
@@ -129,7 +146,7 @@ def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, .
     """The plan entries of one run folder (retention is decided per run folder).  Run folders
     should come through :func:`sweeper.intact.verify_run` first: a deletion that counts on a
     full checkpoint not yet read in full is planned as keep."""
-    candidates = [to_candidate(f) for f in run.files]
+    candidates = to_candidates(run.files)
     decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
     unverified = policy.needs_verification(candidates, decisions)
     if unverified:  # fail safe: a deletion never rests on a file nobody read in full

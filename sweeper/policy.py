@@ -109,6 +109,10 @@ class Candidate:
     step: int | None = None
     problem: str | None = None
     nlink: int = 1
+    # Its other names in this folder, when they are all its other links: an alias (timm's
+    # CheckpointSaver links last.pth.tar and model_best.pth.tar to epoch files), not a file
+    # shared with another folder.  Still never counted or deleted.
+    aliases: tuple[str, ...] = ()
     pinned: str | None = None
     copy: CopyStatus = CopyStatus.NONE
     copy_name: str | None = None
@@ -273,6 +277,9 @@ def decide(
                 )
             elif rolling is not None:
                 why = f"a rolling name (rolling_names {rolling!r}), rewritten in place"
+                uncounted.append((candidate, why))
+            elif candidate.nlink > 1 and candidate.aliases:
+                why = f"hard-linked as {', '.join(candidate.aliases)} in this folder (an alias)"
                 uncounted.append((candidate, why))
             elif candidate.nlink > 1:
                 uncounted.append((candidate, f"has {candidate.nlink} hard links"))

@@ -133,6 +133,8 @@ def inspect_json(
         "path": checkpoint.path,
         "kind": checkpoint.kind.name.lower(),
         "description": checkpoint.kind.value,
+        "family": checkpoint.family,
+        "cannot_reduce": checkpoint.description.reason,
         "intact": True,
         "tensor_data_verified": verified,
         "integrity": _integrity(verified),
@@ -174,6 +176,17 @@ _SOURCE_STATES = {
 }
 
 
+_FAMILY_NAMES = {
+    "plain": "plain (model_state_dict)",
+    "lightning": "PyTorch Lightning",
+    "timm": "timm",
+    "mmengine": "mmengine (OpenMMLab)",
+    "generic": "generic (weights beside optimizer state)",
+    "weights": "a bare state dict",
+    "unknown": "unknown",
+}
+
+
 def inspect_text(
     checkpoint: Checkpoint,
     outputs: dict[Mode, int],
@@ -186,6 +199,10 @@ def inspect_text(
         f"{human_size(checkpoint.file_size)}",
         f"  integrity: {_integrity(verified)}",
     ]
+    if checkpoint.kind is not Kind.OTHER:
+        lines.append(f"  layout: {_FAMILY_NAMES.get(checkpoint.family, checkpoint.family)}")
+    if checkpoint.description.reason is not None:
+        lines.append(f"  cannot reduce it: {printable(checkpoint.description.reason)}")
     progress = [
         (name, value)
         for name, value in (("epoch", checkpoint.epoch), ("step", checkpoint.step))

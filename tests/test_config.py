@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, text: str) -> Path:
 def test_defaults(plain_environment: Path) -> None:
     assert load_settings(None) == Settings(
         roots=("results/checkpoints",),
-        patterns=("*.pt", "*.pth", "*.ckpt"),
+        patterns=("*.pt", "*.pth", "*.ckpt", "*.pth.tar"),
         keep_full=2,
         ledger=plain_environment / ".local" / "state" / "sweeper" / "ledger.jsonl",
         min_age_seconds=600,

@@ -46,7 +46,7 @@ from conftest import REPO_ROOT, CliRun, run_cli
 from omegaconf import DictConfig, OmegaConf
 
 from sweeper import torchzip
-from sweeper.extract import Located, extract
+from sweeper.extract import Located, extract, is_sweeper_output, output_name
 from sweeper.torchzip import Interrupted, Mode
 
 RunSweeper = Callable[..., CliRun]
@@ -516,10 +516,10 @@ def _legacy(folder: Path) -> Path:
     return path
 
 
-def _no_model_state_dict(folder: Path) -> Path:
+def _no_model_weights(folder: Path) -> Path:
     path = folder / "ckpt.pt"
     checkpoint = full_checkpoint()
-    checkpoint["state_dict"] = checkpoint.pop("model_state_dict")
+    checkpoint["weights"] = checkpoint.pop("model_state_dict")  # a key no family names
     torch.save(checkpoint, path)
     return path
 
@@ -578,7 +578,7 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str, bool]] = {
     "central-signature": (_central_signature_broken, "malformed archive", True),
     "central-offset": (_central_offset_past_end, "malformed archive", True),
     "local-header": (_local_header_renamed, "malformed archive", False),
-    "no-model-state-dict": (_no_model_state_dict, "no 'model_state_dict'", False),
+    "no-model-weights": (_no_model_weights, "cannot reduce it: holds training state", False),
     "inference": (_inference, "already an inference checkpoint", False),
     "bare-weights": (_bare_weights, "already bare weights", False),
     "directory": (_directory, "a directory", True),
@@ -751,3 +751,19 @@ def test_a_long_multibyte_name_extracts(checkpoint_dir: Path, run_sweeper: RunSw
 
     assert (checkpoint_dir / ("\u4e2d" * 80 + "_inference.pt")).exists()
     assert temp_files(checkpoint_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "copy"),
+    [
+        ("epoch_3.pt", "epoch_3_inference.pt"),
+        ("checkpoint-3.pth.tar", "checkpoint-3_inference.pth.tar"),
+        ("model.tar", "model_inference.tar"),
+        ("noext", "noext_inference.pt"),
+    ],
+)
+def test_output_name_keeps_the_whole_extension(source: str, copy: str) -> None:
+    """``.pth.tar`` is one extension: the copy of timm's checkpoint-3.pth.tar is
+    checkpoint-3_inference.pth.tar, which sweeper then knows as its own output."""
+    assert output_name(source, Mode.INFERENCE) == copy
+    assert is_sweeper_output(copy) and not is_sweeper_output(source)

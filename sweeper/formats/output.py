@@ -1,0 +1,980 @@
+"""The inference output: the kept subtree as a fresh pickle, the records to copy, writing
+and verification.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import json
+import os
+import pickle
+import queue
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sweeper.errors import FileRefused
+from sweeper.formats.checkpoint import (
+    Checkpoint,
+    Kind,
+    Mode,
+)
+from sweeper.formats.records import (
+    _ALIGNMENT,
+    _CENTRAL,
+    _CENTRAL_SIG,
+    _DESCRIPTOR_SIG,
+    _EOCD,
+    _EOCD_SIG,
+    _LOCAL,
+    _LOCAL_SIG,
+    _MAX_CONFIG_NODES,
+    _MAX_FINGERPRINT_ITEMS,
+    _MAX_PICKLE_BYTES,
+    _U16,
+    _U32,
+    _ZIP64_EOCD,
+    _ZIP64_EOCD_SIG,
+    _ZIP64_LOCATOR,
+    _ZIP64_LOCATOR_SIG,
+    COPY_CHUNK,
+    Archive,
+    Record,
+    _data_offset,
+    _pread_exact,
+    crc_of_range,
+    crcs_of_ranges,
+    read_archive,
+    read_record,
+    record_data_offset,
+)
+from sweeper.formats.unpickler import (
+    DeviceRef,
+    DtypeRef,
+    InertDefaultDict,
+    InertDict,
+    InertObject,
+    InertOrderedDict,
+    NumpyArray,
+    NumpyDtype,
+    NumpyScalar,
+    ParameterRef,
+    PathValue,
+    SizeRef,
+    StorageRef,
+    TensorRef,
+    TypeRef,
+    _MalformedPickle,
+    _no_build,
+    load_inert,
+    numpy_scalar_value,
+    walk_values,
+)
+
+# ---------------------------------------------------------------------------------------------
+# The output: the kept subtree as a fresh pickle, and the records to copy.
+
+
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+
+
+@_no_build
+@dataclass(frozen=True, eq=False, slots=True)
+class PlainData:
+    """A subtree made only of dicts, lists, tuples, strings, numbers, bools, bytes and None
+    (a converted config): the writer hands it to the C pickler whole."""
+
+    value: object
+
+
+def _plain_config(value: object, path: str, budget: list[int] | None = None) -> object:
+    """An OmegaConf container's pickled state as plain dicts and lists, interpolations unresolved.
+
+    ``${oc.env:HOME}`` stays the text ``"${oc.env:HOME}"``: nothing is evaluated, so nothing of
+    sweeper's environment can leak into a user's file.
+    """
+    if type(value) in _PLAIN_SCALARS:
+        return value
+    # A config that shares sub-objects (d = {"a": d, "b": d} forty times) would expand into a
+    # tree of 2**40 nodes: count what is produced and stop long before memory runs out.
+    budget = budget if budget is not None else [_MAX_CONFIG_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FileRefused(path, "config is implausibly large (shared sub-objects?)")
+    if isinstance(value, InertObject):
+        state = value.state
+        if not isinstance(state, dict):
+            raise FileRefused(path, f"config: {type(value).global_name} without state")
+        if type(value).global_name.startswith("omegaconf.nodes."):
+            return _plain_config(state.get("_val"), path, budget)
+        if type(value).global_name in (
+            "omegaconf.dictconfig.DictConfig",
+            "omegaconf.listconfig.ListConfig",
+            "argparse.Namespace",
+        ):
+            content = (
+                state if type(value).global_name == "argparse.Namespace" else state.get("_content")
+            )
+            return _plain_config(content, path, budget)
+        raise FileRefused(path, f"config holds an unsupported {type(value).global_name}")
+    if isinstance(value, dict):
+        return {
+            _plain_config(k, path, budget): _plain_config(v, path, budget) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        items = [_plain_config(v, path, budget) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, PathValue):
+        return "/".join(str(p) for p in value.parts).replace("//", "/")
+    if isinstance(value, NumpyScalar):
+        return numpy_scalar_value(value)
+    if value is None or isinstance(value, str | int | float | bool | bytes):
+        return value
+    raise FileRefused(path, f"config holds an unsupported value of type {type(value).__name__}")
+
+
+def _portable_metadata(value: object, key: str, path: str) -> object:
+    """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts: configs,
+    namespaces and Lightning's ``AttributeDict`` anywhere in it make it all plain data."""
+    foreign = (InertObject, InertDict)
+    if key == "config" or any(isinstance(item, foreign) for item in walk_values(value)):
+        try:
+            return PlainData(_plain_config(value, path))
+        except RecursionError:
+            raise FileRefused(path, f"metadata key {key!r} nests too deeply") from None
+    if isinstance(value, NumpyScalar):
+        number = numpy_scalar_value(value)
+        if number is None:
+            raise FileRefused(path, f"metadata key {key!r} holds an unsupported numpy scalar")
+        return number
+    for item in walk_values(value):
+        # frozenset, defaultdict and classes are not on torch's weights_only allowlist either.
+        if isinstance(
+            item,
+            NumpyArray
+            | NumpyScalar
+            | NumpyDtype
+            | InertObject
+            | PathValue
+            | frozenset
+            | TypeRef
+            | InertDefaultDict,
+        ):
+            what = "defaultdict" if isinstance(item, InertDefaultDict) else type(item).__name__
+            raise FileRefused(path, f"metadata key {key!r} holds a {what}, not loadable safely")
+    return value
+
+
+def select_output(checkpoint: Checkpoint, mode: Mode) -> object:
+    """The object an extraction writes: the weights, plus (inference mode) the metadata.
+
+    What is weights, training state and metadata is the checkpoint's layout family's word
+    (``sweeper.formats.families``).  Kept: the model keys as they are and every metadata key,
+    configs and namespaces turned into plain containers; dropped: training state (optimizer,
+    scheduler, AMP scaler, RNG state, ...) and what the copy cannot carry.
+    """
+    path = checkpoint.path
+    description = checkpoint.description
+    if checkpoint.kind is not Kind.FULL:
+        if checkpoint.kind is Kind.UNREDUCIBLE:
+            raise FileRefused(path, f"cannot reduce it: {description.reason}")
+        if checkpoint.kind is Kind.OTHER:
+            raise FileRefused(path, "not a full training checkpoint: no model weights")
+        raise FileRefused(path, f"already {_article(checkpoint.kind)}; nothing to extract")
+    root = checkpoint.root
+    assert isinstance(root, dict) and description.weights_key is not None
+    weights = root[description.weights_key]
+    if not isinstance(weights, dict):
+        raise FileRefused(path, f"{description.weights_key!r} is not a state dict")
+    if mode is Mode.WEIGHTS:
+        return weights
+    kept: dict[object, object] = {}
+    for key, value in root.items():
+        role = description.roles[key]
+        if role == "model":
+            kept[key] = value
+        elif role == "metadata":
+            kept[key] = _portable_metadata(value, str(key), path)
+    return kept
+
+
+def _article(kind: Kind) -> str:
+    return f"an {kind.value}" if kind.value[0] in "aeiou" else kind.value
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str  # relative to the archive folder
+    size: int
+    crc32: int
+    inline: bytes | None  # small records written from memory
+    source: Record | None  # storage records copied from the source
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Exactly what an extraction will write, computed before a byte is written."""
+
+    entries: tuple[OutputEntry, ...]
+    total_size: int
+    source_keys: Mapping[str, str] = field(repr=False)  # output storage key -> source key
+
+
+_ARCHIVE_PREFIX = "archive"
+# Where a copy says which version of which file it was made from.  torch.load reads only the
+# records data.pkl names, so an extra record is invisible to it.
+PROVENANCE_RECORD = ".data/sweeper_source.json"
+_MAX_PROVENANCE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The version of the source a copy was made from: enough to tell a copy of an earlier
+    version of the same name (stale) from a current one, after the source itself is gone."""
+
+    name: str  # the source's file name (no folder)
+    size: int
+    mtime_ns: int
+    pickle_crc32: int  # CRC-32 of the source's data.pkl record
+    # (st_dev, st_ino) of the folder the source was in: a copy carried into another folder is
+    # not that folder's copy of a file of the same name, and is never refreshed there.
+    folder: tuple[int, int] | None = None
+
+    def same_version(self, other: Provenance) -> bool:
+        """Made from the same content of the same-named file (wherever the folder)."""
+        mine = (self.name, self.size, self.mtime_ns, self.pickle_crc32)
+        return mine == (other.name, other.size, other.mtime_ns, other.pickle_crc32)
+
+    def encode(self) -> bytes:
+        fields: dict[str, object] = {
+            "source": self.name,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "pickle_crc32": self.pickle_crc32,
+        }
+        if self.folder is not None:
+            fields["folder"] = list(self.folder)
+        return json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii")
+
+    @classmethod
+    def decode(cls, data: bytes) -> Provenance | None:
+        try:
+            fields = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # a user's file: anything
+            return None
+        if not isinstance(fields, dict):
+            return None
+        name, size = fields.get("source"), fields.get("size")
+        mtime_ns, crc = fields.get("mtime_ns"), fields.get("pickle_crc32")
+        if not isinstance(name, str) or not all(type(n) is int for n in (size, mtime_ns, crc)):
+            return None
+        if name in ("", ".", "..") or "/" in name or "\0" in name:  # a file name, nothing else
+            return None
+        assert isinstance(size, int) and isinstance(mtime_ns, int) and isinstance(crc, int)
+        folder = fields.get("folder")
+        where = None
+        if isinstance(folder, list) and len(folder) == 2 and all(type(n) is int for n in folder):
+            where = (folder[0], folder[1])
+        return cls(name, size, mtime_ns, crc, where)
+
+
+def provenance_of(
+    checkpoint: Checkpoint, name: str, mtime_ns: int, folder: tuple[int, int] | None
+) -> Provenance:
+    """What a copy made now from ``checkpoint`` (file ``name`` in the folder whose (st_dev,
+    st_ino) is ``folder``, modified at ``mtime_ns``) records about its source."""
+    pickle_record = checkpoint.archive.records["data.pkl"]
+    return Provenance(name, checkpoint.file_size, mtime_ns, pickle_record.crc32, folder)
+
+
+def read_provenance(fd: int, archive: Archive, path: str) -> Provenance | None:
+    """The source a copy names, or None when it names none (not written by this sweeper)."""
+    if PROVENANCE_RECORD not in archive.records:
+        return None
+    return Provenance.decode(
+        read_record(fd, archive, PROVENANCE_RECORD, path, _MAX_PROVENANCE_BYTES)
+    )
+
+
+def plan_output(
+    checkpoint: Checkpoint, mode: Mode, provenance: Provenance | None = None
+) -> OutputPlan:
+    """Lay out the output archive: a new data.pkl, the storage records it references, and
+    (when given) the record of the source version it is made from."""
+    selected = select_output(checkpoint, mode)
+    writer = _PickleWriter()
+    try:
+        pickled = writer.dump(selected)
+    except _MalformedPickle as error:
+        raise FileRefused(checkpoint.path, f"cannot write the output: {error}") from None
+    except RecursionError:
+        raise FileRefused(checkpoint.path, "refused: the pickle nests too deeply") from None
+    byteorder = b"little"
+    if "byteorder" in checkpoint.archive.records:
+        byteorder = b"big" if checkpoint.archive.records["byteorder"].size == 3 else b"little"
+    entries = [
+        _inline("data.pkl", pickled),
+        _inline(".format_version", b"1"),
+        _inline(".storage_alignment", str(_ALIGNMENT).encode()),
+        _inline("byteorder", byteorder),
+    ]
+    for new_key, storage in writer.storages:
+        source = checkpoint.archive.data_record(storage.key)
+        assert source is not None  # open_checkpoint checked every storage has its record
+        entries.append(OutputEntry(f"data/{new_key}", source.size, source.crc32, None, source))
+    entries.append(_inline("version", b"3\n"))
+    if provenance is not None:
+        entries.append(_inline(PROVENANCE_RECORD, provenance.encode()))
+    source_keys = {new_key: storage.key for new_key, storage in writer.storages}
+    return OutputPlan(tuple(entries), _layout(entries)[1], source_keys)
+
+
+def _inline(name: str, data: bytes) -> OutputEntry:
+    return OutputEntry(name, len(data), zlib.crc32(data), data, None)
+
+
+def _needs_zip64(offset: int, size: int) -> bool:
+    return offset >= _U32 or size >= _U32
+
+
+def _local_header(name: bytes, offset: int, entry: OutputEntry) -> bytes:
+    """A local header laid out as torch's writer (miniz) does: data padded to 64 bytes with an
+    ``FB`` extra field, sizes in a data descriptor after the data."""
+    zip64 = _needs_zip64(offset, entry.size)
+    extra = struct.pack("<HHQQ", 0x0001, 16, entry.size, entry.size) if zip64 else b""
+    start = offset + _LOCAL.size + len(name) + len(extra) + 4
+    padding = (-start) % _ALIGNMENT
+    extra += struct.pack("<2sH", b"FB", padding) + b"Z" * padding
+    sizes = _U32 if zip64 else 0
+    flags = 0x0808 if entry.size else 0x0800
+    header = _LOCAL.pack(
+        _LOCAL_SIG, 45 if zip64 else 20, flags, 0, 0, 0x21, 0, sizes, sizes, len(name), len(extra)
+    )
+    return header + name + extra
+
+
+def _descriptor(offset: int, entry: OutputEntry) -> bytes:
+    if not entry.size:
+        return b""
+    if _needs_zip64(offset, entry.size):
+        return struct.pack("<4sIQQ", _DESCRIPTOR_SIG, entry.crc32, entry.size, entry.size)
+    return struct.pack("<4sIII", _DESCRIPTOR_SIG, entry.crc32, entry.size, entry.size)
+
+
+def _layout(entries: list[OutputEntry]) -> tuple[list[tuple[int, bytes, bytes]], int]:
+    """(header offset, local header, descriptor) per entry, and the archive's total size."""
+    placed = []
+    offset = 0
+    central = 0
+    for entry in entries:
+        name = f"{_ARCHIVE_PREFIX}/{entry.name}".encode()
+        header = _local_header(name, offset, entry)
+        descriptor = _descriptor(offset, entry)
+        placed.append((offset, header, descriptor))
+        central += _CENTRAL.size + len(name) + len(_central_extra(offset, entry))
+        offset += len(header) + entry.size + len(descriptor)
+    tail = _ZIP64_EOCD.size + _ZIP64_LOCATOR.size + _EOCD.size
+    return placed, offset + central + tail
+
+
+def _central_extra(offset: int, entry: OutputEntry) -> bytes:
+    if not _needs_zip64(offset, entry.size):
+        return b""
+    return struct.pack("<HHQQQ", 0x0001, 24, entry.size, entry.size, offset)
+
+
+def _central_directory(
+    entries: tuple[OutputEntry, ...], placed: list[tuple[int, bytes, bytes]], cd_offset: int
+) -> bytes:
+    parts = []
+    for entry, (offset, _, _) in zip(entries, placed, strict=True):
+        name = f"{_ARCHIVE_PREFIX}/{entry.name}".encode()
+        zip64 = _needs_zip64(offset, entry.size)
+        extra = _central_extra(offset, entry)
+        size = _U32 if zip64 else entry.size
+        parts.append(
+            _CENTRAL.pack(
+                _CENTRAL_SIG,
+                45 if zip64 else 20,
+                45 if zip64 else 20,
+                0x0808 if entry.size else 0x0800,
+                0,
+                0,
+                0x21,
+                entry.crc32,
+                size,
+                size,
+                len(name),
+                len(extra),
+                0,
+                0,
+                0,
+                0,
+                _U32 if zip64 else offset,
+            )
+            + name
+            + extra
+        )
+    directory = b"".join(parts)
+    count = len(entries)
+    z64_offset = cd_offset + len(directory)
+    parts = [
+        directory,
+        _ZIP64_EOCD.pack(
+            _ZIP64_EOCD_SIG, 44, 45, 45, 0, 0, count, count, len(directory), cd_offset
+        ),
+        _ZIP64_LOCATOR.pack(_ZIP64_LOCATOR_SIG, 0, z64_offset, 1),
+        _EOCD.pack(
+            _EOCD_SIG,
+            0,
+            0,
+            min(count, _U16),
+            min(count, _U16),
+            min(len(directory), _U32),
+            min(cd_offset, _U32),
+            0,
+        ),
+    ]
+    return b"".join(parts)
+
+
+def write_output(
+    source_fd: int,
+    source: Checkpoint,
+    plan: OutputPlan,
+    out_fd: int,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, int]:
+    """Write the planned archive to ``out_fd`` (positioned at 0), copying storage records from
+    ``source_fd`` in the kernel where it can.  ``should_stop`` is polled between chunks so a
+    daemon can abort a long copy promptly.
+
+    Returns the CRC-32 of every copied record *as read back from the output file*: a second
+    thread reads each chunk back right after it is copied, so the check overlaps the copy.
+    ``verify_output`` compares these with the source's CRCs.
+    """
+    placed, total = _layout(list(plan.entries))
+    offset = 0
+    read_back = _ReadBack(out_fd, source.path)
+    try:
+        for entry, (header_offset, header, descriptor) in zip(plan.entries, placed, strict=True):
+            assert header_offset == offset
+            _write_all(out_fd, header, offset)
+            offset += len(header)
+            if entry.inline is not None:
+                _write_all(out_fd, entry.inline, offset)
+            else:
+                assert entry.source is not None
+                start = record_data_offset(source_fd, source.archive, entry.source, source.path)
+                try:
+                    _copy_range(
+                        source_fd,
+                        start,
+                        out_fd,
+                        offset,
+                        entry.size,
+                        should_stop,
+                        functools.partial(read_back.feed, entry.name),
+                    )
+                except EOFError:
+                    raise FileRefused(source.path, "truncated while it was being read") from None
+            offset += entry.size
+            _write_all(out_fd, descriptor, offset)
+            offset += len(descriptor)
+        _write_all(out_fd, _central_directory(plan.entries, placed, offset), offset)
+        if os.fstat(out_fd).st_size != total:
+            os.ftruncate(out_fd, total)
+    finally:
+        crcs = read_back.finish()
+    return crcs
+
+
+class _ReadBack:
+    """Reads copied chunks back from the output on a helper thread, keeping a CRC per record."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self._path = path
+        self._chunks: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
+        self._crcs: dict[str, int] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="read-back", daemon=True)
+        self._thread.start()
+
+    def feed(self, name: str, offset: int, length: int) -> None:
+        self._chunks.put((name, offset, length))
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            name, offset, length = chunk
+            if self._error is not None:
+                continue
+            try:
+                crc = self._crcs.get(name, 0)
+                self._crcs[name] = crc_of_range(self._fd, offset, length, self._path, crc)
+            except BaseException as error:  # re-raised by finish()
+                self._error = error
+
+    def finish(self) -> dict[str, int]:
+        self._chunks.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._crcs
+
+
+class Interrupted(Exception):
+    """A copy stopped because the caller asked it to."""
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a copied chunk to disk now (``sync_file_range``), so the
+    final fsync finds little left to do; the fsync is still what makes the file durable."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            _sync_file_range = function
+        except (OSError, AttributeError):
+            _sync_file_range = lambda *args: -1  # noqa: E731 - not on this platform
+    _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _copy_range(
+    src: int,
+    src_offset: int,
+    dst: int,
+    dst_offset: int,
+    length: int,
+    should_stop: Callable[[], bool],
+    copied_chunk: Callable[[int, int], None],
+) -> None:
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    buffer: bytearray | None = None
+    while done < length:
+        if should_stop():
+            raise Interrupted
+        want = min(COPY_CHUNK, length - done)
+        if use_kernel:
+            try:
+                copied = os.copy_file_range(src, dst, want, src_offset + done, dst_offset + done)
+            except OSError as error:
+                if error.errno not in (18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
+                    raise
+                use_kernel = False
+                continue
+            if copied == 0:
+                raise EOFError("source record ends early")
+        else:
+            buffer = buffer if buffer is not None else bytearray(COPY_CHUNK)
+            view = memoryview(buffer)[:want]
+            copied = os.preadv(src, [view], src_offset + done)
+            if copied == 0:
+                raise EOFError("source record ends early")
+            _write_all(dst, bytes(view[:copied]) if copied < want else view, dst_offset + done)
+        _start_writeback(dst, dst_offset + done, copied)
+        copied_chunk(dst_offset + done, copied)
+        done += copied
+
+
+_WHOLE_READ_BYTES = 4 * 1024 * 1024  # below this, one read of the records beats one per record
+
+
+def verify_records(fd: int, archive: Archive, path: str) -> None:
+    """Read every record and check its CRC (``inspect --verify``); raises FileRefused."""
+    records = list(archive.records.values())
+    if archive.central_offset <= _WHOLE_READ_BYTES:
+        whole = memoryview(_pread_exact(fd, archive.central_offset, 0, path, "records"))
+
+        def read(length: int, offset: int, what: str) -> bytes:
+            if offset + length > len(whole):
+                raise FileRefused(path, f"truncated archive: {what} runs past the end of the file")
+            return bytes(whole[offset : offset + length])
+
+        starts = [_data_offset(read, archive, r, path) for r in records]
+        crcs = [zlib.crc32(whole[at : at + r.size]) for at, r in zip(starts, records, strict=True)]
+    else:
+        spans = [(record_data_offset(fd, archive, r, path), r.size) for r in records]
+        crcs = crcs_of_ranges(fd, spans, path)
+    for record, crc in zip(records, crcs, strict=True):
+        if crc != record.crc32:
+            raise FileRefused(path, f"CRC mismatch in record {record.name!r}: the file is corrupt")
+
+
+def same_content(archive: Archive, plan: OutputPlan) -> bool:
+    """Whether an archive holds exactly the plan's records (names, sizes, CRCs), whatever
+    source record each carries: the same weights and metadata."""
+    wanted = {entry.name: entry for entry in plan.entries if entry.name != PROVENANCE_RECORD}
+    present = {name for name in archive.records if name != PROVENANCE_RECORD}
+    if present != set(wanted):
+        return False
+    return all(
+        (archive.records[name].size, archive.records[name].crc32) == (entry.size, entry.crc32)
+        for name, entry in wanted.items()
+    )
+
+
+def without_provenance(plan: OutputPlan) -> OutputPlan:
+    """The same output as written before copies recorded their source."""
+    entries = [entry for entry in plan.entries if entry.name != PROVENANCE_RECORD]
+    return OutputPlan(tuple(entries), _layout(entries)[1], plan.source_keys)
+
+
+def archive_matches_plan(
+    fd: int, plan: OutputPlan, path: str, archive: Archive | None = None
+) -> bool:
+    """Whether an existing file's directory is exactly what ``plan`` would write (same records,
+    sizes and CRCs, so the same pickle): cheap, reads only the directory."""
+    archive = archive or read_archive(fd, path)
+    if archive.file_size != plan.total_size or len(archive.records) != len(plan.entries):
+        return False
+    for entry in plan.entries:
+        record = archive.records.get(entry.name)
+        if record is None or (record.size, record.crc32) != (entry.size, entry.crc32):
+            return False
+    return True
+
+
+def verify_output(
+    out_fd: int,
+    plan: OutputPlan,
+    source: Checkpoint,
+    mode: Mode,
+    path: str,
+    read_back: Mapping[str, int] | None = None,
+) -> None:
+    """Prove the written archive is exactly the plan: every record's CRC matches the source's
+    (``read_back`` holds CRCs already read back from this file by ``write_output``),
+    and its pickle describes the same tensors (dtype, shape, stride, offset, storage sharing)
+    and the same metadata as the kept part of the source.  Raises FileRefused otherwise."""
+    archive = read_archive(out_fd, path)
+    if archive.file_size != plan.total_size:
+        raise FileRefused(path, "verification failed: output size differs from the plan")
+    spans = []
+    for entry in plan.entries:
+        record = archive.records.get(entry.name)
+        if record is None or record.size != entry.size or record.crc32 != entry.crc32:
+            raise FileRefused(path, f"verification failed: record {entry.name!r} differs")
+        spans.append((record_data_offset(out_fd, archive, record, path), record.size))
+    read_back = read_back or {}
+    unread = [i for i, entry in enumerate(plan.entries) if entry.name not in read_back]
+    crcs = [read_back.get(entry.name, 0) for entry in plan.entries]
+    for index, crc in zip(
+        unread, crcs_of_ranges(out_fd, [spans[i] for i in unread], path), strict=True
+    ):
+        crcs[index] = crc
+    for entry, crc in zip(plan.entries, crcs, strict=True):
+        if crc != entry.crc32:
+            what = "the source record is corrupt" if entry.source is not None else "write error"
+            raise FileRefused(source.path, f"CRC mismatch in record {entry.name!r}: {what}")
+    written = load_inert(read_record(out_fd, archive, "data.pkl", path, _MAX_PICKLE_BYTES), path)
+    expected = select_output(source, mode)
+    try:
+        same = _same_trees(written, expected, plan.source_keys)
+    except (RecursionError, _MalformedPickle) as error:
+        raise FileRefused(path, f"verification failed: {error or 'nests too deeply'}") from None
+    if not same:
+        raise FileRefused(path, "verification failed: output tensors differ from the source")
+
+
+def _same_trees(written: object, expected: object, key_map: Mapping[str, str]) -> bool:
+    """Whether two pickled trees have the same fingerprint (see :func:`_fingerprint`), compared
+    item by item as both are made: memory stays flat, where two lists of a tree of 8M small
+    ints' fingerprints took 2 GB."""
+    pairs = itertools.zip_longest(
+        _fingerprint(written, key_map), _fingerprint(expected, None), fillvalue=_END
+    )
+    for count, (mine, theirs) in enumerate(pairs):
+        if count > _MAX_FINGERPRINT_ITEMS:
+            raise _MalformedPickle("too many objects to compare")
+        if mine != theirs:
+            return False
+    return True
+
+
+_END = object()
+
+
+def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> Iterator[object]:
+    """A comparable description of a pickled tree, one item at a time: structure, plain values,
+    and for each tensor its source storage key, dtype, offset, size, stride; shared objects are
+    numbered so that storage sharing and tied weights compare too."""
+    ids: dict[int, int] = {}
+
+    def visit(item: object) -> Iterator[object]:
+        if isinstance(item, PlainData):
+            item = item.value
+        if isinstance(item, StorageRef | TensorRef | ParameterRef | dict | list | tuple):
+            if id(item) in ids:
+                yield ("ref", ids[id(item)])
+                return
+            ids[id(item)] = len(ids)
+        if isinstance(item, StorageRef):
+            key = key_map[item.key] if key_map is not None else item.key
+            yield ("storage", key, item.storage_type.name, item.numel)
+        elif isinstance(item, TensorRef):
+            dtype = item.dtype.name if item.dtype else None
+            yield ("tensor", item.offset, item.size, item.stride, item.requires_grad, dtype)
+            yield from visit(item.storage)
+            yield from visit(item.metadata)
+        elif isinstance(item, ParameterRef):
+            yield ("parameter", item.requires_grad)
+            yield from visit(item.data)
+        elif isinstance(item, dict):
+            yield ("dict", len(item))
+            if isinstance(item, InertOrderedDict):
+                yield from visit(item.attributes)
+            for k, v in item.items():
+                yield from visit(k)
+                yield from visit(v)
+        elif isinstance(item, list | tuple):
+            yield (type(item).__name__, len(item))
+            for v in item:
+                yield from visit(v)
+        elif isinstance(item, DtypeRef):
+            yield ("dtype", item.name)
+        elif isinstance(item, SizeRef):
+            yield ("size", item.dims)
+        elif isinstance(item, DeviceRef):
+            yield ("device", item.args)
+        elif isinstance(item, float) and item != item:
+            yield ("float", "nan")
+        else:
+            yield (type(item).__name__, item)
+
+    return visit(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pickle writer: protocol 2, as torch.save writes it, for the inert values above.
+
+
+class _PickleWriter:
+    def __init__(self) -> None:
+        self._out = bytearray()
+        self._memo: dict[int, int] = {}
+        self._alive: list[object] = []  # keeps memoized objects alive so their ids stay unique
+        self._globals: dict[str, int] = {}
+        self._storage_keys: dict[int, str] = {}
+        self.storages: list[tuple[str, StorageRef]] = []
+
+    def dump(self, value: object) -> bytes:
+        self._out += b"\x80\x02"
+        self._save(value)
+        self._out += b"."
+        return bytes(self._out)
+
+    def _put(self, value: object) -> None:
+        index = len(self._memo)
+        self._memo[id(value)] = index
+        self._alive.append(value)
+        self._out += b"q" + bytes([index]) if index < 256 else b"r" + struct.pack("<I", index)
+
+    def _get(self, index: int) -> None:
+        self._out += b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index)
+
+    def _global(self, qualified: str) -> None:
+        index = self._globals.get(qualified)
+        if index is not None:
+            self._get(index)
+            return
+        module, _, name = qualified.rpartition(".")
+        self._out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        marker = object()
+        self._globals[qualified] = len(self._memo)
+        self._put(marker)
+
+    def _reduce(self, qualified: str, args: tuple[object, ...], value: object) -> None:
+        self._global(qualified)
+        self._save(args)
+        self._out += b"R"
+        self._put(value)
+
+    def _save_plain(self, value: PlainData) -> None:
+        # Without a memo (``fast``) the C pickler's opcodes hold no memo indices, so its output
+        # splices into this stream as is; plain data has no shared objects worth keeping.
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=2)
+        pickler.fast = True
+        pickler.dump(value.value)
+        self._out += buffer.getbuffer()[2:-1]  # without PROTO and STOP
+
+    def _save(self, value: object) -> None:
+        kind = type(value)
+        if kind is str:
+            key = id(value)
+            if key in self._memo:
+                self._get(self._memo[key])
+                return
+            data = value.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+            self._out += b"X" + struct.pack("<I", len(data)) + data
+            self._put(value)
+            return
+        if kind is TensorRef:
+            if id(value) in self._memo:
+                self._get(self._memo[id(value)])
+            else:
+                self._save_tensor(value)  # type: ignore[arg-type]
+            return
+        if kind is int:
+            self._save_int(value)  # type: ignore[arg-type]
+            return
+        if kind is PlainData:
+            self._save_plain(value)  # type: ignore[arg-type]
+            return
+        if value is None:
+            self._out += b"N"
+        elif value is True:
+            self._out += b"\x88"
+        elif value is False:
+            self._out += b"\x89"
+        elif type(value) is int:
+            self._save_int(value)
+        elif type(value) is float:
+            self._out += b"G" + struct.pack(">d", value)
+        elif id(value) in self._memo:
+            self._get(self._memo[id(value)])
+        elif type(value) is str:
+            data = value.encode("utf-8", "surrogatepass")
+            self._out += b"X" + struct.pack("<I", len(data)) + data
+            self._put(value)
+        elif type(value) is bytes:
+            self._reduce("_codecs.encode", (value.decode("latin-1"), "latin1"), value)
+        elif type(value) is tuple:
+            self._save_tuple(value)
+        elif type(value) is list:
+            self._out += b"]"
+            self._put(value)
+            self._batched(value, b"e")
+        elif isinstance(value, InertOrderedDict):
+            self._reduce("collections.OrderedDict", (), value)
+            if value.attributes:
+                self._save(value.attributes)
+                self._out += b"b"
+            self._batched(list(value.items()), b"u")
+        elif type(value) is dict:
+            self._out += b"}"
+            self._put(value)
+            self._batched(list(value.items()), b"u")
+        elif isinstance(value, TensorRef):
+            self._save_tensor(value)
+        elif isinstance(value, ParameterRef):
+            args: tuple[object, ...] = (value.data, value.requires_grad, value.hooks)
+            if value.state is not None:
+                self._reduce(
+                    "torch._utils._rebuild_parameter_with_state", (*args, value.state), value
+                )
+            else:
+                self._reduce("torch._utils._rebuild_parameter", args, value)
+        elif isinstance(value, StorageRef):
+            self._save_storage(value)
+        elif isinstance(value, DtypeRef):
+            self._global(f"torch.{value.name}")
+        elif isinstance(value, DeviceRef):
+            self._reduce("torch.device", value.args, value)
+        elif isinstance(value, SizeRef):
+            self._reduce("torch.Size", (value.dims,), value)
+        elif type(value) in (set, frozenset):
+            assert isinstance(value, set | frozenset)
+            self._reduce(f"builtins.{type(value).__name__}", (list(value),), value)
+        elif type(value) is complex:
+            assert isinstance(value, complex)
+            self._reduce("builtins.complex", (value.real, value.imag), value)
+        elif type(value) is bytearray:
+            assert isinstance(value, bytearray)
+            self._reduce("builtins.bytearray", (bytes(value),), value)
+        else:
+            raise _MalformedPickle(f"cannot write a {type(value).__name__}")
+
+    def _save_int(self, value: int) -> None:
+        if 0 <= value < 256:
+            self._out += b"K" + bytes([value])
+        elif 0 <= value < 65536:
+            self._out += b"M" + struct.pack("<H", value)
+        elif -(2**31) <= value < 2**31:
+            self._out += b"J" + struct.pack("<i", value)
+        else:
+            data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+            if len(data) < 256:
+                self._out += b"\x8a" + bytes([len(data)]) + data
+            else:
+                self._out += b"\x8b" + struct.pack("<I", len(data)) + data
+
+    def _save_tuple(self, value: tuple[object, ...]) -> None:
+        if not value:
+            self._out += b")"
+            return
+        if len(value) <= 3:
+            for item in value:
+                self._save(item)
+            self._out += b"\x85\x86\x87"[len(value) - 1 : len(value)]
+        else:
+            self._out += b"("
+            for item in value:
+                self._save(item)
+            self._out += b"t"
+        self._put(value)
+
+    def _batched(self, items: list[Any], opcode: bytes) -> None:
+        for start in range(0, len(items), 1000):
+            self._out += b"("
+            for item in items[start : start + 1000]:
+                if opcode == b"u":
+                    self._save(item[0])
+                    self._save(item[1])
+                else:
+                    self._save(item)
+            self._out += opcode
+
+    def _save_tensor(self, tensor: TensorRef) -> None:
+        args: tuple[object, ...] = (
+            tensor.storage,
+            tensor.offset,
+            tensor.size,
+            tensor.stride,
+            tensor.requires_grad,
+            tensor.hooks,
+        )
+        if tensor.dtype is not None:
+            self._reduce(
+                "torch._utils._rebuild_tensor_v3", (*args, tensor.dtype, tensor.metadata), tensor
+            )
+        elif tensor.metadata is not None:
+            self._reduce("torch._utils._rebuild_tensor_v2", (*args, tensor.metadata), tensor)
+        else:
+            self._reduce("torch._utils._rebuild_tensor_v2", args, tensor)
+
+    def _save_storage(self, storage: StorageRef) -> None:
+        key = self._storage_keys.get(id(storage))
+        if key is None:
+            key = self._storage_keys[id(storage)] = str(len(self.storages))
+            self.storages.append((key, storage))
+        # Written as "cpu": an inference copy must load anywhere, without map_location.
+        self._out += b"("
+        self._save("storage")
+        self._global(f"torch.{storage.storage_type.name}")
+        self._save(key)
+        self._save("cpu")
+        self._save(storage.numel)
+        self._out += b"tQ"
