@@ -275,6 +275,27 @@ def decide(
                     f"skipped: changed {age_s:.0f} s ago, not yet quiet for "
                     f"settle_seconds={rules.settle_seconds:g}",
                 )
+            elif candidate.nlink > 1 and not candidate.aliases:
+                # Links in other folders: a copy per link would let one file make root write
+                # its weights once per folder it is linked into.
+                decisions[candidate.name] = Decision(
+                    candidate.name,
+                    Action.KEEP,
+                    f"kept: has {candidate.nlink} hard links, some outside this folder; never "
+                    f"counted or deleted, and no copy written (one per link could fill the disk) "
+                    f"({_describe(candidate)})",
+                )
+            elif candidate.nlink > 1 and candidate.name != min(
+                (*candidate.aliases, candidate.name)
+            ):
+                first = min(candidate.aliases)
+                decisions[candidate.name] = Decision(
+                    candidate.name,
+                    Action.KEEP,
+                    f"kept: hard-linked as {', '.join(candidate.aliases)} in this folder (an "
+                    f"alias); never counted or deleted; its copy is {first}'s (one copy per file, "
+                    f"not per name) ({_describe(candidate)})",
+                )
             elif rolling is not None:
                 why = f"a rolling name (rolling_names {rolling!r}), rewritten in place"
                 uncounted.append((candidate, why))

@@ -330,9 +330,27 @@ ROWS = {
         [("newest.pt", "extract", "newest"), ("kept.pt", "keep", "pinned by kept.pt.keep")],
         keep_full=1,
     ),
-    "more than one hard link": Row(
+    "more than one hard link, elsewhere: kept, and no copy (one per link would fill the disk)": Row(
         [full("newest.pt", 9), full("linked.pt", 1, nlink=2)],
-        [("newest.pt", "extract", "newest"), ("linked.pt", "extract", "has 2 hard links")],
+        [
+            ("newest.pt", "extract", "newest"),
+            ("linked.pt", "keep", "has 2 hard links, some outside this folder; never counted"),
+        ],
+        keep_full=1,
+    ),
+    "names of one file in one folder: one copy, for the first name": Row(
+        [
+            full("newest.pt", 9),
+            full("b.pt", 1, nlink=3, aliases=("a.pt", "last.pt")),
+            full("a.pt", 1, nlink=3, aliases=("b.pt", "last.pt")),
+            full("last.pt", 1, nlink=3, aliases=("a.pt", "b.pt")),
+        ],
+        [
+            ("newest.pt", "extract", "newest"),
+            ("b.pt", "keep", "its copy is a.pt's (one copy per file, not per name)"),
+            ("a.pt", "extract", "hard-linked as b.pt, last.pt in this folder (an alias)"),
+            ("last.pt", "keep", "its copy is a.pt's"),
+        ],
         keep_full=1,
     ),
     # --- the inference copy beside an older checkpoint -----------------------------------
@@ -424,7 +442,7 @@ ROWS = {
     "a hard link to someone's epoch-99 file does not push the owner's out": Row(
         [full("linked.pt", 99, nlink=2, mtime_ns=NOW - 700 * SECOND), full("e2.pt", 2)],
         [
-            ("linked.pt", "extract", "has 2 hard links; never counted"),
+            ("linked.pt", "keep", "has 2 hard links, some outside this folder; never counted"),
             ("e2.pt", "extract", "newest"),
         ],
         keep_full=1,
