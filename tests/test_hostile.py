@@ -36,7 +36,7 @@ from checkpoints import (
     tiny_model,
 )
 from conftest import CliRun, peak_rss_kib
-from trees import snapshot
+from trees import save_full, snapshot
 
 from sweeper.torchzip import MEMORY_REFUSAL
 
@@ -654,3 +654,49 @@ def test_a_file_inside_every_bound_that_needs_too_much_memory_is_refused_by_defa
     )  # fmt: skip
     assert entries["fine.pt"]["action"] == "extract"
     assert f"{bomb}: {MEMORY_REFUSAL}" in plan.stderr  # the log names it too
+
+
+def test_a_copys_source_record_nested_past_the_recursion_limit_is_not_a_crash() -> None:
+    """A user's file at a copy's name whose ``.data/sweeper_source.json`` nests 5,000 lists: read
+    as no source record (start-up reconciliation reads it in the main process)."""
+    from sweeper.torchzip import Provenance
+
+    assert Provenance.decode(b"[" * 5000 + b"]" * 5000) is None
+
+
+def test_a_disk_users_filled_still_gets_space_back(
+    ext4_with_reserve: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """A user filled the filesystem to the last block users may take: the copies that let old
+    checkpoints go are written from root's reserve (each deletion frees more than its copy
+    took), and the sweep reclaims space, where refusing every copy would reclaim none; the
+    newest checkpoint's copy, which frees nothing, is still refused."""
+    run = ext4_with_reserve / "alice" / "run"
+    run.mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        save_full(run / f"epoch{epoch}.pt", epoch=epoch, mtime_ns=(1_700_000_000 + epoch) * 10**9)
+    subprocess.run(["chown", "-R", "65534:65534", ext4_with_reserve / "alice"], check=True)
+    # The user writes (so the kernel keeps them out of root's reserve) through a descriptor
+    # opened here: the test's folders above the mount are closed to them.
+    with open(ext4_with_reserve / "alice" / "fill", "wb") as filler:
+        fill = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "dd", "if=/dev/zero",
+             "bs=64k"],
+            stdout=filler, stderr=subprocess.PIPE, check=False,
+        )  # fmt: skip
+    assert b"No space left" in fill.stderr
+    vfs = os.statvfs(run)
+    assert vfs.f_bavail * vfs.f_frsize < 2**20 < vfs.f_bfree * vfs.f_frsize
+    ledger = ext4_with_reserve.parent / "state" / "ledger.jsonl"
+
+    done = run_sweeper(
+        "sweep", ext4_with_reserve, "--ledger", ledger, "--json", "min_age_seconds=0", "keep_full=1"
+    )
+
+    report = done.json()
+    deleted = [o for o in report["outcomes"] if o["ok"] and o["detail"] == "deleted"]
+    assert len(deleted) == 2 and report["reclaimed_bytes"] > 0, done.stderr
+    # The newest stays full; its copy frees nothing, so it may not touch the reserve: refused.
+    assert done.returncode == 1
+    assert "epoch3.pt: disk full" in done.stderr and "root's reserve is not used" in done.stderr
+    assert sorted(os.listdir(run)) == ["epoch1_inference.pt", "epoch2_inference.pt", "epoch3.pt"]
