@@ -15,9 +15,10 @@ import stat
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from datetime import time as dt_time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -363,7 +364,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from sweeper.ledger import iter_ledger, summarise, user_name
+    from sweeper.ledger import LedgerRecord, iter_ledger, summarise, user_name
     from sweeper.ledger_views import source_for
 
     if args.ledger is not None:
@@ -389,7 +390,22 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         else:
             log.info("no records of files owned by %s in %s", who, path)
     # Streamed: totals only, whatever the ledger's size.
-    rows = summarise(iter_ledger(source.path, log.warning), since=since, by=args.by)
+    carried: list[LedgerRecord] = []
+
+    def noting_carries(records: Iterator[LedgerRecord]) -> Iterator[LedgerRecord]:
+        for record in records:
+            if record.records is not None and not carried:
+                carried.append(record)
+            yield record
+
+    records = noting_carries(iter_ledger(source.path, log.warning))
+    rows = summarise(records, since=since, by=args.by)
+    if carried and since is not None and since.astimezone(timezone.utc).time() != dt_time(0):
+        log.warning(
+            "%s holds compacted totals (carry records), which --since counts by their last "
+            "record's time: exact only to the UTC day (or coarser, as their reason says)",
+            path,
+        )
     print(
         report.to_json(report.ledger_json(rows, args.by))
         if args.json

@@ -89,3 +89,20 @@ def test_a_ledger_under_its_limit_is_left_alone(tmp_path: Path, run_sweeper: Any
     assert run_sweeper(*args).returncode == 0  # the default limit is 64 MiB
     assert ledger.stat().st_size == size
     assert not (tmp_path / "state" / "ledger.jsonl.1").exists()
+
+
+def test_since_at_a_time_of_day_after_compaction_says_it_counts_whole_days(
+    tmp_path: Path, run_sweeper: Any
+) -> None:
+    (tmp_path / "root").mkdir()
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    write_history(ledger, 3000)
+    done = run_sweeper("sweep", tmp_path / "root", "--ledger", ledger, f"ledger_max_bytes={MIB}")
+    assert done.returncode == 0, done.stderr
+
+    by_day = run_sweeper("ledger", "--ledger", ledger, "--since", "2026-11-05")
+    by_time = run_sweeper("ledger", "--ledger", ledger, "--since", "2026-11-05T18:00")
+
+    assert by_day.returncode == by_time.returncode == 0
+    assert "compacted totals" not in by_day.stderr
+    assert "exact only to the UTC day" in by_time.stderr
