@@ -289,13 +289,16 @@ def test_hard_linked_file_is_never_deleted(sweeper: Sweeper, tmp_path: Path) -> 
     make_run(run, {"e1.pt": 1, "e2.pt": 2, "e3.pt": 3})
     os.link(run / "e1.pt", tmp_path / "someone_elses_copy.pt")
 
+    plan = sweeper.json("--keep-full", "1", "min_age_seconds=0", "--dry-run")
     result = sweeper.json("--keep-full", "1", "min_age_seconds=0")
 
+    (e1,) = [e for e in plan["entries"] if e["path"].endswith("/e1.pt")]
+    assert e1["action"] == "keep"  # and no copy: one per link could fill the disk
+    assert "2 hard links, some outside this folder" in e1["reason"]
     outcomes = by_name(result["outcomes"])
-    assert outcomes["e1.pt"]["action"] == "extract"
-    assert "2 hard links" in outcomes["e1.pt"]["reason"]
+    assert "e1.pt" not in outcomes
     assert outcomes["e2.pt"]["action"] == "delete"  # the control
-    assert names(run) == {"e1.pt", "e3.pt", *(inference(f"e{n}.pt") for n in (1, 2, 3))}
+    assert names(run) == {"e1.pt", "e3.pt", *(inference(f"e{n}.pt") for n in (2, 3))}
     assert os.stat(run / "e1.pt").st_nlink == 2
 
 
