@@ -300,6 +300,10 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
         detail = "refreshed" if entry.action is Action.REFRESH else "extracted"
         return Outcome(entry, True, detail, written, replaced)
     except Interrupted:
+        if (entry.path, LedgerAction.EXTRACT_INTENT) in context.open_intents:
+            # extract() left nothing behind: the intent is closed here, not at the next start.
+            why = "interrupted before its copy was in place"
+            context.record(entry, LedgerAction.ABANDON, why, outcome=False)
         return Outcome(entry, False, "interrupted", written, 0)
     except LedgerUnavailable:
         raise  # stops the whole run: see execute_plan
