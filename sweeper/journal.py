@@ -31,7 +31,7 @@ from datetime import datetime
 
 from sweeper.errors import FileRefused, LedgerUnavailable
 from sweeper.extract import Located, is_copy_of
-from sweeper.inventory import split_root
+from sweeper.inventory import FolderRef, open_folder, split_root
 from sweeper.ledger import (
     CLOSES,
     INTENTS,
@@ -333,24 +333,14 @@ def _name_of_inode(dir_fd: int, dev: int, ino: int) -> str | None:
 
 
 def _open_record_folder(record: LedgerRecord) -> int:
-    """The folder of ``record.path``, opened below its root's trusted prefix without following
-    a symlink (the path is only ever read and fsynced here)."""
+    """The very folder the run worked in (the intent names its device and inode), reopened
+    below its root's trusted prefix without following a symlink, as a scan reopens one."""
+    if record.folder_id is None:
+        raise FileRefused(record.path, "the intent does not name its folder")
     prefix, _ = split_root(record.root)
     relative = os.path.relpath(os.path.dirname(record.path), prefix)
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise FileRefused(record.path, "outside its root")
-    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in relative.split(os.sep):
-            if part in ("", os.curdir):
-                continue
-            child = os.open(part, _OPEN_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = child
-        info = os.fstat(fd)
-        if record.folder_id is not None and (info.st_dev, info.st_ino) != record.folder_id:
-            raise FileRefused(record.path, "its folder is not the one the run worked in")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    parts = tuple(part for part in relative.split(os.sep) if part not in ("", os.curdir))
+    dev, ino = record.folder_id
+    return open_folder(FolderRef(prefix, parts, dev, ino, os.path.dirname(record.path)))
