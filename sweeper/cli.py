@@ -262,17 +262,13 @@ class _Progress:
             self._stream.flush()
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
     from sweeper.inventory import RunFolder, Scan, WalkLimits, scan
-    from sweeper.journal import Journal, reconcile
+    from sweeper.journal import Journal
     from sweeper.ledger import AppendEach, action_lock, check_writable
-    from sweeper.ledger_segments import compact_quietly
+    from sweeper.ledger_segments import before_acting
     from sweeper.plan import plan_run, plan_sweep
     from sweeper.signals import StopFlag, install_stop_handlers
 
@@ -339,12 +335,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_writable(settings.ledger)  # no action is taken that could not be recorded
         ledger = AppendEach(str(settings.ledger))
         run_id = uuid.uuid4().hex[:12]
-        reconcile(str(settings.ledger), ledger, run_id=run_id, clock=_now)
-        compact_quietly(
+        before_acting(
             str(settings.ledger),
+            ledger,
+            run_id=run_id,
             max_bytes=settings.ledger_max_bytes,
             segments=settings.ledger_segments,
-            clock=_now,
         )
         plan = plan_now()
         result = execute_plan(

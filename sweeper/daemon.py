@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 
@@ -40,9 +39,9 @@ from sweeper.inventory import (
     scan,
     scan_folder,
 )
-from sweeper.journal import Journal, reconcile
+from sweeper.journal import Journal
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
-from sweeper.ledger_segments import compact_quietly
+from sweeper.ledger_segments import before_acting
 from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
@@ -683,22 +682,16 @@ class Watcher:
             try:
                 check_writable(settings.ledger)
                 if exclusive:  # no other run is half-way: every marker is a dead run's
-                    reconcile(
+                    before_acting(
                         str(settings.ledger),
                         AppendEach(str(settings.ledger)),
                         run_id=run_id,
-                        clock=_now,
+                        max_bytes=settings.ledger_max_bytes,
+                        segments=settings.ledger_segments,
                     )
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return
-            if exclusive:
-                compact_quietly(
-                    str(settings.ledger),
-                    max_bytes=settings.ledger_max_bytes,
-                    segments=settings.ledger_segments,
-                    clock=_now,
-                )
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
@@ -754,10 +747,6 @@ class Watcher:
             self._state.reclaimed += result.reclaimed_bytes
             self._state.processed += len(result.outcomes)
             self._state.failures += result.failures
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _with_ledger(settings: Settings, ledger: Path) -> Settings:

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from itertools import groupby
 
 from sweeper.errors import FileRefused, LedgerUnavailable, NotConfirmed
@@ -29,9 +29,9 @@ from sweeper.extract import (
 )
 from sweeper.inventory import FolderRef, open_folder
 from sweeper.journal import Journal
-from sweeper.ledger import CLOSES, INTENTS, Metric, RecordSink, new_record, user_name
+from sweeper.ledger import CLOSES, INTENTS, Metric, RecordSink, new_record, user_name, utc_now
 from sweeper.ledger import Action as LedgerAction
-from sweeper.plan import PlanEntry, SweepPlan
+from sweeper.plan import Need, PlanEntry, SweepPlan
 from sweeper.policy import Action
 from sweeper.torchzip import Interrupted, Mode
 
@@ -72,10 +72,6 @@ class SweepReport:
 _WORK = (Action.EXTRACT, Action.REFRESH, Action.DELETE)
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 @dataclass
 class _Context:
     ledger: RecordSink
@@ -84,6 +80,7 @@ class _Context:
     should_stop: Callable[[], bool]
     journal: Journal | None = None
     open_intents: set[tuple[str, str]] = field(default_factory=set)
+    synced_needs: set[Need] = field(default_factory=set)  # fsynced this run (_require_needs)
 
     def record(
         self,
@@ -145,7 +142,7 @@ def execute_plan(
     ledger: RecordSink,
     *,
     run_id: str,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: Callable[[], datetime] = utc_now,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int, int], None] | None = None,
     journal: Journal | None = None,
@@ -249,7 +246,7 @@ def clean_orphaned_temps(folders: Iterable[FolderRef], ledger: RecordSink, *, ru
     """Clean up stale temporaries in folders that have no other work this run (a crash left
     them: they hold the space of a whole copy, fallocated), so they do not wait for their
     folder's next checkpoint."""
-    context = _Context(ledger, run_id, _utc_now, lambda: False)
+    context = _Context(ledger, run_id, utc_now, lambda: False)
     for folder in folders:
         try:
             dir_fd = open_folder(folder)
@@ -276,7 +273,7 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
                 verify_existing_copy(source, copy, identity)
                 confirm_on_disk(copy)
         if entry.action is Action.DELETE:
-            _require_needs(entry, dir_fd)
+            _require_needs(entry, dir_fd, context.synced_needs)
             if entry.extract_first:
                 _require_owned_copy(entry, dir_fd)
             if entry.output is None and entry.keep_as is not None and entry.replaces is not None:
@@ -373,11 +370,13 @@ def _require_owned_copy(entry: PlanEntry, dir_fd: int) -> None:
         )
 
 
-def _require_needs(entry: PlanEntry, dir_fd: int) -> None:
+def _require_needs(entry: PlanEntry, dir_fd: int, synced: set[Need]) -> None:
     """The files whose presence justified this deletion must still be there, unchanged (so
     still the verified files the plan counted on), and on disk: each is fsynced, and the
     folder, before the deletion counts on them (a checkpoint saved seconds ago may still be
-    only in the page cache).  Otherwise the deletion is not done."""
+    only in the page cache) -- once per run (``synced``), however many deletions count on it.
+    Otherwise the deletion is not done."""
+    fresh = False
     for need in entry.needs:
         try:
             fd, now = open_regular(need.name, dir_fd, os.path.join(entry.folder.display, need.name))
@@ -389,21 +388,18 @@ def _require_needs(entry: PlanEntry, dir_fd: int) -> None:
                 + ("is gone" if gone else f"changed since it was scanned ({error.reason})"),
             ) from None
         try:
-            if FileIdentity.of(now) == FileIdentity(need.dev, need.ino, need.size, need.mtime_ns):
+            if FileIdentity.of(now) != FileIdentity(need.dev, need.ino, need.size, need.mtime_ns):
+                raise FileRefused(
+                    entry.path,
+                    f"not deleted: {need.name}, which justified it, changed since it was scanned",
+                )
+            if need not in synced:
                 os.fsync(fd)
+                synced.add(need)
+                fresh = True
         finally:
             os.close(fd)
-        if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
-            need.dev,
-            need.ino,
-            need.size,
-            need.mtime_ns,
-        ):
-            raise FileRefused(
-                entry.path,
-                f"not deleted: {need.name}, which justified it, changed since it was scanned",
-            )
-    if entry.needs:
+    if fresh:
         os.fsync(dir_fd)
 
 

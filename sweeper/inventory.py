@@ -178,6 +178,15 @@ def open_folder(folder: FolderRef) -> int:
             child = os.open(name, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return _require_same_folder(fd, folder)
+
+
+def _require_same_folder(fd: int, folder: FolderRef) -> int:
+    """``fd`` if it is the folder that was scanned; closed, and FileRefused, if not."""
+    try:
         info = os.fstat(fd)
     except BaseException:
         os.close(fd)
@@ -755,16 +764,7 @@ def walk_folders(
 def _open_child(parent_fd: int, folder: FolderRef) -> int:
     """Open ``folder`` by its last name below its parent's descriptor; fails if it became a
     symlink or another directory since it was listed."""
-    fd = os.open(folder.components[-1], _OPEN_DIR, dir_fd=parent_fd)
-    try:
-        info = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if (info.st_dev, info.st_ino) != (folder.dev, folder.ino):
-        os.close(fd)
-        raise FileRefused(folder.display, "folder was replaced since it was scanned")
-    return fd
+    return _require_same_folder(os.open(folder.components[-1], _OPEN_DIR, dir_fd=parent_fd), folder)
 
 
 def _log_capped(path: str, reason: str) -> None:

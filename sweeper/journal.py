@@ -24,13 +24,12 @@ import functools
 import json
 import logging
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sweeper.errors import FileRefused, LedgerUnavailable
-from sweeper.extract import Located, is_copy_of
+from sweeper.extract import Located, confirm_on_disk, is_copy_of, open_regular
 from sweeper.inventory import FolderRef, open_folder, split_root
 from sweeper.ledger import (
     CLOSES,
@@ -38,6 +37,8 @@ from sweeper.ledger import (
     Action,
     LedgerRecord,
     RecordSink,
+    _fsync_directory,
+    _open_private,
     iter_ledger,
     new_record,
 )
@@ -46,8 +47,6 @@ from sweeper.torchzip import Mode
 log = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".open."
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
 def marker_path_for(ledger_path: str | os.PathLike[str], run_id: str) -> str:
@@ -101,32 +100,25 @@ class Journal:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
+    """A small private file beside the ledger: temp -> fsync -> rename -> fsync the folder."""
     temp = path + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temp)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = _open_private(temp, os.O_WRONLY | os.O_TRUNC, create=True)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(temp, path)
-    parent = os.open(os.path.dirname(path) or ".", _OPEN_DIR)
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
+    _fsync_directory(path)
 
 
 def _read_marker(ledger_path: str, marker: str) -> int:
     """The offset from which the open intents of the run that left ``marker`` are looked for."""
     try:
-        fd = os.open(marker, _OPEN_FILE)
-    except FileNotFoundError:
-        return 0
+        fd, _ = open_regular(marker, None, marker)
+    except FileRefused:
+        return 0  # gone, or not a marker: look through the whole ledger
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return 0
         raw = os.read(fd, 4096)
     finally:
         os.close(fd)
@@ -145,15 +137,6 @@ def _read_marker(ledger_path: str, marker: str) -> int:
     return offset
 
 
-@dataclass(frozen=True)
-class Reconciled:
-    """What start-up reconciliation recorded: intents found done, and intents abandoned."""
-
-    done: int = 0
-    abandoned: int = 0
-    reclaimed_bytes: int = 0
-
-
 def reconcile(
     ledger_path: str,
     sink: RecordSink,
@@ -161,14 +144,14 @@ def reconcile(
     run_id: str,
     clock: Callable[[], datetime],
     warn: Callable[[str], None] = log.warning,
-) -> Reconciled:
+) -> None:
     """Close every intent an interrupted run left open, as the tree shows it ended (see the
     module docstring); then remove the markers.  Raises LedgerUnavailable when a record cannot
     be appended: the markers stay, and the next run tries again.  Callers hold the action lock
     exclusively: every marker found is a dead run's."""
     markers = markers_of(ledger_path)
     if not markers:
-        return Reconciled()
+        return
     offset = min(_read_marker(ledger_path, marker) for marker in markers)
     pending: dict[tuple[str, str, str], LedgerRecord] = {}
     for record in iter_ledger(ledger_path, warn, start=offset):
@@ -178,7 +161,6 @@ def reconcile(
         for kind, closing in CLOSES.items():
             if record.action in closing:
                 pending.pop((record.run_id, record.path, kind), None)
-    done = abandoned = reclaimed = 0
     for intent in pending.values():
         try:
             outcome = _resolve(intent, run_id, clock())
@@ -191,16 +173,10 @@ def reconcile(
             raise LedgerUnavailable(error.path, error.reason) from None
         except OSError as error:
             raise LedgerUnavailable(ledger_path, error.strerror or str(error)) from None
-        if outcome.action == Action.ABANDON:
-            abandoned += 1
-        else:
-            done += 1
-            reclaimed += outcome.reclaimed_bytes or 0
         log.warning("%s: %s", outcome.path, outcome.reason)
     for marker in markers:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(marker)
-    return Reconciled(done, abandoned, reclaimed)
 
 
 def _closing(
@@ -304,14 +280,10 @@ def _resolve_extract(
     # the next run verifies it in full and fsyncs it again.
     confirmed = "its copy is in place"
     try:
-        fd = os.open(copy_name, _OPEN_FILE, dir_fd=dir_fd)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.fsync(dir_fd)
-    except OSError as error:
-        confirmed += f" (not confirmed on disk: {error.strerror})"
+        confirm_on_disk(copy)
+    except (OSError, FileRefused) as error:
+        why = error.reason if isinstance(error, FileRefused) else error.strerror
+        confirmed += f" (not confirmed on disk: {why})"
     action = Action.REFRESH if intent.file_id is not None else Action.EXTRACT
     return outcome(
         action,

@@ -157,6 +157,11 @@ class LedgerRecord:
         return self.reclaimed_bytes is not None
 
 
+def utc_now() -> datetime:
+    """The time records are stamped with; callers pass it in as their clock."""
+    return datetime.now(timezone.utc)
+
+
 def new_record(
     *,
     now: datetime,

@@ -29,16 +29,18 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sweeper.errors import FileRefused
-from sweeper.journal import markers_of
+from sweeper.journal import markers_of, reconcile
 from sweeper.ledger import (
     Action,
     LedgerRecord,
+    RecordSink,
     _fsync_directory,
     _open_private,
     encode_record,
     iter_ledger,
     lock_path_for,
     new_record,
+    utc_now,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,22 @@ def compact_if_due(
         return _compact(ledger_path, segments, clock(), warn, max_bytes)
     finally:
         os.close(lock_fd)  # releases the lock
+
+
+def before_acting(
+    ledger_path: str,
+    sink: RecordSink,
+    *,
+    run_id: str,
+    max_bytes: int,
+    segments: int,
+    clock: Callable[[], datetime] = utc_now,
+) -> None:
+    """What a run holding the action lock exclusively does before it acts: close what dead runs
+    left open (``journal.reconcile``; raises LedgerUnavailable, and nothing may be done), then
+    compact the ledger if it is due (a failure is only a warning)."""
+    reconcile(ledger_path, sink, run_id=run_id, clock=clock)
+    compact_quietly(ledger_path, max_bytes=max_bytes, segments=segments, clock=clock)
 
 
 def compact_quietly(
