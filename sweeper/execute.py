@@ -6,6 +6,8 @@ logged, recorded in the ledger, and the sweep goes on.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import os
 import time
@@ -27,6 +29,7 @@ from sweeper.extract import (
     remove_stale_temps,
     verify_existing_copy,
 )
+from sweeper.formats import layouts
 from sweeper.inventory import FolderRef, open_folder
 from sweeper.journal import Journal
 from sweeper.ledger import CLOSES, INTENTS, Metric, RecordSink, new_record, user_name, utc_now
@@ -208,10 +211,10 @@ def _execute_folder(
         # checkpoint without one) counts on the copies this run writes, so it waits for them,
         # and does not happen at all once anything in the folder has failed.
         failed = False
-        for entry in sorted(entries, key=lambda e: e.action is Action.DELETE and not e.output):
+        for entry in sorted(entries, key=_counts_on_copies):
             if context.should_stop():
                 return
-            if failed and entry.action is Action.DELETE and not entry.output:
+            if failed and _counts_on_copies(entry):
                 yield _failed(entry, context, "not deleted: an earlier action in its folder failed")
                 continue
             outcome = _execute_entry(entry, dir_fd, context)
@@ -219,6 +222,11 @@ def _execute_folder(
             yield outcome
     finally:
         os.close(dir_fd)
+
+
+def _counts_on_copies(entry: PlanEntry) -> bool:
+    """A deletion that keeps no copy of its own (it counts on those written this run)."""
+    return entry.action is Action.DELETE and not entry.output and entry.layout is None
 
 
 def _clean_temps(folder: FolderRef, dir_fd: int, context: _Context) -> None:
@@ -261,6 +269,8 @@ def clean_orphaned_temps(folders: Iterable[FolderRef], ledger: RecordSink, *, ru
 
 
 def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
+    if entry.layout is not None and entry.action is Action.DELETE:
+        return _demote_folder(entry, entry.layout, dir_fd, context)
     source = Located(dir_fd, entry.name, entry.path)
     identity = FileIdentity(entry.dev, entry.ino, entry.size, entry.mtime_ns)
     written = replaced = 0
@@ -316,6 +326,114 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
     except Exception as error:  # one file's unforeseen failure is recorded, the sweep goes on
         log.exception("%s: unexpected error", entry.path)
         return _failed(entry, context, f"unexpected error: {type(error).__name__}", written)
+
+
+def _demote_folder(
+    entry: PlanEntry, layout: layouts.FolderCheckpoint, dir_fd: int, context: _Context
+) -> Outcome:
+    """Demote a checkpoint folder: its weights (its inference copy, kept in place) are read in
+    full and verified (safetensors by the format's rules, torch zips by every CRC) and fsynced,
+    the files that justify the demotion are re-checked, and only then is each training-state
+    file deleted: ledger intent -> unlink if it is still the very file planned (one link, not
+    held open) -> ledger outcome.  Training subfolders it emptied (DeepSpeed's
+    ``global_stepN/``) are removed last.  The weights are never rewritten or deleted."""
+    deleted = 0
+    try:
+        fd = open_folder(_child(entry.folder, entry.name, entry.dev, entry.ino))
+    except (OSError, FileRefused) as error:
+        reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
+        return _failed(entry, context, f"cannot open it safely: {reason}")
+    try:
+        layouts.verify_parts(fd, layout.weights, entry.path)
+        os.fsync(fd)
+        _require_needs(entry, dir_fd, context.synced_needs)
+        subfolders = {sub.name: sub for sub in layout.folders}
+        for part in layout.training:
+            where = fd
+            folder = _child(entry.folder, entry.name, entry.dev, entry.ino)
+            if len(part.path) > 1:
+                sub = subfolders[part.path[0]]
+                folder = _child(folder, sub.name, sub.dev, sub.ino)
+                where = open_folder(folder)
+            try:
+                deleted += _delete_part(entry, folder, part, where, context)
+            finally:
+                if where != fd:
+                    os.close(where)
+        for sub in layout.folders:
+            _remove_emptied(fd, sub, entry.path)
+    except LedgerUnavailable:
+        raise
+    except (FileRefused, OSError) as error:
+        reason = error.reason if isinstance(error, FileRefused) else f"{error.strerror or error}"
+        outcome = _failed(entry, context, reason)
+        return dataclasses.replace(outcome, bytes_deleted=deleted)
+    finally:
+        os.close(fd)
+    log.info(
+        "%s: training state deleted (%d bytes); weights verified, kept in place",
+        entry.path,
+        deleted,
+    )
+    return Outcome(entry, True, "deleted", 0, deleted)
+
+
+def _child(folder: FolderRef, name: str, dev: int, ino: int) -> FolderRef:
+    return FolderRef(
+        folder.prefix, (*folder.components, name), dev, ino, os.path.join(folder.display, name)
+    )
+
+
+def _delete_part(
+    entry: PlanEntry, folder: FolderRef, part: layouts.Part, dir_fd: int, context: _Context
+) -> int:
+    """One training-state file of a demoted checkpoint folder, recorded as a deletion of its
+    own (so reconciliation after a crash finds each one as it finds a file)."""
+    path = os.path.join(folder.display, part.path[-1])
+    one = dataclasses.replace(
+        entry,
+        folder=folder,
+        name=part.path[-1],
+        path=path,
+        size=part.size,
+        dev=part.dev,
+        ino=part.ino,
+        mtime_ns=part.mtime_ns,
+        bytes_deleted=part.size,
+        layout=None,
+        needs=(),
+    )
+    reason = entry.reason
+    identity = FileIdentity(part.dev, part.ino, part.size, part.mtime_ns)
+    context.record(
+        one,
+        LedgerAction.DELETE_INTENT,
+        reason,
+        deleted=part.size,
+        outcome=False,
+        file_id=part.identity,
+    )
+    delete_if_same(Located(dir_fd, part.path[-1], path), identity)
+    context.record(one, LedgerAction.DELETE, reason, deleted=part.size)
+    return part.size
+
+
+def _remove_emptied(fd: int, sub: layouts.SubFolder, display: str) -> None:
+    """Remove a training subfolder demotion emptied, if it is still that folder; one that is
+    not empty (a file came in since) stays, and says so."""
+    try:
+        now = os.stat(sub.name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) != (sub.dev, sub.ino):
+        return
+    try:
+        os.rmdir(sub.name, dir_fd=fd)
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.warning("%s: %s/ kept: files came into it", display, sub.name)
 
 
 def _write_copy(
@@ -378,6 +496,9 @@ def _require_needs(entry: PlanEntry, dir_fd: int, synced: set[Need]) -> None:
     Otherwise the deletion is not done."""
     fresh = False
     for need in entry.needs:
+        if need.parts:
+            fresh = _require_folder_need(entry, need, dir_fd, synced) or fresh
+            continue
         try:
             fd, now = open_regular(need.name, dir_fd, os.path.join(entry.folder.display, need.name))
         except FileRefused as error:
@@ -401,6 +522,42 @@ def _require_needs(entry: PlanEntry, dir_fd: int, synced: set[Need]) -> None:
             os.close(fd)
     if fresh:
         os.fsync(dir_fd)
+
+
+def _require_folder_need(entry: PlanEntry, need: Need, dir_fd: int, synced: set[Need]) -> bool:
+    """:func:`_require_needs` for a checkpoint folder: the very folder, each file that makes
+    it resumable unchanged and, once per run, fsynced.  True when it fsynced them."""
+    display = os.path.join(entry.folder.display, need.name)
+    try:
+        fd = os.open(need.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as error:
+        raise FileRefused(
+            entry.path, f"not deleted: {need.name}, which justified it, is gone ({error.strerror})"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (need.dev, need.ino):
+            raise FileRefused(entry.path, f"not deleted: {need.name}, which justified it, changed")
+        for part in need.parts:
+            try:
+                opened = layouts.open_part(fd, part, display)
+            except FileRefused as error:
+                raise FileRefused(
+                    entry.path,
+                    f"not deleted: {need.name}, which justified it, changed ({error.reason})",
+                ) from None
+            try:
+                if need not in synced:
+                    os.fsync(opened)
+            finally:
+                os.close(opened)
+        if need in synced:
+            return False
+        os.fsync(fd)
+        synced.add(need)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _failed(entry: PlanEntry, context: _Context, reason: str, written: int = 0) -> Outcome:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from sweeper import policy, torchzip
 from sweeper.errors import FileRefused
 from sweeper.extract import open_regular
+from sweeper.formats import layouts
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder, open_folder
 from sweeper.plan import to_candidates
 from sweeper.policy import Rules
@@ -39,6 +40,8 @@ class Verifier:
 
     def check(self, folder: _OpenedOnce, file: FileEntry) -> str | None:
         identity = (file.dev, file.ino, file.size, file.mtime_ns)
+        if file.layout is not None:  # a checkpoint folder: the identity of every part
+            identity = (file.dev, file.ino, file.size, hash(file.layout.parts))
         with self._lock:
             if identity in self._known:
                 self._known.move_to_end(identity)
@@ -81,6 +84,8 @@ class _OpenedOnce:
 
 
 def _read_all_records(dir_fd: int, file: FileEntry, identity: _Identity) -> str | None:
+    if file.layout is not None:
+        return _read_folder(dir_fd, file, file.layout)
     try:
         fd, info = open_regular(file.name, dir_fd, file.display)
     except FileRefused as error:
@@ -92,6 +97,30 @@ def _read_all_records(dir_fd: int, file: FileEntry, identity: _Identity) -> str 
         torchzip.verify_records(fd, archive, file.display)
     except FileRefused as error:
         return error.reason
+    except OSError as error:
+        return f"read error while verifying: {error.strerror or error}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _read_folder(dir_fd: int, file: FileEntry, layout: layouts.FolderCheckpoint) -> str | None:
+    """Every file that makes a checkpoint folder resumable, checked as far as its format
+    allows (see ``layouts.verify_part``)."""
+    try:
+        fd = os.open(file.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as error:
+        raise _Unsettled(f"cannot open it: {error.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (file.dev, file.ino):
+            raise _Unsettled("replaced since it was scanned")
+        layouts.verify_parts(fd, (*layout.weights, *layout.training), file.display)
+    except FileRefused as error:
+        if error.reason == "changed since it was scanned":
+            name = os.path.basename(error.path)
+            raise _Unsettled(f"{name} changed since it was scanned") from None
+        return f"{os.path.relpath(error.path, file.display)}: {error.reason}"
     except OSError as error:
         return f"read error while verifying: {error.strerror or error}"
     finally:

@@ -39,6 +39,8 @@ from sweeper.extract import (
     sparse_problem,
     superseded_name,
 )
+from sweeper.formats import layouts
+from sweeper.formats.layouts import FolderCheckpoint
 from sweeper.policy import CopyStatus
 from sweeper.torchzip import MEMORY_REFUSAL, Kind, Mode
 from sweeper.workers import (
@@ -151,6 +153,9 @@ class FileEntry:
     # keep_inference may thin once that file is gone
     source_name: str | None = None
     verified: bool = False  # every record's CRC read and checked (see Verifier)
+    # A checkpoint folder (a Hugging Face checkpoint-500/): its parts; demoting it deletes its
+    # training state, its weights stay where they are (they are its inference copy).
+    layout: FolderCheckpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +355,12 @@ class Scan:
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
         self._folders: list[tuple[str, FolderRef]] = []
+        self._queued: set[tuple[int, int]] = set()
+        # Checkpoint folders met so far (the names they hold), folders that are parts of one
+        # (a Trainer checkpoint's global_step500/), and every folder walked, by path.
+        self._layout_names: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
+        self._parts: set[tuple[str, tuple[str, ...]]] = set()
+        self._walked: dict[tuple[str, tuple[str, ...]], FolderRef] = {}
         seen: set[tuple[int, int]] = set()
         for pattern in roots:
             try:
@@ -373,10 +384,43 @@ class Scan:
                         continue
                     seen.add((folder.dev, folder.ino))
                     self.symlink_targets |= _folder_symlink_targets(folder, files)
+                    if self._checkpoint_folder(pattern, folder, files):
+                        continue  # its files are parts of one checkpoint, swept with it
                     if any(is_sweeper_temp(e.name) for e in files):
                         self.temp_folders.append(folder)
                     if any(_is_candidate(e, patterns) for e in files):
-                        self._folders.append((pattern, folder))
+                        self._queue(pattern, folder)
+
+    def _queue(self, pattern: str, folder: FolderRef) -> None:
+        if (folder.dev, folder.ino) not in self._queued:
+            self._queued.add((folder.dev, folder.ino))
+            self._folders.append((pattern, folder))
+
+    def _checkpoint_folder(self, pattern: str, folder: FolderRef, files: list[Listed]) -> bool:
+        """Whether ``folder`` is a checkpoint folder (its parent is then a run folder, swept
+        with it as one checkpoint) or a part of one; either way its own files are not swept
+        one by one.  The walk goes on below it: a Trainer's output folder may hold its final
+        model and trainer state (a checkpoint folder to its parent) and checkpoint-N folders."""
+        key = (folder.prefix, folder.components)
+        parent = (folder.prefix, folder.components[:-1]) if folder.components else None
+        if parent is not None and (
+            parent in self._parts
+            or (
+                parent in self._layout_names
+                and layouts.claimed(self._layout_names[parent], folder.components[-1])
+            )
+        ):
+            self._parts.add(key)
+            return True
+        self._walked[key] = folder
+        names = frozenset(e.name for e in files)
+        if layouts.recognise(names) is None:
+            return False
+        self._layout_names[key] = names
+        run = self._walked.get(parent) if parent is not None else None
+        if run is not None:
+            self._queue(pattern, run)
+        return True
 
     @property
     def failed(self) -> int:
@@ -655,7 +699,7 @@ def scan_folder(
     ``reader`` (by default, a :class:`FileReader` for this call).  Symlinks elsewhere are not
     walked: ``symlink_targets`` (from the last full scan) pins their targets.  A folder past
     ``limits.max_entries`` is left alone, as a full scan leaves it."""
-    located = locate_folder(roots, path)
+    located = _run_folder_of(roots, path)
     if located is None:
         return Inventory((), ((path, "not a folder below the configured roots"),))
     pattern, folder = located
@@ -682,6 +726,47 @@ def scan_folder(
     targets = symlink_targets | _folder_symlink_targets(folder, entries)
     run = _pin_symlink_targets(RunFolder(pattern, folder, files, owner), set(targets))
     return Inventory((run,) if files else (), (), frozenset(targets))
+
+
+def _run_folder_of(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | None:
+    """The run folder to sweep for a change at ``path``: the folder itself, or, when it is a
+    checkpoint folder (or a part of one, as a Trainer checkpoint's ``global_step500/``), the
+    run folder that holds it."""
+    located = locate_folder(roots, path)
+    for _ in range(3):
+        if located is None or not located[1].components:
+            return located
+        folder = located[1]
+        try:
+            fd = open_folder(folder)
+        except (OSError, FileRefused):
+            return located
+        try:
+            listed = _list_at_most(fd, layouts.base.MAX_ENTRIES)
+            own = layouts.recognise({e.name for e in listed}) if listed is not None else None
+            if listed is None or own is None or _holds_checkpoint_folders(fd, listed, own):
+                return located
+        finally:
+            os.close(fd)
+        located = locate_folder(roots, os.path.dirname(folder.display))
+    return located
+
+
+def _holds_checkpoint_folders(fd: int, entries: list[Listed], own: layouts.Layout) -> bool:
+    for entry in entries:
+        if not entry.is_dir or own.claims(entry.name):
+            continue
+        try:
+            child = os.open(entry.name, _OPEN_DIR, dir_fd=fd)
+        except OSError:
+            continue
+        try:
+            listed = _list_at_most(child, layouts.base.MAX_ENTRIES)
+        finally:
+            os.close(child)
+        if listed is not None and layouts.recognise({e.name for e in listed}) is not None:
+            return True
+    return False
 
 
 def walk_folders(
@@ -808,17 +893,109 @@ def _classify_folder(
     probes: _Probes,
 ) -> tuple[FileEntry, ...]:
     names = {entry.name for entry in entries}
-    wanted = [e for e in entries if _is_candidate(e, patterns)]
-    if not wanted:
+    own = layouts.recognise(names)  # a checkpoint folder: its files are its parts
+    wanted = [] if own is not None else [e for e in entries if _is_candidate(e, patterns)]
+    subfolders = [e for e in entries if e.is_dir and (own is None or not own.claims(e.name))]
+    if not wanted and not subfolders:
         return ()
     try:
         fd = open_folder(folder)
     except (OSError, FileRefused):
         return ()
     try:
-        return tuple(_classify_safely(fd, folder, entry, names, probes) for entry in wanted)
+        files = [_classify_safely(fd, folder, entry, names, probes) for entry in wanted]
+        for entry in subfolders:
+            found = _classify_checkpoint_folder(fd, folder, entry, names, probes)
+            if found is not None:
+                files.append(found)
     finally:
         os.close(fd)
+    return tuple(_pin_best(files))
+
+
+def _pin_best(files: list[FileEntry]) -> list[FileEntry]:
+    """The checkpoint folder the newest Trainer checkpoint names as its best stays complete."""
+    trainer = [
+        f
+        for f in files
+        if f.layout is not None and f.layout.best is not None and f.step is not None
+    ]
+    if not trainer:
+        return files
+    newest = max(trainer, key=lambda f: (f.step or 0, f.mtime_ns))
+    best = newest.layout.best if newest.layout is not None else None
+    why = f"best_model_checkpoint in {newest.name}/trainer_state.json"
+    return [
+        _replace(f, pinned=why)
+        if f.name == best and f.layout is not None and f.pinned is None
+        else f
+        for f in files
+    ]
+
+
+def _classify_checkpoint_folder(
+    dir_fd: int, folder: FolderRef, entry: Listed, names: set[str], probes: _Probes
+) -> FileEntry | None:
+    """The subfolder ``entry`` as one checkpoint, when a layout recognises it (None when none
+    does).  Its names are listed here; what its files hold is read by ``probes.read``."""
+    display = os.path.join(folder.display, entry.name)
+    try:
+        fd = os.open(entry.name, _OPEN_DIR, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (entry.info.st_dev, entry.info.st_ino):
+            return None
+        listed = _list_at_most(fd, layouts.base.MAX_ENTRIES)
+        if listed is None or layouts.recognise({e.name for e in listed}) is None:
+            return None
+        try:
+            found = probes.read(fd, dir_fd, entry.name, display, info, names)
+        except Exception as error:  # one folder must not stop the sweep
+            log.exception("%s: unexpected error while reading it", display)
+            found = {"problem": f"unreadable: {type(error).__name__}: {error}"}
+        layout: FolderCheckpoint | None = found.get("layout")
+        if layout is not None:
+            found.update(_held_parts(fd, layout, display, probes))
+    finally:
+        os.close(fd)
+    if entry.name + KEEP_SUFFIX in names:
+        found.setdefault("pinned", f"pinned by {entry.name}{KEEP_SUFFIX}")
+    size = layout.size if layout is not None else 0
+    newest = layout.newest_ns if layout is not None else info.st_mtime_ns
+    return FileEntry(
+        entry.name,
+        display,
+        info.st_dev,
+        info.st_ino,
+        size,
+        newest,
+        1,
+        info.st_uid,
+        found.pop("kind", None),
+        found.pop("problem", None),
+        **found,
+    )
+
+
+def _held_parts(fd: int, layout: FolderCheckpoint, display: str, probes: _Probes) -> dict[str, Any]:
+    """Whether a process holds any of the folder's files open (for writing: it is being
+    saved; at all: a run may be resuming from it)."""
+    in_use = False
+    for part in layout.parts:
+        try:
+            opened = layouts.open_part(fd, part, display)
+        except FileRefused:
+            return {"problem": f"{part.name} changed while it was scanned"}
+        try:
+            held = probes.writers.held(opened, os.fstat(opened))
+        finally:
+            os.close(opened)
+        if held == "writing":
+            return {"problem": f"{part.name} is open for writing by a process", "writing": True}
+        in_use = in_use or held == "open"
+    return {"in_use": in_use}
 
 
 def _folder_symlink_targets(folder: FolderRef, entries: list[Listed]) -> set[tuple[int, int]]:
@@ -948,6 +1125,8 @@ def _read_here(
 ) -> dict[str, Any]:
     """What the open file's directory and pickle say (and its copy's, beside it in ``dir_fd``),
     read in this process: only in one that reads under an address-space limit."""
+    if stat.S_ISDIR(info.st_mode):
+        return _read_checkpoint_folder(fd, name, display)
     found: dict[str, Any] = {}
     _read_checkpoint(fd, dir_fd, name, display, info, names, found)
     return found
@@ -1078,6 +1257,30 @@ def _read_checkpoint(
     if copy_name in names:
         copy = _copy_state(dir_fd, copy_name, plan, provenance, info, display, names)
     found.update(output_bytes=plan.total_size, copy=copy)
+
+
+def _read_checkpoint_folder(fd: int, name: str, display: str) -> dict[str, Any]:
+    """What a checkpoint folder's layout says of it (its JSON files and weight headers read;
+    never a pickle)."""
+    layout = layouts.describe_folder(fd, name, display)
+    if layout is None:
+        return {"problem": "not a checkpoint folder"}
+    found: dict[str, Any] = {
+        "layout": layout,
+        "step": layout.step,
+        "epoch": layout.epoch,
+        "metrics": layout.metrics,
+        "metric": _headline_metric(layout.metrics),
+    }
+    if layout.kind is Kind.UNREDUCIBLE:
+        found.update(kind=Kind.UNREDUCIBLE, problem=f"cannot reduce it: {layout.problem}")
+    elif layout.kind is Kind.OTHER:
+        found["problem"] = f"{layout.layout} checkpoint folder: {layout.problem}"
+    else:
+        found["kind"] = layout.kind
+        if layout.kind is Kind.FULL:  # its weights, kept in place, are its inference copy
+            found["copy"] = CopyState(name, CopyStatus.CURRENT)
+    return found
 
 
 def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sweeper import policy
+from sweeper.formats.layouts import FolderCheckpoint, Part
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder
 from sweeper.policy import Action, Candidate, CopyStatus, Rules, Status
 from sweeper.torchzip import Kind
@@ -27,6 +28,8 @@ class Need:
     ino: int
     size: int
     mtime_ns: int
+    # A checkpoint folder: the files that make it resumable, each re-checked (not its total)
+    parts: tuple[Part, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,9 @@ class PlanEntry:
     needs: tuple[Need, ...] = ()  # DELETE: re-checked just before the unlink
     replaces: tuple[int, int, int, int] | None = None  # the stale copy a refresh replaces
     keep_as: str | None = None  # where that stale copy is kept instead of being overwritten
+    # A checkpoint folder: DELETE removes its training state only (bytes_deleted), after its
+    # weights verify; they stay in place.
+    layout: FolderCheckpoint | None = None
 
     @property
     def reclaimed_bytes(self) -> int:
@@ -132,6 +138,7 @@ def to_candidate(file: FileEntry, aliases: tuple[str, ...] = ()) -> Candidate:
         verified=file.verified,
         in_use=file.in_use,
         source_name=file.source_name if file.kind is Kind.INFERENCE else None,
+        layout=file.layout.layout if file.layout is not None else None,
     )
 
 
@@ -181,9 +188,14 @@ def _entry(
     replaces = None
     keep_as = None
     copy = file.copy
-    if decision.action is Action.DELETE:
+    if file.layout is not None:
+        if decision.action is Action.DELETE:
+            deleted = file.layout.training_bytes
+    elif decision.action is Action.DELETE:
         deleted = file.size
-    if decision.action in (Action.EXTRACT, Action.REFRESH) or (
+    if file.layout is not None:
+        pass  # its weights are its copy: nothing written
+    elif decision.action in (Action.EXTRACT, Action.REFRESH) or (
         decision.action is Action.DELETE and decision.with_copy
     ):
         assert copy is not None and file.output_bytes is not None
@@ -200,10 +212,7 @@ def _entry(
         # demoted with no copy of its own: another version's stale copy is still kept aside
         assert copy.status is CopyStatus.STALE
         replaces, keep_as = copy.identity, copy.aside
-    needs = tuple(
-        Need(name, files[name].dev, files[name].ino, files[name].size, files[name].mtime_ns)
-        for name in decision.needs
-    )
+    needs = tuple(_need(files[name]) for name in decision.needs)
     return PlanEntry(
         root=root,
         folder=folder,
@@ -225,4 +234,10 @@ def _entry(
         needs=needs,
         replaces=replaces,
         keep_as=keep_as,
+        layout=file.layout,
     )
+
+
+def _need(file: FileEntry) -> Need:
+    parts = () if file.layout is None else (*file.layout.weights, *file.layout.training)
+    return Need(file.name, file.dev, file.ino, file.size, file.mtime_ns, parts)

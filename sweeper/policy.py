@@ -53,8 +53,10 @@ class BestMode(enum.Enum):
 AUTO_METRICS = (
     "best_val_acc",
     "val_acc",
+    "eval_accuracy",  # a Hugging Face Trainer checkpoint's evaluation at its step
     "best_val_loss",
     "val_loss",
+    "eval_loss",
     "best_metric",
     "metric",
     "loss",
@@ -124,6 +126,9 @@ class Candidate:
     verified: bool = True  # every record's CRC checked; only verified files may justify deletions
     in_use: bool = False  # some process holds it open (reading counts)
     source_name: str | None = None  # own outputs: the file of this folder it was made from
+    # A checkpoint folder (sweeper.formats.layouts): its weights stay in place as its inference
+    # copy; demoting it deletes only its training state, whatever keep_inference says.
+    layout: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +317,9 @@ def decide(
         elif candidate.status is Status.UNUSABLE:
             problem = candidate.problem or "unusable"
             decisions[candidate.name] = Decision(candidate.name, Action.SKIP, f"skipped: {problem}")
+        elif candidate.status is Status.INFERENCE and candidate.layout is not None:
+            why = f"skipped: {candidate.layout} checkpoint holding weights only (already demoted)"
+            decisions[candidate.name] = Decision(candidate.name, Action.SKIP, why)
         elif candidate.status is not Status.OWN_OUTPUT:
             decisions[candidate.name] = Decision(
                 candidate.name, Action.SKIP, _SKIP_REASONS[candidate.status]
@@ -438,6 +446,7 @@ def _inference_kept(
         keep |= {c.name for c in pool if metric is None or metric_value(c, metric) is None}
     if inference.every > 0:
         keep |= {c.name for c in pool if c.epoch is None or c.epoch % inference.every == 0}
+    keep |= {c.name for c in counted if c.layout is not None}  # weights are never dropped
     for orphan in orphans:
         rolling = orphan.source_name and rolling_pattern(orphan.source_name, rules.rolling_names)
         if rolling or not _thinnable(orphan, folder_uid):
@@ -554,7 +563,7 @@ def _demote(
         )
     if candidate.copy is CopyStatus.CURRENT:
         return Decision(
-            candidate.name, Action.DELETE, f"{older}; inference copy present", needs=needs
+            candidate.name, Action.DELETE, f"{older}; {_copy_present(candidate)}", needs=needs
         )
     first = "inference copy written first"
     keep_stale = False
@@ -600,6 +609,8 @@ def _keep_with_copy(candidate: Candidate, reason: str, rules: Rules) -> Decision
     if candidate.copy is CopyStatus.NONE:
         return Decision(candidate.name, Action.EXTRACT, f"{reason}; inference copy to write")
     if candidate.copy is CopyStatus.CURRENT:
+        if candidate.layout is not None:
+            return Decision(candidate.name, Action.KEEP, f"{reason}; stays complete")
         return Decision(candidate.name, Action.KEEP, f"{reason}; inference copy present")
     if candidate.copy is CopyStatus.STALE:
         keep_stale = _keeps_stale(candidate, rules)
@@ -616,6 +627,12 @@ def _keep_with_copy(candidate: Candidate, reason: str, rules: Rules) -> Decision
         f"{_why_not(candidate)}; "
         "never overwritten",
     )
+
+
+def _copy_present(candidate: Candidate) -> str:
+    if candidate.layout is not None:
+        return "training state deleted, weights kept in place"
+    return "inference copy present"
 
 
 def _why_not(candidate: Candidate) -> str:

@@ -1,0 +1,65 @@
+"""accelerate ``Accelerator.save_state`` folders: ``checkpoints/checkpoint_3/``.
+
+Recognised by model weights beside ``optimizer*.bin`` and ``random_states_*.pkl``.  Kept: the
+model files and custom checkpoints (``custom_checkpoint_*.pkl``).  Deleted on demotion:
+``optimizer*.bin``, ``scheduler*.bin``, ``random_states_*.pkl``, ``scaler.pt``,
+``sampler*.bin``.  Ordered by the number in ``checkpoint_N`` (automatic checkpoint naming
+counts saves), else by time written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+from sweeper.errors import FileRefused
+from sweeper.formats.family import Kind
+from sweeper.formats.layouts.base import (
+    FolderCheckpoint,
+    Tree,
+    check_weights,
+    number_in,
+    others,
+    outcome,
+    training_parts,
+)
+
+name = "accelerate save_state"
+TRAINING_STATE = (
+    "optimizer*.bin",
+    "scheduler*.bin",
+    "random_states_*.pkl",
+    "scaler.pt",
+    "sampler*.bin",
+)
+
+
+def recognises(names: frozenset[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, "optimizer*.bin") for n in names) and any(
+        fnmatch.fnmatchcase(n, "random_states_*.pkl") for n in names
+    )
+
+
+def claims(subfolder: str) -> bool:
+    return False
+
+
+def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint:
+    try:
+        weights = check_weights(fd, tree, display)
+        training = training_parts(tree, display, TRAINING_STATE)
+    except FileRefused as error:
+        where = os.path.relpath(error.path, display)
+        return FolderCheckpoint(name, Kind.OTHER, f"{where}: {error.reason}")
+    step = number_in(folder, "checkpoint_")
+    if not weights:
+        why = "no model weights in it (model*.safetensors, pytorch_model*.bin)"
+        return FolderCheckpoint(name, Kind.UNREDUCIBLE, why, step=step)
+    return outcome(
+        name,
+        weights,
+        training,
+        others=others(tree, weights, training),
+        step=step,
+        mtime_ns=tree.mtime_ns,
+    )

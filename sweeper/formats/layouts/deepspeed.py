@@ -1,0 +1,29 @@
+"""DeepSpeed ``save_checkpoint`` folders on their own: ``global_step500/`` beside ``latest``.
+
+Recognised by ZeRO shard files (``*_optim_states.pt``, ``*model_states.pt``).  Without
+consolidated weights beside them there is nothing to keep and drop: reported, never touched.
+Inside a Hugging Face checkpoint the ``global_stepN/`` folder is that layout's training state
+(``sweeper.formats.layouts.hf_trainer``).
+"""
+
+from __future__ import annotations
+
+from sweeper.formats.family import Kind
+from sweeper.formats.layouts.base import FolderCheckpoint, Tree, number_in
+
+name = "DeepSpeed"
+
+
+def recognises(names: frozenset[str]) -> bool:
+    return any(n.endswith(("_optim_states.pt", "model_states.pt")) for n in names)
+
+
+def claims(subfolder: str) -> bool:
+    return False
+
+
+def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint:
+    why = (
+        "DeepSpeed ZeRO shards without consolidated weights: consolidate with zero_to_fp32.py first"
+    )
+    return FolderCheckpoint(name, Kind.UNREDUCIBLE, why, step=number_in(folder, "global_step"))
