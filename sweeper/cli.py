@@ -172,6 +172,8 @@ def _inspect_in_worker(task: tuple[str, bool]) -> _Inspected:
 
 
 def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
+    if os.path.isdir(path) and not os.path.islink(path.rstrip("/") or "/"):
+        return _inspect_folder(path.rstrip("/") or "/", verify)
     source = _locate_source(path)
     made_from: tuple[torchzip.Provenance, str] | None = None
     try:
@@ -198,6 +200,26 @@ def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
         report.inspect_text(checkpoint, outputs, verify, made_from),
         report.inspect_json(checkpoint, outputs, verify, made_from),
     )
+
+
+def _inspect_folder(path: str, verify: bool) -> tuple[str, dict[str, object]]:
+    """A checkpoint folder (a Hugging Face checkpoint-500/): its layout and what demotion
+    would delete; with ``verify``, every part checked as far as its format allows."""
+    from sweeper.formats import layouts
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise FileRefused(path, f"cannot open it: {error.strerror}") from None
+    try:
+        found = layouts.describe_folder(fd, os.path.basename(path), path)
+        if found is None:
+            raise FileRefused(path, "a folder no checkpoint layout recognises")
+        if verify and found.problem is None:
+            layouts.verify_parts(fd, found.parts, path)
+    finally:
+        os.close(fd)
+    return report.folder_text(found, path, verify), report.folder_json(found, path, verify)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")

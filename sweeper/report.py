@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TextIO
 
+from sweeper.formats.layouts import FolderCheckpoint, Part
 from sweeper.logs import escape_controls
 from sweeper.policy import Action
 from sweeper.torchzip import Checkpoint, Kind, Mode, Provenance, key_usage
@@ -376,3 +377,61 @@ def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
 def printable(text: str) -> str:
     """A path safe to print on a terminal: undecodable bytes and control characters escaped."""
     return escape_controls(text)
+
+
+def _parts_json(parts: Sequence[Part]) -> list[dict[str, object]]:
+    return [{"name": part.name, "bytes": part.size} for part in parts]
+
+
+def folder_json(found: FolderCheckpoint, path: str, verified: bool) -> dict[str, object]:
+    """``inspect --json`` of a checkpoint folder."""
+    return {
+        "path": path,
+        "kind": found.kind.name.lower(),
+        "description": found.kind.value,
+        "family": found.layout,
+        "cannot_reduce": found.problem if found.kind is Kind.UNREDUCIBLE else None,
+        "problem": found.problem if found.kind is Kind.OTHER else None,
+        "intact": found.problem is None,
+        "verified": verified and found.problem is None,
+        "folder_bytes": found.size,
+        "epoch": found.epoch,
+        "step": found.step,
+        "metrics": _metrics_json(found.metrics),
+        "best_model_checkpoint": found.best,
+        "weights": _parts_json(found.weights),
+        "training_state": _parts_json(found.training),
+        "kept": _parts_json(found.others),
+        "bytes_reclaimed_if_demoted": found.training_bytes,
+    }
+
+
+def folder_text(found: FolderCheckpoint, path: str, verified: bool) -> str:
+    """``inspect`` of a checkpoint folder, for people (names escaped: they come from disk)."""
+    lines = [f"{printable(path)}/: {found.layout} checkpoint folder, {found.kind.value}"]
+    if found.kind is Kind.UNREDUCIBLE:
+        lines.append(f"  cannot reduce it: {printable(found.problem or '')}")
+    elif found.problem is not None:
+        lines.append(f"  not usable: {printable(found.problem)}")
+    elif verified:
+        lines.append("  integrity: every part checked (safetensors by its rules, zips by CRC)")
+    progress = [(n, v) for n, v in (("epoch", found.epoch), ("step", found.step)) if v is not None]
+    if progress:
+        lines.append("  " + "  ".join(f"{name}: {value}" for name, value in progress))
+    if found.metrics:
+        lines.append("  metrics: " + ", ".join(f"{printable(k)}={v:g}" for k, v in found.metrics))
+    if found.best is not None:
+        lines.append(f"  best_model_checkpoint: {printable(found.best)}")
+    for title, parts in (
+        ("weights (kept)", found.weights),
+        ("training state (deleted on demotion)", found.training),
+        ("kept as is", found.others),
+    ):
+        if parts:
+            sizes = ", ".join(f"{printable(p.name)} {human_size(p.size)}" for p in parts)
+            lines.append(f"  {title}: {sizes}")
+    if found.kind is Kind.FULL:
+        lines.append(
+            f"  demotion reclaims {human_size(found.training_bytes)} ({found.training_bytes} B)"
+        )
+    return "\n".join(lines)
