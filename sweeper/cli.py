@@ -214,7 +214,7 @@ def _inspect_folder(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     try:
         found = layouts.describe_folder(fd, os.path.basename(path), path)
         if found is None:
-            raise FileRefused(path, "a folder no checkpoint layout recognises")
+            raise FileRefused(path, "a directory, not a checkpoint folder any layout knows")
         if verify and found.problem is None:
             layouts.verify_parts(fd, found.parts, path)
     finally:

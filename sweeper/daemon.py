@@ -29,6 +29,7 @@ from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
+from sweeper.formats.layouts import MARKERS
 from sweeper.intact import Verifier, verify_run
 from sweeper.inventory import (
     FileReader,
@@ -175,7 +176,7 @@ class _EventHandler:
             bool(name)
             and not is_sweeper_temp(name)
             and not is_sweeper_output(name)
-            and any(fnmatch.fnmatchcase(name, p) for p in self._patterns())
+            and any(fnmatch.fnmatchcase(name, p) for p in (*self._patterns(), *MARKERS))
         )
 
     def changed(self, path: str, *, appeared: bool) -> None:

@@ -139,6 +139,7 @@ def to_candidate(file: FileEntry, aliases: tuple[str, ...] = ()) -> Candidate:
         in_use=file.in_use,
         source_name=file.source_name if file.kind is Kind.INFERENCE else None,
         layout=file.layout.layout if file.layout is not None else None,
+        resumable=file.layout.resumable if file.layout is not None else True,
     )
 
 

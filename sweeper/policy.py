@@ -10,6 +10,7 @@ never deleted by them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import functools
@@ -129,6 +130,7 @@ class Candidate:
     # A checkpoint folder (sweeper.formats.layouts): its weights stay in place as its inference
     # copy; demoting it deletes only its training state, whatever keep_inference says.
     layout: str | None = None
+    resumable: bool = True  # False: a folder whose interrupted demotion left part of its state
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +271,7 @@ def decide(
     decisions: dict[str, Decision] = {}
     counted: list[Candidate] = []
     uncounted: list[tuple[Candidate, str]] = []
+    partial: list[Candidate] = []  # never counted; what is left of their training state goes
     for candidate in candidates:
         if candidate.status is Status.FULL:
             age_s = (now_ns - candidate.mtime_ns) / 1e9
@@ -301,6 +304,8 @@ def decide(
                     f"alias); never counted or deleted; its copy is {first}'s (one copy per file, "
                     f"not per name) ({_describe(candidate)})",
                 )
+            elif not candidate.resumable:
+                partial.append(candidate)
             elif rolling is not None:
                 why = f"a rolling name (rolling_names {rolling!r}), rewritten in place"
                 uncounted.append((candidate, why))
@@ -351,6 +356,8 @@ def decide(
             decisions[candidate.name] = _demote(
                 candidate, rules, now_ns, copy_needs, copy_kept=False, counts_on=written
             )
+    for candidate in partial:
+        decisions[candidate.name] = _finish_demotion(candidate, rules, now_ns)
     _decide_own_outputs(
         candidates, decisions, inference_kept, rules, folder_uid, copy_needs, written
     )
@@ -578,6 +585,20 @@ def _demote(
         needs=needs,
         keep_stale=keep_stale,
     )
+
+
+def _finish_demotion(candidate: Candidate, rules: Rules, now_ns: int) -> Decision:
+    """A checkpoint folder without its optimizer state (an interrupted demotion deleted it
+    first): no resume point, so nothing else need justify deleting the rest of its training
+    state; pins, open files and min_age_seconds still protect it."""
+    decision = _demote(candidate, rules, now_ns, ())
+    if decision.action is not Action.DELETE:
+        return decision
+    why = (
+        "demoted: its optimizer state is gone (an interrupted demotion), so it cannot resume; "
+        f"the rest of its training state deleted, weights kept in place ({_describe(candidate)})"
+    )
+    return dataclasses.replace(decision, reason=why)
 
 
 def _keeps_stale(candidate: Candidate, rules: Rules) -> bool:

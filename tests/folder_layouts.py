@@ -52,7 +52,9 @@ def _hf_trainer(output: Path, steps: int) -> None:
             return {"input_ids": ids, "labels": ids}
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    )
     args = TrainingArguments(
         output_dir=str(output),
         max_steps=steps,

@@ -1242,3 +1242,58 @@ def test_the_daemon_reconciles_what_a_killed_sweep_left_open(
     )
     assert closing["bytes_written"] == copy.stat().st_size == -outcome_total(records(ledger))
     assert markers_of(ledger) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders
+
+
+def test_a_trainer_saving_checkpoint_folders_gets_the_older_ones_demoted_on_events(
+    tmp_path: Path, tree: Path, start_daemon: StartDaemon, ledger: Path
+) -> None:
+    """A Hugging Face Trainer's checkpoint-N/ folders appearing one by one, each written in the
+    Trainer's order (weights, optimizer, RNG state, trainer_state.json last), with no periodic
+    rescan: the events inside the folders bring the daemon to their run folder, and once
+    checkpoint-8 has settled checkpoint-4 loses its training state; checkpoint-2 (the best)
+    and the newest two stay complete."""
+    from folder_layouts import write
+
+    trained = tmp_path / "trained"
+    write("hf", trained)
+    run = tree / "run"
+    daemon = start_daemon(str(tree), "keep_full=2", "rescan_seconds=3600")
+    daemon.wait_ready()
+    order = [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "training_args.bin",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+    ]
+    for step in (2, 4, 6, 8):
+        checkpoint = run / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        for name in order:
+            shutil.copyfile(trained / checkpoint.name / name, checkpoint / name)
+
+    def demoted() -> bool:
+        return not (run / "checkpoint-4" / "optimizer.pt").exists()
+
+    daemon.wait_until(demoted, "checkpoint-4's training state to be deleted")
+    time.sleep(QUIET_WAIT)
+    for step in (2, 6, 8):
+        assert names(run / f"checkpoint-{step}") == set(order), step
+    assert names(run / "checkpoint-4") == set(order) - {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+    }
+    deleted = [r for r in records(ledger) if r["action"] == "delete"]
+    assert sorted(Path(r["path"]).name for r in deleted) == [
+        "optimizer.pt",
+        "rng_state.pth",
+        "scheduler.pt",
+    ]

@@ -164,3 +164,87 @@ def test_every_filesystem_call_of_a_sweep_can_fail_or_be_killed(
             _check_point(point, saved, start_bytes, start_total, reference)
     if compacting:
         assert (clean / "state" / "ledger.jsonl.1").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint folders: a demotion is several unlinks, each of which can be the last.
+
+
+def _digests(top: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(top)): path.read_bytes()
+        for path in sorted(top.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("modes", [["kill"], ["ENOSPC", "EIO"]])
+def test_a_checkpoint_folder_demotion_can_fail_or_be_killed_at_every_call(
+    tmp_path: Path, run_sweeper: Any, modes: list[str]
+) -> None:
+    """A Hugging Face Trainer run whose checkpoint-4 is demoted (three training files deleted,
+    each its own intent and outcome): killed, or failing with ENOSPC or EIO, at each call of the
+    sweep, then run again cleanly.  At every point the weights of every checkpoint are intact
+    and unchanged, the clean run leaves the tree an uninterrupted sweep leaves, and the
+    ledger's total equals the bytes freed, with every intent closed."""
+    from folder_layouts import write
+
+    template = tmp_path / "template"
+    write("hf", template / "root" / "out")
+    (template / "state").mkdir()
+    args = [*ARGS[:-3], "keep_full=2", "--json"]
+    start_bytes = _tree_bytes(template / "root")
+    weights = {
+        path: data
+        for path, data in _digests(template / "root").items()
+        if path.endswith(("model.safetensors", "config.json", "trainer_state.json"))
+    }
+
+    clean = tmp_path / "clean"
+    shutil.copytree(template, clean, symlinks=True)
+    filled = [a.format(root=clean / "root", ledger=clean / "state" / "ledger.jsonl") for a in args]
+    done: CliRun = run_sweeper(*filled)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["delete"] == 1
+    reference = set(_digests(clean / "root"))
+
+    spec = tmp_path / "spec.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    spec.write_text(
+        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": args})
+    )
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    for mode in modes:
+        assert len([p for p in points if p["mode"] == mode and p["hit"]]) > 20, mode
+    for point in points:
+        if not point["hit"]:
+            continue
+        tree = Path(point["tree"])
+        where = f"{point['mode']} at call {point['point']}"
+        rerun = (tree / "rerun.log").read_text(errors="replace")
+        assert point["rerun"] == 0, f"{where}: {rerun}"
+        assert "Traceback" not in (tree / "faulted.log").read_text(errors="replace"), where
+        now = _digests(tree / "root")
+        assert set(now) == reference, where
+        assert all(now[path] == data for path, data in weights.items()), where
+        records = ledger_lines(tree / "state" / "ledger.jsonl")
+        freed = start_bytes - _tree_bytes(tree / "root")
+        assert outcome_total(records) == freed, f"{where}: ledger != {freed}"
+        open_intents: set[tuple[str, str]] = set()
+        for record in records:
+            if record["action"] == "delete-intent":
+                open_intents.add((record["run_id"], record["path"]))
+            elif record["action"] in ("delete", "fail", "abandon"):
+                open_intents.discard((record["run_id"], record["path"]))
+        assert not open_intents, f"{where}: intents left open: {open_intents}"
+        assert markers_of(tree / "state" / "ledger.jsonl") == [], where

@@ -127,8 +127,9 @@ def test_trainer_run_keeps_two_and_its_best_complete_and_demotes_the_rest(
         "checkpoint-6": "keep",
         "checkpoint-8": "keep",
     }
-    assert "best_model_checkpoint in checkpoint-8/trainer_state.json" in (
-        entries["checkpoint-2"]["reason"]
+    assert (
+        "best_model_checkpoint in checkpoint-8/trainer_state.json"
+        in (entries["checkpoint-2"]["reason"])
     )
     assert "weights kept in place" in entries["checkpoint-4"]["reason"]
     demoted_bytes = sum((run / "checkpoint-2" / name).stat().st_size for name in TRAINING)
@@ -202,7 +203,13 @@ def test_sharded_saves_without_consolidated_weights_are_reported_never_touched(
     entries = _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)
 
     assert _digests(sweeper.root) == before
-    assert set(entries) == {"global_step10", "global_step20", "global_step30", "step_100", "checkpoint-8"}
+    assert set(entries) == {
+        "global_step10",
+        "global_step20",
+        "global_step30",
+        "step_100",
+        "checkpoint-8",
+    }
     assert all(e["action"] == "skip" for e in entries.values())
     assert "zero_to_fp32.py" in entries["global_step10"]["reason"]
     assert "zero_to_fp32.py" in entries["checkpoint-8"]["reason"]
@@ -328,4 +335,30 @@ def test_weights_changed_after_the_plan_stop_the_demotion(hf_run: Path, tmp_path
 
     assert [o.ok for o in report.outcomes] == [False]
     assert "changed since it was scanned" in report.outcomes[0].detail
-    assert TRAINING <= set(os.listdir(run / "checkpoint-4"))
+    assert set(os.listdir(run / "checkpoint-4")) >= TRAINING
+
+
+def test_an_interrupted_demotion_is_finished_and_never_counted_as_a_resume_point(
+    sweeper: Sweeper, hf_run: Path, accelerate_project: Path
+) -> None:
+    """A demotion deletes the optimizer state first.  A folder a crash left without it (its
+    scheduler and RNG state still there) cannot resume a run: it does not count among the
+    newest two, however recently its folder changed, and the rest of its training state goes."""
+    run = _copy(hf_run, sweeper.root / "out")
+    (run / "checkpoint-6" / "optimizer.pt").unlink()
+    project = _copy(accelerate_project, sweeper.root / "project")
+    (project / "checkpoints" / "checkpoint_3" / "optimizer.bin").unlink()
+
+    plan, _ = sweep_and_account(sweeper, KEEP_TWO, NO_AGE)
+
+    entries = _entries(plan)
+    assert entries["checkpoint-6"]["action"] == "delete"
+    assert "cannot resume" in entries["checkpoint-6"]["reason"]
+    assert entries["checkpoint-4"]["action"] == "keep"  # the newest two resume points: 4 and 8
+    assert set(os.listdir(run / "checkpoint-6")) == KEPT
+    assert entries["checkpoint_3"]["action"] == "delete"
+    assert {e: entries[e]["action"] for e in ("checkpoint_1", "checkpoint_2")} == {
+        "checkpoint_1": "keep",
+        "checkpoint_2": "keep",
+    }
+    assert set(os.listdir(project / "checkpoints" / "checkpoint_3")) == {"model.safetensors"}

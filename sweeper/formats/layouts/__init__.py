@@ -33,6 +33,7 @@ from sweeper.formats.layouts.base import (
 
 __all__ = [
     "LAYOUTS",
+    "MARKERS",
     "FolderCheckpoint",
     "Layout",
     "Part",
@@ -45,6 +46,17 @@ __all__ = [
     "recognise",
     "verify_parts",
 ]
+
+# Names whose appearance or change may complete a checkpoint folder (the daemon looks at its run
+# folder once they settle): the trainer state a Trainer writes last, weights, accelerate's state.
+MARKERS = (
+    "trainer_state.json",
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "optimizer*.bin",
+    "random_states_*.pkl",
+    "*.distcp",
+)
 
 # First match wins: a Hugging Face checkpoint run with DeepSpeed holds ZeRO shards too.
 LAYOUTS: tuple[Layout, ...] = (hf_trainer, accelerate, deepspeed, dcp)

@@ -1,6 +1,6 @@
 """accelerate ``Accelerator.save_state`` folders: ``checkpoints/checkpoint_3/``.
 
-Recognised by model weights beside ``optimizer*.bin`` and ``random_states_*.pkl``.  Kept: the
+Recognised by ``random_states_*.pkl`` beside ``optimizer*.bin`` or model weights.  Kept: the
 model files and custom checkpoints (``custom_checkpoint_*.pkl``).  Deleted on demotion:
 ``optimizer*.bin``, ``scheduler*.bin``, ``random_states_*.pkl``, ``scaler.pt``,
 ``sampler*.bin``.  Ordered by the number in ``checkpoint_N`` (automatic checkpoint naming
@@ -15,6 +15,7 @@ import os
 from sweeper.errors import FileRefused
 from sweeper.formats.family import Kind
 from sweeper.formats.layouts.base import (
+    WEIGHT_PATTERNS,
     FolderCheckpoint,
     Tree,
     check_weights,
@@ -25,18 +26,24 @@ from sweeper.formats.layouts.base import (
 )
 
 name = "accelerate save_state"
+# In the order demotion deletes them: the optimizer state first (then the folder cannot pass
+# for a resume point), accelerate's own random states last (they keep it recognisable).
 TRAINING_STATE = (
     "optimizer*.bin",
     "scheduler*.bin",
-    "random_states_*.pkl",
     "scaler.pt",
     "sampler*.bin",
+    "random_states_*.pkl",
 )
 
 
 def recognises(names: frozenset[str]) -> bool:
-    return any(fnmatch.fnmatchcase(n, "optimizer*.bin") for n in names) and any(
-        fnmatch.fnmatchcase(n, "random_states_*.pkl") for n in names
+    """``random_states_*.pkl`` beside ``optimizer*.bin`` or model weights: what
+    ``save_state`` writes, or what an interrupted demotion of it left."""
+    if not any(fnmatch.fnmatchcase(n, "random_states_*.pkl") for n in names):
+        return False
+    return any(
+        fnmatch.fnmatchcase(n, p) for n in names for p in ("optimizer*.bin", *WEIGHT_PATTERNS)
     )
 
 
@@ -59,6 +66,7 @@ def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint
         name,
         weights,
         training,
+        resumable=any(fnmatch.fnmatchcase(p.path[-1], "optimizer*.bin") for p in training),
         others=others(tree, weights, training),
         step=step,
         mtime_ns=tree.mtime_ns,

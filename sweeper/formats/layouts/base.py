@@ -139,7 +139,11 @@ class FolderCheckpoint:
     epoch: int | None = None
     metrics: tuple[tuple[str, float], ...] = ()
     best: str | None = None  # the folder its trainer names as the best checkpoint (a basename)
-    mtime_ns: int = field(default=0)
+    mtime_ns: int = field(default=0)  # the folder's own (changed by deletions, too)
+    # False when its training state is partial (an interrupted demotion deleted the optimizer
+    # state first): it cannot resume a run, so it is never counted as a resume point, and what
+    # is left of its training state goes.
+    resumable: bool = True
 
     @property
     def size(self) -> int:
@@ -155,8 +159,9 @@ class FolderCheckpoint:
 
     @property
     def newest_ns(self) -> int:
-        """When anything in it last changed: the folder itself, or any part."""
-        return max((self.mtime_ns, *(p.mtime_ns for p in self.parts)))
+        """When its newest file was last written (the folder's own mtime only when it holds
+        none: a deletion inside changes it, and must not make the checkpoint look new)."""
+        return max((p.mtime_ns for p in self.parts), default=self.mtime_ns)
 
 
 class Layout(Protocol):
@@ -340,9 +345,11 @@ def check_weights(fd: int, tree: Tree, display: str) -> tuple[Part, ...]:
 
 
 def training_parts(tree: Tree, display: str, patterns: tuple[str, ...]) -> tuple[Part, ...]:
-    """The training-state files named by ``patterns``: each a plain file of the folder's owner
+    """The training-state files named by ``patterns``, in the order of the patterns (the one
+    a demotion deletes them in: the optimizer state first, so that an interrupted demotion
+    leaves a checkpoint that says it cannot resume): each a plain file of the folder's owner
     with one link, or FileRefused (nothing of a folder is deleted on a doubt)."""
-    parts = tuple(tree.files(*patterns))
+    parts = tuple(part for pattern in patterns for part in tree.files(pattern))
     for part in parts:
         _require_plain_file(part, tree, display, "training state")
     return parts

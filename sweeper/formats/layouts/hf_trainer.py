@@ -1,13 +1,14 @@
 """Hugging Face ``Trainer`` checkpoint folders: ``checkpoint-500/``.
 
-Recognised by ``trainer_state.json`` (written last by ``Trainer._save_checkpoint``) or
-``training_args.bin`` beside it.  Kept: the model weights (``model*.safetensors`` and their
-index, ``pytorch_model*.bin``, PEFT adapters), ``config.json``, ``generation_config.json``,
-tokenizer files, ``trainer_state.json``, ``training_args.bin`` and anything else.  Deleted on
-demotion: ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth`` and a DeepSpeed
-``global_stepN/`` folder (ZeRO shards: the consolidated weights beside it are what is kept).
-Ordered by ``global_step`` from ``trainer_state.json``; its ``best_model_checkpoint`` names the
-folder that stays complete.
+Recognised by ``trainer_state.json`` (written last by ``Trainer._save_checkpoint``), or
+``training_args.bin`` beside the optimizer or RNG state while a save is under way.  Kept: the
+model weights (``model*.safetensors`` and their index, ``pytorch_model*.bin``, PEFT adapters),
+``config.json``, ``generation_config.json``, tokenizer files, ``trainer_state.json``,
+``training_args.bin`` and anything else.  Deleted on demotion: ``optimizer.pt``,
+``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth`` and a DeepSpeed ``global_stepN/`` folder
+(ZeRO shards: the consolidated weights beside it are what is kept).  Ordered by
+``global_step`` from ``trainer_state.json``; its ``best_model_checkpoint`` names the folder
+that stays complete.
 """
 
 from __future__ import annotations
@@ -34,12 +35,21 @@ from sweeper.formats.layouts.base import (
 name = "Hugging Face Trainer"
 STATE = "trainer_state.json"
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+# Logged numbers that say how fast, not how good: left out of the metrics.
+_TIMINGS = ("_runtime", "_per_second", "total_flos")
 # FSDP's sharded (torch.distributed.checkpoint) saves inside a Trainer checkpoint
 _SHARDED = ("pytorch_model_fsdp_*", "optimizer_*")
 
 
 def recognises(names: frozenset[str]) -> bool:
-    return STATE in names or "training_args.bin" in names
+    """``trainer_state.json``; or, while a save is under way, ``training_args.bin`` beside the
+    optimizer or RNG state the Trainer writes before it (a folder with only
+    ``training_args.bin`` is a run folder, perhaps with checkpoints of its own)."""
+    if STATE in names:
+        return True
+    return "training_args.bin" in names and (
+        "optimizer.pt" in names or any(fnmatch.fnmatchcase(n, "rng_state*.pth") for n in names)
+    )
 
 
 def claims(subfolder: str) -> bool:
@@ -81,10 +91,12 @@ def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint
         return FolderCheckpoint(name, Kind.UNREDUCIBLE, why, **details)  # type: ignore[arg-type]
     shard_parts = tuple(p for _, parts in shards for p in parts)
     folders = tuple(folder for folder, _ in shards)
+    optimizer = [p for p in training if p.path[-1] == "optimizer.pt"]
     return outcome(
         name,
         weights,
-        training + shard_parts,
+        (*optimizer, *shard_parts, *(p for p in training if p not in optimizer)),
+        resumable=bool(optimizer or shard_parts),
         folders=folders,
         others=others(tree, weights, training),
         mtime_ns=tree.mtime_ns,
@@ -109,13 +121,14 @@ def _read_state(
             if not isinstance(record, dict) or record.get("step") != step:
                 continue
             for key, value in record.items():
-                if key in ("step", "epoch") or isinstance(value, bool):
+                if key in ("step", "epoch") or isinstance(value, bool) or key.endswith(_TIMINGS):
                     continue
                 if isinstance(value, int | float) and math.isfinite(value):
                     metrics[str(key)] = float(value)
     best = body.get("best_model_checkpoint")
     best_name = os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
-    return step, None, tuple(metrics.items()), best_name
+    ordered = sorted(metrics.items(), key=lambda item: not item[0].startswith("eval_"))
+    return step, None, tuple(ordered), best_name
 
 
 def _zero_folders(tree: Tree, display: str) -> list[tuple[SubFolder, tuple[Part, ...]]]:
