@@ -285,6 +285,7 @@ class _Progress:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from sweeper import scan_cache
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
     from sweeper.inventory import RunFolder, Scan, WalkLimits, scan
@@ -301,7 +302,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     rules = settings.rules()
     limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
-    verifier = Verifier()
+    store = scan_cache.open_beside(settings.ledger) if settings.scan_cache and args.cache else None
+    verifier = Verifier(store=store)
     processes = len(os.sched_getaffinity(0))
 
     def verified(now_ns: int) -> Callable[[RunFolder], RunFolder]:
@@ -318,6 +320,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             should_stop=stop,
             limits=limits,
             memory_limit=settings.classify_memory_limit,
+            store=store,
         )
         progress.clear()
         return plan_sweep(inventory, rules, now_ns=now_ns)
@@ -332,6 +335,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             refine=verified(now_ns),
             limits=limits,
             memory_limit=settings.classify_memory_limit,
+            store=store,
         )
         entries = (
             entry
@@ -494,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--keep-full", type=int, metavar="N", help="full checkpoints kept per run")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="read every file again: neither use nor update the scan cache",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(

@@ -95,6 +95,7 @@ class ConfigSchema:
     storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
+    scan_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class Settings:
     storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
+    scan_cache: bool = True  # what files hold is kept in <ledger>.scan-cache between runs
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -278,6 +280,7 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         storm_rescan_seconds=schema.storm_rescan_seconds,
         max_depth=schema.max_depth,
         max_folder_entries=schema.max_folder_entries,
+        scan_cache=schema.scan_cache,
     )
 
 

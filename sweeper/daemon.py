@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from sweeper import scan_cache
 from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import SweepReport, execute_plan
@@ -47,6 +48,7 @@ from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action, Rules
+from sweeper.scan_cache import PersistentCache
 from sweeper.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -233,8 +235,16 @@ class Watcher:
         self._new_pins = False  # a new symlink was seen: settled folders wait for the rescan
         self._storm_said = False
         self._next_storm_rescan = 0.0
-        self._cache = ScanCache()  # rescans skip re-parsing files that have not changed
-        self._verifier = Verifier()  # kept files are read in full once, not on every rescan
+        # Rescans skip re-parsing files that have not changed, and kept files are read in full
+        # once: in the persistent scan cache (sweeper.scan_cache), shared with one-shot sweeps,
+        # or, with scan_cache off, in memory.
+        store = (
+            PersistentCache(scan_cache.path_for(self.settings.ledger))
+            if self.settings.scan_cache
+            else None
+        )
+        self._cache: ScanCache | PersistentCache = store if store is not None else ScanCache()
+        self._verifier = Verifier(store=store)
         # Files' contents are read in a worker process of its own, under an address-space
         # limit: a hostile file costs that worker, never the daemon, and is refused.
         self._reader = FileReader(self.settings.classify_memory_limit, self._should_stop)
@@ -443,7 +453,8 @@ class Watcher:
             settings = _with_ledger(settings, self.settings.ledger)
         if settings.classify_memory_limit != self.settings.classify_memory_limit:
             self._reader.set_memory_limit(settings.classify_memory_limit)
-            self._cache = ScanCache()  # what the old limit refused is read again
+            if isinstance(self._cache, ScanCache):  # (the persistent one keeps no refusals)
+                self._cache = ScanCache()  # what the old limit refused is read again
         self.settings = settings
         self._stop_observers()
         self._start_observers()

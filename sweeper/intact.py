@@ -23,6 +23,7 @@ from sweeper.formats import layouts
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder, open_folder
 from sweeper.plan import to_candidates
 from sweeper.policy import Rules
+from sweeper.scan_cache import PersistentCache
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ class Verifier:
     """Reads every record of a file and checks its CRC, once per file identity (device, inode,
     size, mtime): ``None`` when intact, else the problem in words."""
 
-    def __init__(self, remember: int = 100_000) -> None:
+    def __init__(self, remember: int = 100_000, store: PersistentCache | None = None) -> None:
         self._known: OrderedDict[_Identity, str | None] = OrderedDict()
         self._remember = remember
         self._lock = threading.Lock()  # the daemon's workers share one
+        # The persistent scan cache: files found intact by an earlier run are not read again.
+        self._store = store
 
     def check(self, folder: _OpenedOnce, file: FileEntry) -> str | None:
         identity = (file.dev, file.ino, file.size, file.mtime_ns)
@@ -46,10 +49,15 @@ class Verifier:
             if identity in self._known:
                 self._known.move_to_end(identity)
                 return self._known[identity]
+        store = self._store if file.layout is None else None
+        if store is not None and store.verified(*identity):
+            return None
         try:
             problem = _read_all_records(folder.fd(), file, identity)
         except _Unsettled as error:  # not the file that was scanned: say so, remember nothing
             return str(error)
+        if problem is None and store is not None:
+            store.mark_verified(*identity)
         with self._lock:
             self._known[identity] = problem
             if len(self._known) > self._remember:

@@ -42,6 +42,7 @@ from sweeper.extract import (
 from sweeper.formats import layouts
 from sweeper.formats.layouts import FolderCheckpoint
 from sweeper.policy import CopyStatus
+from sweeper.scan_cache import PersistentCache
 from sweeper.torchzip import MEMORY_REFUSAL, Kind, Mode
 from sweeper.workers import (
     READER_MEMORY_LIMIT,
@@ -279,7 +280,7 @@ def scan(
     *,
     progress: Callable[[int], None] | None = None,
     processes: int = 1,
-    cache: ScanCache | None = None,
+    cache: Cache | None = None,
     refine: Callable[[RunFolder], RunFolder] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     limits: WalkLimits = WalkLimits(),
@@ -287,6 +288,7 @@ def scan(
     capped: FolderCapped | None = None,
     reader: FileReader | None = None,
     memory_limit: int = READER_MEMORY_LIMIT,
+    store: PersistentCache | None = None,
 ) -> Inventory:
     """Walk every root and classify each checkpoint-named file; nothing is changed on disk.
 
@@ -296,7 +298,8 @@ def scan(
     probes, and ``reader`` (by default, a :class:`FileReader` for this scan) reads each file's
     contents.  ``refine`` is applied to each run folder where it was classified (see
     :class:`Scan`).  ``should_stop`` is also asked once per folder walked (the daemon's
-    heartbeat).
+    heartbeat).  ``store``, the persistent scan cache, is shared by the forked workers: each
+    file whose identity it knows is not read again.
     """
     walk = Scan(
         roots,
@@ -310,6 +313,7 @@ def scan(
         should_stop=should_stop,
         reader=reader,
         memory_limit=memory_limit,
+        store=store,
     )
     runs = tuple(walk.runs(progress, should_stop))
     return Inventory(
@@ -332,7 +336,7 @@ class Scan:
         patterns: Sequence[str],
         *,
         processes: int = 1,
-        cache: ScanCache | None = None,
+        cache: Cache | None = None,
         refine: Callable[[RunFolder], RunFolder] | None = None,
         limits: WalkLimits = WalkLimits(),
         opened: FolderOpened | None = None,
@@ -340,10 +344,12 @@ class Scan:
         should_stop: Callable[[], bool] = lambda: False,
         reader: FileReader | None = None,
         memory_limit: int = READER_MEMORY_LIMIT,
+        store: PersistentCache | None = None,
     ) -> None:
         self.patterns = tuple(patterns)
         self.processes = processes
         self.cache = cache
+        self.store = store  # the persistent scan cache, shared by forked workers
         self.reader = reader
         self.memory_limit = memory_limit
         # Applied to each run folder where it is classified (in the worker processes, in
@@ -458,7 +464,13 @@ class Scan:
             )  # fmt: skip
         else:
             classified = _classify_in_workers(
-                self._folders, self.patterns, self.processes, finish, should_stop, self.memory_limit
+                self._folders,
+                self.patterns,
+                self.processes,
+                finish,
+                should_stop,
+                self.memory_limit,
+                self.store,
             )
         for run in classified:
             if isinstance(run, tuple):
@@ -470,12 +482,14 @@ class Scan:
                 if progress is not None:
                     progress(files_seen)
                 yield run
+        if self.store is not None and not should_stop():
+            self.store.prune()
 
 
 def _classify_here(
     tasks: list[tuple[str, FolderRef]],
     patterns: Sequence[str],
-    cache: ScanCache | None,
+    cache: Cache | None,
     finish: Callable[[RunFolder], RunFolder],
     should_stop: Callable[[], bool],
     reader: FileReader | None,
@@ -504,6 +518,7 @@ def _classify_in_workers(
     finish: Callable[[RunFolder], RunFolder],
     should_stop: Callable[[], bool],
     memory_limit: int,
+    store: PersistentCache | None = None,
 ) -> Iterator[RunFolder | tuple[str, str]]:
     """Classified run folders in task order, or (path, reason) for a folder that failed."""
     if not tasks:
@@ -513,7 +528,7 @@ def _classify_in_workers(
     pool: WorkerPool[tuple[str, FolderRef], RunFolder] = WorkerPool(
         min(processes, len(tasks)),
         _classify_task,
-        lambda: _init_worker(tuple(patterns), finish, memory_limit),
+        lambda: _init_worker(tuple(patterns), finish, memory_limit, store),
     )
     try:
         for (_, folder), run in pool.map(tasks, should_stop):
@@ -532,7 +547,10 @@ _worker_probes: _Probes | None = None
 
 
 def _init_worker(
-    patterns: tuple[str, ...], finish: Callable[[RunFolder], RunFolder], memory_limit: int
+    patterns: tuple[str, ...],
+    finish: Callable[[RunFolder], RunFolder],
+    memory_limit: int,
+    store: PersistentCache | None = None,
 ) -> None:
     """A forked classifier (signal handling is the pool's: ``sweeper.workers``).  Under its
     address-space limit a huge memo fails as a MemoryError (a refused file) too, so the opcode
@@ -542,7 +560,7 @@ def _init_worker(
     global _worker_patterns, _worker_probes, _worker_finish
     _worker_patterns = patterns
     _worker_finish = finish
-    _worker_probes = _Probes(_OpenForWriting(), None)
+    _worker_probes = _Probes(_OpenForWriting(), store)
 
 
 def limit_reading_memory(memory_limit: int) -> bool:
@@ -573,7 +591,11 @@ def _warn_unlimited(problem: str) -> None:
 def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
     """One run folder, in a worker process."""
     assert _worker_probes is not None and _worker_finish is not None
-    return _worker_finish(_classify_listed(task[0], task[1], _worker_patterns, _worker_probes))
+    try:
+        return _worker_finish(_classify_listed(task[0], task[1], _worker_patterns, _worker_probes))
+    finally:
+        if isinstance(_worker_probes.cache, PersistentCache):
+            _worker_probes.cache.flush()  # one transaction per run folder
 
 
 def _classify_listed(
@@ -691,7 +713,7 @@ def scan_folder(
     patterns: Sequence[str],
     path: str,
     symlink_targets: frozenset[tuple[int, int]] = frozenset(),
-    cache: ScanCache | None = None,
+    cache: Cache | None = None,
     limits: WalkLimits = WalkLimits(),
     reader: FileReader | None = None,
 ) -> Inventory:
@@ -1226,7 +1248,7 @@ def _read_checkpoint(
         kind=checkpoint.kind,
         epoch=checkpoint.epoch,
         step=checkpoint.step,
-        metric=_headline_metric(checkpoint.metrics),
+        metric=headline_metric(checkpoint.metrics),
         metrics=checkpoint.metrics + checkpoint.inner_metrics,
     )
     if checkpoint.kind is Kind.UNREDUCIBLE:
@@ -1270,7 +1292,7 @@ def _read_checkpoint_folder(fd: int, name: str, display: str) -> dict[str, Any]:
         "step": layout.step,
         "epoch": layout.epoch,
         "metrics": layout.metrics,
-        "metric": _headline_metric(layout.metrics),
+        "metric": headline_metric(layout.metrics),
     }
     if layout.kind is Kind.UNREDUCIBLE:
         found.update(kind=Kind.UNREDUCIBLE, problem=f"cannot reduce it: {layout.problem}")
@@ -1283,7 +1305,7 @@ def _read_checkpoint_folder(fd: int, name: str, display: str) -> dict[str, Any]:
     return found
 
 
-def _headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:
+def headline_metric(metrics: tuple[tuple[str, float], ...]) -> tuple[str, float] | None:
     for name, value in metrics:
         if name == "best_val_acc":
             return (name, value)
@@ -1398,6 +1420,11 @@ class ScanCache:
         self._seen = set()
 
 
+# What keeps classification results across scans: the daemon's in-memory one, or the
+# persistent one (sweeper.scan_cache) sweeps, timers and the daemon share.
+Cache = ScanCache | PersistentCache
+
+
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
@@ -1405,7 +1432,7 @@ def _identity(info: os.stat_result) -> tuple[int, ...]:
 @dataclass(frozen=True, slots=True)
 class _Probes:
     writers: _OpenForWriting
-    cache: ScanCache | None
+    cache: Cache | None
     read: _Read = _read_here  # what reads a file's contents: here, or a FileReader's worker
 
     def cache_key(

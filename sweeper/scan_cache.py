@@ -1,0 +1,408 @@
+"""The persistent scan cache: what reading each checkpoint found, kept between runs.
+
+A checkpoint is read once: its kind, epoch, step, metrics, its inference copy's exact size and
+state, and whether every record's CRC was checked, are stored under the file's identity
+(device, inode, size, mtime_ns, ctime_ns, and its copy's identity).  The next sweep, hourly
+timer or daemon rescan finds it with one ``stat``; any change of identity is a miss.
+
+The store is the standard library's ``sqlite3`` in WAL mode, beside the ledger
+(``<ledger>.scan-cache``): one row per file, read and written a row at a time (never the whole
+cache in memory), safe for the forked classifiers of a sweep and the daemon to share.  Values
+are JSON, never pickle: a forged file can lie about what a checkpoint holds, never run code.
+
+The cache only saves reading.  Every action re-checks its file at execute time (identity, and a
+copy is verified in full before a deletion counts on it), so a stale, forged or corrupt cache can
+cost time, never a wrong deletion: a full checkpoint the cache calls an inference copy is merely
+skipped, and a demotion the cache wrongly allows fails its execute-time checks.  A cache that
+cannot be opened or read, was written by another host or another version of sweeper, is
+replaced by an empty one; a read error is a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from sweeper.formats.family import Kind
+from sweeper.formats.unpickler import MEMORY_REFUSAL
+from sweeper.policy import CopyStatus
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".scan-cache"
+_SCHEMA = 1
+# Rows no scan has met for this long are dropped (a file deleted, or a root removed).
+FORGET_SECONDS = 30 * 86_400
+# Results that say more about this run than about the file: never stored.
+_TRANSIENT = ("not read:", "refused: reading it failed", "unreadable:", MEMORY_REFUSAL)
+_BATCH = 256  # rows written per transaction
+
+
+def path_for(ledger: str | os.PathLike[str]) -> str:
+    return os.fspath(ledger) + SUFFIX
+
+
+def open_beside(ledger: str | os.PathLike[str]) -> PersistentCache | None:
+    """The cache beside ``ledger``, when its folder exists and this user may write there (a
+    dry run by someone who cannot write the state folder simply reads every file)."""
+    folder = os.path.dirname(os.fspath(ledger)) or "."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        log.debug("%s: not writable; no scan cache this run", folder)
+        return None
+    return PersistentCache(path_for(ledger))
+
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def _locked(
+    method: Callable[Concatenate[PersistentCache, _P], _T],
+) -> Callable[Concatenate[PersistentCache, _P], _T]:
+    """Run under the cache's lock: the daemon's threads share one connection."""
+
+    def locked(self: PersistentCache, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    locked.__doc__ = method.__doc__
+    return locked
+
+
+class PersistentCache:
+    """The cache at ``path``; each process (a forked classifier too) opens its own connection
+    on first use.  Duck-types :class:`sweeper.inventory.ScanCache` (``get``, ``put``,
+    ``prune``), plus the CRC verification record (``verified``, ``mark_verified``)."""
+
+    def __init__(self, path: str, *, host: str | None = None) -> None:
+        self.path = path
+        self.host = host if host is not None else socket.gethostname()
+        self._db: sqlite3.Connection | None = None
+        self._pid = 0
+        self._lock = threading.RLock()  # the daemon's threads share one connection
+        self._pending: list[tuple[Any, ...]] = []
+        self._broken = False
+        self._today = int(time.time()) // 86_400
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._broken:
+            return None
+        if self._db is not None and self._pid == os.getpid():
+            return self._db
+        self._db, self._pending, self._pid = None, [], os.getpid()  # (a fork: never reuse)
+        try:
+            self._db = self._open()
+        except (sqlite3.Error, OSError) as error:
+            log.warning("%s: scan cache unusable (%s); starting a new one", self.path, error)
+            self._discard()
+            try:
+                self._db = self._open()
+            except (sqlite3.Error, OSError) as again:
+                log.warning("%s: no scan cache this run: %s", self.path, again)
+                self._broken = True
+                return None
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        old = os.umask(0o077)
+        try:
+            db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        finally:
+            os.umask(old)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a lost row is a miss, never a wrong answer
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (dev INTEGER, ino INTEGER, size INTEGER, "
+                "mtime INTEGER, ctime INTEGER, copy INTEGER, found TEXT, verified INTEGER, "
+                "seen INTEGER, PRIMARY KEY (dev, ino)) WITHOUT ROWID"
+            )
+            identity = {"schema": str(_SCHEMA), "code": _code_version(), "host": self.host}
+            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if stored != identity:
+                if stored:
+                    log.info("%s: scan cache from another host or version; emptied", self.path)
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("DELETE FROM files")
+                db.execute("DELETE FROM meta")
+                db.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
+                db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _discard(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
+
+    def _failed(self, error: sqlite3.Error) -> None:
+        log.warning("%s: scan cache error (%s); going on without it", self.path, error)
+        self._broken = True
+
+    # -- what ScanCache does -------------------------------------------------------------------
+
+    @_locked
+    def get(self, key: tuple[object, ...]) -> dict[str, Any] | None:
+        row = self._row(key)
+        if row is None:
+            return None
+        try:
+            return _decode(row[0], str(key[0]))
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None  # forged or damaged: a miss
+
+    @_locked
+    def put(self, key: tuple[object, ...], found: dict[str, Any]) -> None:
+        problem = found.get("problem")
+        if isinstance(problem, str) and problem.startswith(_TRANSIENT):
+            return
+        try:
+            encoded = _encode(found)
+        except (TypeError, ValueError):
+            return
+        dev, ino, size, mtime, ctime, copy = _columns(key)
+        with self._lock:
+            self._pending.append((dev, ino, size, mtime, ctime, copy, encoded, self._today))
+            full = len(self._pending) >= _BATCH
+        if full:
+            self.flush()
+
+    @_locked
+    def prune(self) -> None:
+        """Write what is pending, and drop rows no scan has met for FORGET_SECONDS."""
+        self.flush()
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            oldest = self._today - FORGET_SECONDS // 86_400
+            db.execute("DELETE FROM files WHERE seen < ?", (oldest,))
+        except sqlite3.Error as error:
+            self._failed(error)
+
+    # -- CRC verification ------------------------------------------------------------------------
+
+    @_locked
+    def verified(self, dev: int, ino: int, size: int, mtime_ns: int) -> bool:
+        """Whether every record of this very file was read and its CRC found right (by
+        identity as the scan that just classified it saw it: its row is written first)."""
+        self.flush()
+        db = self._connect()
+        if db is None:
+            return False
+        try:
+            row = db.execute(
+                "SELECT verified FROM files WHERE dev = ? AND ino = ? AND size = ? AND mtime = ?",
+                (dev, ino, size, mtime_ns),
+            ).fetchone()
+        except sqlite3.Error as error:
+            self._failed(error)
+            return False
+        return row is not None and row[0] == 1
+
+    @_locked
+    def mark_verified(self, dev: int, ino: int, size: int, mtime_ns: int) -> None:
+        self.flush()
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            db.execute(
+                "UPDATE files SET verified = 1 "
+                "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ?",
+                (dev, ino, size, mtime_ns),
+            )
+        except sqlite3.Error as error:
+            self._failed(error)
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def _row(self, key: tuple[object, ...]) -> tuple[str] | None:
+        dev, ino, size, mtime, ctime, copy = _columns(key)
+        db = self._connect()
+        if db is None:
+            return None
+        try:
+            row = db.execute(
+                "SELECT found, seen FROM files WHERE dev = ? AND ino = ? AND size = ? AND "
+                "mtime = ? AND ctime = ? AND copy IS ?",
+                (dev, ino, size, mtime, ctime, copy),
+            ).fetchone()
+            if row is not None and row[1] < self._today:  # met again: kept another 30 days
+                db.execute(
+                    "UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", (self._today, dev, ino)
+                )
+        except sqlite3.Error as error:
+            self._failed(error)
+            return None
+        return None if row is None else (row[0],)
+
+    @_locked
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._pending = self._pending, []
+        if not rows:
+            return
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (dev, ino) DO "
+                "UPDATE SET size = excluded.size, mtime = excluded.mtime, ctime = excluded.ctime, "
+                "copy = excluded.copy, found = excluded.found, seen = excluded.seen, "
+                "verified = CASE WHEN files.size = excluded.size AND files.mtime = excluded.mtime "
+                "AND files.ctime = excluded.ctime THEN files.verified ELSE 0 END",
+                rows,
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            self._failed(error)
+
+    @_locked
+    def close(self) -> None:
+        self.flush()
+        if self._db is not None and self._pid == os.getpid():
+            self._db.close()
+        self._db = None
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A digest of the code that decides what a file holds: a cache written by any other
+    version of it is emptied, so a fix in the readers is never hidden by an old answer."""
+    top = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*top.glob("formats/**/*.py"), top / "inventory.py", top / "extract.py"]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _columns(key: tuple[object, ...]) -> tuple[int, int, int, int, int, int | None]:
+    """(dev, ino, size, mtime, ctime, copy) of a ``_Probes.cache_key``: (name, identity of
+    the file, identity of its copy or None)."""
+    _, identity, copy = key
+    assert isinstance(identity, tuple)
+    dev, ino, size, mtime, ctime = (int(v) for v in identity)
+    return dev, ino, size, mtime, ctime, None if copy is None else hash(copy)
+
+
+# -- values: compact JSON ------------------------------------------------------------------------
+#
+# One short object per file, defaults left out: {"k":"F","e":3,"m":[["val_loss",0.2]],"o":3887}.
+# The headline metric and the copy's name are not stored: both follow from what is.
+
+_KINDS = {kind: kind.name[0] for kind in Kind}
+_KIND_OF = {letter: kind for kind, letter in _KINDS.items()}
+_SHORT = {"epoch": "e", "step": "s", "output_bytes": "o", "problem": "p", "source_name": "n"}
+_LONG = {short: key for key, short in _SHORT.items()}
+_FLAGS = {"own_output": "w", "symlink": "l", "writing": "r", "in_use": "u", "pinned": "q"}
+_FLAG_OF = {short: key for key, short in _FLAGS.items()}
+
+
+def _encode(found: dict[str, Any]) -> str:
+    out: dict[str, Any] = {}
+    for key, value in found.items():
+        if value is None or value is False or value == ():
+            continue
+        if key == "kind":
+            out["k"] = _KINDS[value]
+        elif key == "metric":
+            continue  # the headline of metrics
+        elif key == "metrics":
+            out["m"] = [list(pair) for pair in value]
+        elif key == "copy":
+            copy = value
+            status = copy.status.value[0]
+            if (copy.problem, copy.size, copy.identity, copy.aside) == (
+                None,
+                0,
+                None,
+                None,
+            ) and not (copy.made_here or copy.pinned):
+                out["c"] = status  # the usual case: no copy yet, or its name alone
+            else:
+                identity = list(copy.identity) if copy.identity is not None else None
+                details = [copy.problem, copy.size, identity, copy.made_here, copy.aside]
+                out["c"] = [status, *details, copy.pinned]
+        elif key in _SHORT:
+            out[_SHORT[key]] = value
+        elif key in _FLAGS:
+            out[_FLAGS[key]] = value if key == "pinned" else 1
+        else:
+            raise ValueError(key)  # something this cache does not know how to keep
+    return json.dumps(out, separators=(",", ":"), allow_nan=True)
+
+
+_STATUS = {status.value[0]: status for status in CopyStatus}
+
+
+def _decode(text: str, name: str) -> dict[str, Any]:
+    from sweeper.extract import output_name  # (imports formats)
+    from sweeper.formats.checkpoint import Mode
+    from sweeper.inventory import CopyState, headline_metric  # (inventory imports this module)
+
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError("not an object")
+    found: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "k":
+            found["kind"] = _KIND_OF[value]
+        elif key == "m":
+            metrics = tuple((str(k), float(v)) for k, v in value)
+            found["metrics"] = metrics
+            found["metric"] = headline_metric(metrics)
+        elif key == "c":
+            copy_name = output_name(name, Mode.INFERENCE)
+            if isinstance(value, str):
+                found["copy"] = CopyState(copy_name, _STATUS[value])
+                continue
+            status, problem, size, identity, made_here, aside, pinned = value
+            found["copy"] = CopyState(
+                copy_name,
+                _STATUS[status],
+                None if problem is None else str(problem),
+                int(size),
+                None if identity is None else _four(identity),
+                bool(made_here),
+                None if aside is None else str(aside),
+                bool(pinned),
+            )
+        elif key in ("e", "s", "o"):
+            found[_LONG[key]] = int(value)
+        elif key in ("p", "n"):
+            found[_LONG[key]] = str(value)
+        elif key in _FLAG_OF:
+            found[_FLAG_OF[key]] = str(value) if key == "q" else bool(value)
+        else:
+            raise KeyError(key)
+    return found
+
+
+def _four(values: list[object]) -> tuple[int, int, int, int]:
+    a, b, c, d = (int(v) for v in values)  # type: ignore[call-overload]
+    return a, b, c, d
