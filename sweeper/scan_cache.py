@@ -47,6 +47,7 @@ FORGET_SECONDS = 30 * 86_400
 # Results that say more about this run than about the file: never stored.
 _TRANSIENT = ("not read:", "refused: reading it failed", "unreadable:", MEMORY_REFUSAL)
 _BATCH = 256  # rows written per transaction
+_INHERITED: list[sqlite3.Connection] = []  # a forked child's copies of its parent's connection
 
 
 def path_for(ledger: str | os.PathLike[str]) -> str:
@@ -102,7 +103,9 @@ class PersistentCache:
             return None
         if self._db is not None and self._pid == os.getpid():
             return self._db
-        self._db, self._pending, self._pid = None, [], os.getpid()  # (a fork: never reuse)
+        if self._db is not None:  # a fork: never use, nor close, the parent's connection
+            _INHERITED.append(self._db)
+        self._db, self._pending, self._pid = None, [], os.getpid()
         try:
             self._db = self._open()
         except (sqlite3.Error, OSError) as error:

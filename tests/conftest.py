@@ -97,17 +97,18 @@ def checkpoint_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """``mount_tmpfs(size, at=None)`` mounts a tmpfs of ``size`` bytes at ``at`` or in tmp_path
-    (root only); unmounted at teardown."""
+    """``mount_tmpfs(size, at=None, options="")`` mounts a tmpfs of ``size`` bytes (and mount
+    ``options``) at ``at`` or in tmp_path (root only); unmounted at teardown."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mounted: list[Path] = []
 
-    def mount(size: int, at: Path | None = None) -> Path:
+    def mount(size: int, at: Path | None = None, options: str = "") -> Path:
         mount_point = at if at is not None else tmp_path / f"tmpfs{len(mounted)}"
         mount_point.mkdir(parents=True, exist_ok=True)
+        extra = f",{options}" if options else ""
         done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+            ["mount", "-t", "tmpfs", "-o", f"size={size}{extra}", "tmpfs", str(mount_point)],
             capture_output=True,
             check=False,
         )
