@@ -366,7 +366,7 @@ class Scan:
         # (a Trainer checkpoint's global_step500/), and every folder walked, by path.
         self._layout_names: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
         self._parts: set[tuple[str, tuple[str, ...]]] = set()
-        self._walked: dict[tuple[str, tuple[str, ...]], FolderRef] = {}
+        self._path: dict[int, FolderRef] = {}  # the walk's current folder at each depth
         seen: set[tuple[int, int]] = set()
         for pattern in roots:
             try:
@@ -418,13 +418,16 @@ class Scan:
         ):
             self._parts.add(key)
             return True
-        self._walked[key] = folder
+        depth = len(folder.components)  # the walk is depth first: its parent is on the path
+        run = self._path.get(depth - 1)
+        self._path[depth] = folder
+        for deeper in [d for d in self._path if d > depth]:
+            del self._path[deeper]
         names = frozenset(e.name for e in files)
         if layouts.recognise(names) is None:
             return False
         self._layout_names[key] = names
-        run = self._walked.get(parent) if parent is not None else None
-        if run is not None:
+        if run is not None and (run.prefix, run.components) == parent:
             self._queue(pattern, run)
         return True
 
