@@ -68,6 +68,28 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
+def _run_driver(
+    tmp_path: Path, template: Path, modes: list[str], args: list[str]
+) -> list[dict[str, Any]]:
+    """Every point of ``fault_driver.py`` over copies of ``template``, as it reported them."""
+    spec = tmp_path / "spec.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    spec.write_text(
+        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": args})
+    )
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    return [json.loads(line) for line in driver.stdout.splitlines()]
+
+
 def _check_point(
     point: dict[str, Any],
     saved: dict[str, dict[str, Any]],
@@ -140,22 +162,7 @@ def test_every_filesystem_call_of_a_sweep_can_fail_or_be_killed(
     summary = json.loads(done.stdout)
     assert summary["counts"]["delete"] == 2 and summary["counts"]["refresh"] == 1
 
-    spec = tmp_path / "spec.json"
-    work = tmp_path / "work"
-    work.mkdir()
-    spec.write_text(
-        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": args})
-    )
-    driver = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert driver.returncode == 0, driver.stderr
-    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    points = _run_driver(tmp_path, template, modes, args)
     for mode in modes:
         hit = [p for p in points if p["mode"] == mode and p["hit"]]
         assert len(hit) > 50, f"{mode}: only {len(hit)} calls faulted"
@@ -208,22 +215,7 @@ def test_a_checkpoint_folder_demotion_can_fail_or_be_killed_at_every_call(
     assert json.loads(done.stdout)["counts"]["delete"] == 1
     reference = set(_digests(clean / "root"))
 
-    spec = tmp_path / "spec.json"
-    work = tmp_path / "work"
-    work.mkdir()
-    spec.write_text(
-        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": args})
-    )
-    driver = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert driver.returncode == 0, driver.stderr
-    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    points = _run_driver(tmp_path, template, modes, args)
     for mode in modes:
         assert len([p for p in points if p["mode"] == mode and p["hit"]]) > 20, mode
     for point in points:
