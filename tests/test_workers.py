@@ -83,16 +83,30 @@ def test_a_sweep_whose_classifier_is_killed_finishes(tmp_path: Path) -> None:
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+    expected = min(len(os.sched_getaffinity(0)), 120)  # the pool's size
     try:
         deadline = time.monotonic() + 30
-        while not _children(sweep.pid) and sweep.poll() is None and time.monotonic() < deadline:
+        while (
+            len(_children(sweep.pid)) < expected
+            and sweep.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
+        time.sleep(0.02)  # every worker started, and given a folder (the pool no longer forks)
         os.killpg(sweep.pid, signal.SIGSTOP)
         workers = _children(sweep.pid)
         for worker in workers:
             os.kill(worker, signal.SIGKILL)
         os.killpg(sweep.pid, signal.SIGCONT)
-        stdout, stderr = sweep.communicate(timeout=60)
+        for _ in range(60):
+            try:
+                stdout, stderr = sweep.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                # A worker forked while the group stop was delivered can miss the SIGCONT.
+                os.killpg(sweep.pid, signal.SIGCONT)
+        else:
+            raise AssertionError("the sweep did not finish")
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
