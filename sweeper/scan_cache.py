@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -364,10 +365,7 @@ _STATUS = {status.value[0]: status for status in CopyStatus}
 
 
 def _decode(text: str, name: str) -> dict[str, Any]:
-    from sweeper.extract import output_name  # (imports formats)
-    from sweeper.formats.checkpoint import Mode
-    from sweeper.inventory import CopyState, headline_metric  # (inventory imports this module)
-
+    inventory = sys.modules["sweeper.inventory"]  # (which imports this module)
     raw = json.loads(text)
     if not isinstance(raw, dict):
         raise ValueError("not an object")
@@ -378,14 +376,14 @@ def _decode(text: str, name: str) -> dict[str, Any]:
         elif key == "m":
             metrics = tuple((str(k), float(v)) for k, v in value)
             found["metrics"] = metrics
-            found["metric"] = headline_metric(metrics)
+            found["metric"] = inventory.headline_metric(metrics)
         elif key == "c":
-            copy_name = output_name(name, Mode.INFERENCE)
+            copy_name = inventory.output_name(name, inventory.Mode.INFERENCE)
             if isinstance(value, str):
-                found["copy"] = CopyState(copy_name, _STATUS[value])
+                found["copy"] = inventory.CopyState(copy_name, _STATUS[value])
                 continue
             status, problem, size, identity, made_here, aside, pinned = value
-            found["copy"] = CopyState(
+            found["copy"] = inventory.CopyState(
                 copy_name,
                 _STATUS[status],
                 None if problem is None else str(problem),
