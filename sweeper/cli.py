@@ -1,12 +1,13 @@
 """The command line: argparse, one function per command returning an exit code.
 
 The one place that maps exceptions to exit codes: 0 ok, 1 finished but some items failed,
-2 usage or configuration error, 130 interrupted.
+2 usage or configuration error, 3 no daemon running (``status``), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import logging
 import os
@@ -20,10 +21,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from datetime import time as dt_time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from sweeper import __version__, report, torchzip
-from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
+from sweeper.errors import (
+    AlreadyRunning,
+    ConfigError,
+    FileRefused,
+    NotRunning,
+    SweeperError,
+    UsageError,
+)
 from sweeper.extract import (
     Located,
     extract,
@@ -42,7 +50,7 @@ if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their co
 
 log = logging.getLogger("sweeper")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _open_dir(path: str) -> int:
@@ -200,13 +208,24 @@ def _inspect_one(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     )
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+# KEY=VALUE, also with a mistyped key (`keep-full=3`), so that the config names the nearest one.
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
+
+
+def _is_override(word: str) -> bool:
+    """A config override, unless it is the path of something that exists (`lr=0.1/`) and its
+    key is none of sweeper's."""
+    from sweeper.config import known_keys
+
+    if not _OVERRIDE.match(word):
+        return False
+    return word.partition("=")[0] in known_keys() or not os.path.lexists(word)
 
 
 def _config_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str], list[str]]:
     """Config file, KEY=VALUE overrides (then the dedicated flags), and ROOTs replacing roots."""
-    overrides = [a for a in args.items if _OVERRIDE.match(a)]
-    roots = [a for a in args.items if not _OVERRIDE.match(a)]
+    overrides = [a for a in args.items if _is_override(a)]
+    roots = [a for a in args.items if not _is_override(a)]
     if getattr(args, "keep_full", None) is not None:
         overrides.append(f"keep_full={args.keep_full}")
     if getattr(args, "ledger", None) is not None:
@@ -223,20 +242,42 @@ def _yaml_literal(text: str) -> str:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from sweeper.config import load_settings  # omegaconf: only for commands that read config
+    from sweeper.config import check_given_roots, load_settings  # omegaconf: only when needed
 
     config, overrides, roots = _config_inputs(args)
-    return load_settings(config, overrides, roots=roots)
+    settings = load_settings(config, overrides, roots=roots)
+    check_given_roots(roots)
+    return settings
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from sweeper.config import check_given_roots
     from sweeper.daemon import Watcher  # loaded only for `watch`
     from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
     watcher = Watcher(config, overrides, roots, Notifier.from_environment(os.environ))
+    check_given_roots(roots)
+    if not any(_root_exists(root) for root in watcher.settings.roots):
+        # Config roots that match nothing are a warning (runs appear later), but a daemon with
+        # nothing at all to watch would run for ever doing nothing.
+        raise ConfigError(
+            "roots",
+            f"none of {', '.join(repr(r) for r in watcher.settings.roots)} exists; "
+            "nothing to watch",
+        )
     watcher.install_signal_handlers()
     return watcher.run()
+
+
+def _root_exists(root: str) -> bool:
+    from sweeper.config import check_given_roots
+
+    try:
+        check_given_roots([root])
+    except ConfigError:
+        return False
+    return True
 
 
 class _Progress:
@@ -369,6 +410,14 @@ def cmd_ledger(args: argparse.Namespace) -> int:
         from sweeper.config import load_settings  # omegaconf: only when config gives the path
 
         path = load_settings(Path(args.config) if args.config else None, []).ledger
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        # A typo in the path must not read as "nothing reclaimed".  (A user who may not look
+        # into the ledger's folder gets their own view, or an empty one, below.)
+        raise UsageError(f"no ledger at {path}") from None
+    except OSError:
+        pass
     since = None
     if args.since:
         try:
@@ -420,7 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log detail"
     )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors on stderr (-qq: only errors)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0, help="only warnings and errors on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -444,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace OUT if it exists (by default an existing file is never replaced)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.set_defaults(func=cmd_extract)
+    p.set_defaults(func=cmd_extract, parser=p)
 
     p = sub.add_parser(
         "inspect", parents=[common], help="what a checkpoint holds, without reading its tensors"
@@ -456,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also read every record and check its CRC (reads the whole file)",
     )
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, parser=p)
 
     p = sub.add_parser(
         "sweep", parents=[common], help="extract, keep the newest full checkpoints, delete older"
@@ -472,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--keep-full", type=int, metavar="N", help="full checkpoints kept per run")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, parser=p)
 
     p = sub.add_parser(
         "watch", parents=[common], help="the daemon: extract and prune as checkpoints appear"
@@ -485,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
-    p.set_defaults(func=cmd_watch)
+    p.set_defaults(func=cmd_watch, parser=p)
 
     p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
@@ -493,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--since", metavar="DATE", help="only records at or after DATE (ISO 8601)")
     p.add_argument("--by", choices=("root", "owner", "day"), help="group totals")
-    p.set_defaults(func=cmd_ledger)
+    p.set_defaults(func=cmd_ledger, parser=p)
     return parser
 
 
@@ -505,18 +564,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         items = getattr(args, "items", None)
         if not isinstance(items, list) or any(word.startswith("-") for word in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _unrecognized(getattr(args, "parser", parser), extra)
         items.extend(extra)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose - args.quiet)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
-    except (ConfigError, AlreadyRunning) as error:
+    except (ConfigError, AlreadyRunning, UsageError) as error:
         log.error("%s", error)
         return EXIT_USAGE
+    except NotRunning as error:
+        log.warning("%s", error)
+        return EXIT_NOT_RUNNING
     except FileRefused as error:
         log.error("%s", error)
         return EXIT_FAILED
@@ -524,14 +586,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return EXIT_FAILED
     except BrokenPipeError:
-        sys.stderr.close()
-        return EXIT_FAILED
+        # stdout's reader left (`| head`): what it wanted it has; end quietly, without the
+        # interpreter's complaint when it flushes stdout on the way out.
+        _silence_stdout()
+        return EXIT_OK
     except OSError as error:
         log.error("%s", error)
         return EXIT_FAILED
     except (Exception, RecursionError):
         log.exception("unexpected error (a bug in sweeper: please report it)")
         return EXIT_FAILED
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: Sequence[str]) -> NoReturn:
+    """argparse's error for words it did not take, from the command's own parser (its usage,
+    not the top level's), naming the nearest option of that command for each misspelt one."""
+    options = [
+        option
+        for action in parser._actions  # argparse keeps no public list of a parser's options
+        for option in action.option_strings
+        if option.startswith("--")
+    ]
+    words = []
+    for word in extra:
+        close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if word.startswith("-") and close else ""
+        words.append(word + hint)
+    parser.error(f"unrecognized arguments: {' '.join(words)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ the key.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import math
 import os
 from collections.abc import Sequence
@@ -28,8 +30,11 @@ __all__ = [
     "ConfigSchema",
     "ObserverKind",
     "Settings",
+    "check_given_roots",
     "default_state_dir",
+    "known_keys",
     "load_settings",
+    "nearest_keys",
     "settings_from_schema",
 ]
 
@@ -367,9 +372,50 @@ def _error_from_omegaconf(exc: OmegaConfBaseException, fallback_key: str) -> Con
     full_key = getattr(exc, "full_key", None)
     key = str(full_key) if full_key else fallback_key
     if isinstance(exc, ConfigKeyError):
-        known = ", ".join(ConfigSchema.__dataclass_fields__)
-        return ConfigError(key, f"unknown key (known keys: {known})")
+        return unknown_key(key)
     return ConfigError(key, _first_line(exc))
+
+
+def known_keys() -> tuple[str, ...]:
+    """Every key config.yaml and ``KEY=VALUE`` take, nested ones dotted
+    (``keep_inference.last``), in the schema's order."""
+    keys: list[str] = []
+    for name, spec in ConfigSchema.__dataclass_fields__.items():
+        keys.append(name)
+        if spec.type == "KeepInferenceSchema":
+            keys += [f"{name}.{inner}" for inner in KeepInferenceSchema.__dataclass_fields__]
+    return tuple(keys)
+
+
+def nearest_keys(key: str) -> list[str]:
+    """The known keys a mistyped ``key`` most likely meant (``keep-full`` -> ``keep_full``)."""
+    wanted = key.strip().lower().replace("-", "_")
+    keys = known_keys()
+    exact = [k for k in keys if k == wanted]
+    return exact or difflib.get_close_matches(wanted, keys, n=3, cutoff=0.6)
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The error for a key the schema does not have, naming the nearest known keys."""
+    nearest = nearest_keys(key)
+    hint = f"; did you mean {' or '.join(repr(k) for k in nearest)}?" if nearest else ""
+    known = ", ".join(k for k in known_keys() if "." not in k)
+    return ConfigError(key, f"unknown key{hint} (known keys: {known})")
+
+
+def check_given_roots(roots: Sequence[str]) -> None:
+    """Roots typed on the command line must exist now (a glob must match something): a typo
+    there is a mistake to report, not a run that may appear later, as config roots may be.
+
+    Raises ConfigError naming ``roots``.
+    """
+    for root in roots:
+        if _GLOB_CHARACTERS.intersection(root):
+            found = any(os.path.isdir(path) for path in glob.iglob(root))
+        else:
+            found = os.path.lexists(root)
+        if not found:
+            raise ConfigError("roots", f"{root!r} does not exist (given on the command line)")
 
 
 def _first_line(exc: BaseException) -> str:

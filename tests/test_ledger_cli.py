@@ -166,14 +166,10 @@ def test_bad_since_is_a_usage_error(ledger_cli: Callable[..., CliRun], ledger: P
     assert len(done.stderr_lines) == 1 and "'--since'" in done.stderr
 
 
-@pytest.mark.parametrize("state", ["missing", "empty"])
-def test_missing_or_empty_ledger(
-    ledger_cli: Callable[..., CliRun], tmp_path: Path, state: str
-) -> None:
+def test_empty_ledger(ledger_cli: Callable[..., CliRun], tmp_path: Path) -> None:
     path = tmp_path / "state" / "ledger.jsonl"
-    if state == "empty":
-        path.parent.mkdir()
-        path.touch()
+    path.parent.mkdir()
+    path.touch()
 
     assert rows(ledger_cli(path, "--json")) == {"total": (0, 0)}
     assert rows(ledger_cli(path, "--json", "--by", "root")) == {}
@@ -182,9 +178,19 @@ def test_missing_or_empty_ledger(
     total = ledger_cli(path)
     assert total.returncode == 0 and "0 B" in total.stdout
     assert total.stderr == ""
-    assert path.exists() == (state == "empty")  # reading never creates it
-    if state == "missing":
-        assert not path.parent.exists()
+
+
+def test_a_missing_ledger_is_a_usage_error_naming_it(
+    ledger_cli: Callable[..., CliRun], tmp_path: Path
+) -> None:
+    """A typo in the path must not read as "nothing reclaimed"."""
+    path = tmp_path / "state" / "ledger.jsonl"
+    for args in ((), ("--json",), ("--by", "day")):
+        done = ledger_cli(path, *args)
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert len(done.stderr_lines) == 1 and str(path) in done.stderr
+    assert not path.parent.exists()  # reading never creates it
 
 
 def test_torn_last_line_is_reported_and_skipped(
