@@ -46,7 +46,7 @@ from sweeper.torchzip import Mode
 
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
-    from sweeper.plan import SweepPlan
+    from sweeper.plan import PlanEntry, SweepPlan
 
 log = logging.getLogger("sweeper")
 
@@ -311,6 +311,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
     from sweeper.plan import plan_run, plan_sweep
+    from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
 
     settings = _settings(args)
@@ -339,7 +340,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             memory_limit=settings.classify_memory_limit,
         )
         progress.clear()
-        return plan_sweep(inventory, rules, now_ns=now_ns)
+        return check_plan(plan_sweep(inventory, rules, now_ns=now_ns))
 
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
@@ -352,22 +353,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             limits=limits,
             memory_limit=settings.classify_memory_limit,
         )
-        entries = (
-            entry
-            for run in walk.runs(progress.scanned, stop)
-            for entry in plan_run(run, rules, now_ns=now_ns)
+        refused = 0
+
+        def counted(entries: Iterator[PlanEntry]) -> Iterator[PlanEntry]:
+            nonlocal refused
+            for entry in entries:
+                refused += is_refused(entry)
+                yield entry
+
+        entries = counted(
+            check_entries(
+                entry
+                for run in walk.runs(progress.scanned, stop)
+                for entry in plan_run(run, rules, now_ns=now_ns)
+            )
         )
         report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
         progress.clear()
         if stop():
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if walk.failed else EXIT_OK
+        return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
         planned = plan_now()
         print(report.plan_text(planned))
         if stop():
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if planned.failed else EXIT_OK
+        return EXIT_FAILED if planned.failed or refused_count(planned.entries) else EXIT_OK
     # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
     # and the daemon) never act on the same tree at once, and the second sees the first's results.
     with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
@@ -397,7 +408,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(report.to_json(text) if text is not None else report.sweep_text(plan, result))
     if result.interrupted or stop():
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if result.failures or plan.failed else EXIT_OK
+    failed = result.failures or plan.failed or refused_count(plan.entries)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:

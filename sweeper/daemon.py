@@ -46,6 +46,7 @@ from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action, Rules
+from sweeper.preflight import check_plan
 from sweeper.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -695,7 +696,7 @@ class Watcher:
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
-            plan = plan_sweep(found, rules, now_ns=now_ns)
+            plan = check_plan(plan_sweep(found, rules, now_ns=now_ns))
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
             self._note_skipped(plan)

@@ -615,7 +615,7 @@ def test_a_file_past_the_memory_limit_is_refused_and_the_tree_beside_it_swept(
     entries = {e["path"]: e for e in plan.json()["entries"]}
     big = entries[str(root / "big" / "e1.pt")]
     assert (big["action"], big["reason"]) == ("skip", f"skipped: {MEMORY_REFUSAL}")
-    assert swept.returncode == 0, swept.stderr
+    assert plan.returncode == 1 and swept.returncode == 1, swept.stderr  # a refused file
     assert f"{root / 'big' / 'e1.pt'}: {MEMORY_REFUSAL}" in swept.stderr
     assert sorted(os.listdir(root / "big")) == ["e1.pt"]
     assert sorted(os.listdir(root / "ordinary")) == [
