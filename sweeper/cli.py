@@ -7,6 +7,7 @@ The one place that maps exceptions to exit codes: 0 ok, 1 finished but some item
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import logging
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from datetime import time as dt_time
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from sweeper import __version__, report, torchzip
 from sweeper.errors import (
@@ -280,30 +281,81 @@ def _root_exists(root: str) -> bool:
     return True
 
 
-class _Progress:
-    """Progress on stderr, only when stderr is a terminal."""
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` is, 0 when it says none (a bare pty)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
-    def __init__(self, stream: TextIO) -> None:
+
+class _Progress:
+    """A progress bar on stderr, only when stderr is a terminal (and not ``--quiet``).
+
+    Drawn by tqdm; while it is shown, log lines go through tqdm's logging redirect, which
+    clears the bar, writes the line and draws the bar again below it, so the two never share a
+    line.  Use as a context manager around the work."""
+
+    def __init__(self, stream: TextIO, *, wanted: bool = True) -> None:
         self._stream = stream
-        self.enabled = stream.isatty()
+        self.enabled = wanted and stream.isatty()
+        self._bar: Any = None
+        self._phase = ""
+        self._redirect: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.clear()
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
+
+    def _at(self, phase: str, count: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self._phase != phase:
+            from tqdm import tqdm
+
+            self.clear()
+            self._phase = phase
+            self._bar = tqdm(
+                total=total,
+                desc=phase,
+                unit=" files",
+                file=self._stream,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.2,
+                **({} if _columns(self._stream) else {"ncols": 80}),
+            )
+        self._bar.update(count - self._bar.n)
 
     def scanned(self, files: int) -> None:
-        if self.enabled:
-            self._stream.write(f"\rscanned {files} files")
-            self._stream.flush()
+        self._at("scanning", files, None)
 
     def executed(self, done: int, total: int) -> None:
-        if self.enabled:
-            self._stream.write(f"\rprocessed {done}/{total}")
-            self._stream.flush()
+        self._at("sweeping", done, total)
 
     def clear(self) -> None:
-        if self.enabled:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._phase = ""
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    with _Progress(sys.stderr, wanted=not args.quiet) as progress:
+        return _sweep(args, progress)
+
+
+def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
     from sweeper.inventory import RunFolder, Scan, WalkLimits, scan
@@ -315,7 +367,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.signals import StopFlag, install_stop_handlers
 
     settings = _settings(args)
-    progress = _Progress(sys.stderr)
     stop = StopFlag()
     install_stop_handlers(stop)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from conftest import untimed
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
@@ -246,7 +247,7 @@ class Daemon:
         self.pid = self.process.pid
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return untimed(self.log_path.read_text(errors="replace"))
 
     def details(self) -> str:
         state = "running" if self.process.poll() is None else f"exited {self.process.returncode}"

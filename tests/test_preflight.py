@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, CliRun
+from conftest import REPO_ROOT, CliRun, untimed
 from trees import save_full, snapshot
 
 pytestmark = pytest.mark.skipif(
@@ -48,7 +48,7 @@ def sweeper_as(uid: int, *args: str | os.PathLike[str]) -> CliRun:
     done = subprocess.run(
         command, cwd="/", env=env, capture_output=True, text=True, timeout=180, check=False
     )
-    return CliRun(done.returncode, done.stdout, done.stderr)
+    return CliRun(done.returncode, done.stdout, untimed(done.stderr))
 
 
 @pytest.fixture
