@@ -281,6 +281,15 @@ def _root_exists(root: str) -> bool:
     return True
 
 
+def _table_width() -> int | None:
+    """How wide tables on stdout may be: $COLUMNS, else the terminal's; no limit when stdout
+    is a file or a pipe (whoever reads it gets whole paths)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return _columns(sys.stdout) if sys.stdout.isatty() and _columns(sys.stdout) else None
+
+
 def _columns(stream: TextIO) -> int:
     """The width of the terminal ``stream`` is, 0 when it says none (a bare pty)."""
     try:
@@ -331,9 +340,13 @@ class _Progress:
                 unit=" files",
                 file=self._stream,
                 leave=False,
-                dynamic_ncols=True,
                 mininterval=0.2,
-                **({} if _columns(self._stream) else {"ncols": 80}),
+                # follow the terminal's size; one that tells none (a bare pty) gets 80x24
+                **(
+                    {"dynamic_ncols": True}
+                    if _columns(self._stream)
+                    else {"ncols": 80, "nrows": 24}
+                ),
             )
         self._bar.update(count - self._bar.n)
 
@@ -426,7 +439,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
         planned = plan_now()
-        print(report.plan_text(planned))
+        print(report.plan_text(planned, width=_table_width(), show_all=args.all))
         if stop():
             return EXIT_INTERRUPTED
         return EXIT_FAILED if planned.failed or refused_count(planned.entries) else EXIT_OK
@@ -456,7 +469,11 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         )
         progress.clear()
     text = report.sweep_json(plan, result) if args.json else None
-    print(report.to_json(text) if text is not None else report.sweep_text(plan, result))
+    print(
+        report.to_json(text)
+        if text is not None
+        else report.sweep_text(plan, result, width=_table_width())
+    )
     if result.interrupted or stop():
         return EXIT_INTERRUPTED
     failed = result.failures or plan.failed or refused_count(plan.entries)
@@ -591,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    p.add_argument(
+        "--all", action="store_true", help="list sweeper's own outputs too (folded by default)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--keep-full", type=int, metavar="N", help="full checkpoints kept per run")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from sweeper.logs import escape_controls
 from sweeper.policy import Action
@@ -22,6 +24,7 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.plan import PlanEntry, SweepPlan
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_T = TypeVar("_T")
 
 
 def human_size(count: int) -> str:
@@ -274,25 +277,168 @@ def write_streamed_plan_json(
     stream.write("], " + to_json(tail)[1:] + "\n")
 
 
-def plan_text(plan: SweepPlan) -> str:
-    rows = [["ACTION", "RECLAIM", "PATH", "REASON"]]
-    for entry in plan.entries:
-        rows.append(
-            [
+OWN_OUTPUT = "skipped: sweeper's own output"
+
+
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``epoch_2`` before ``epoch_10``: runs of digits compare as numbers."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in re.split(r"(\d+)", text)
+        if part
+    )
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its middle replaced by an ellipsis: a long
+    path keeps its root and its file name."""
+    if width <= 0 or len(text) <= width:
+        return text
+    if width < 5:
+        return text[:width]
+    keep = width - 1
+    return text[: keep // 2] + "…" + text[len(text) - (keep - keep // 2) :]
+
+
+def shorten_end(text: str, width: int) -> str:
+    if width <= 0 or len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + "…"
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The rows of one run folder, and how many of sweeper's own outputs were folded away."""
+
+    folder: str
+    rows: tuple[tuple[str, ...], ...]
+    folded: int = 0
+
+
+def _fit(widths: list[int], flexible: Sequence[int], room: int) -> list[int]:
+    """Column widths that fit ``room`` characters (separators included), shrinking only the
+    ``flexible`` columns (each to no less than 8), the widest first."""
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - room
+    while excess > 0:
+        column = max(flexible, key=lambda i: widths[i])
+        if widths[column] <= 8:
+            break
+        cut = min(excess, widths[column] - 8, max(1, (widths[column] - 8 + 1) // 2))
+        widths[column] -= cut
+        excess -= cut
+    return widths
+
+
+def _grouped_table(
+    header: Sequence[str],
+    groups: Sequence[_Group],
+    *,
+    right: frozenset[int],
+    middle: frozenset[int],
+    width: int | None,
+) -> list[str]:
+    """One table, its rows grouped under a line naming their run folder; ``width`` (None: no
+    limit) is the terminal's, which long cells are shortened to fit: those in ``middle`` in
+    the middle (paths, names), the others at the end."""
+    indent = "  "
+    rows = [tuple(header), *(row for group in groups for row in group.rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if width is not None:
+        flexible = [i for i in range(len(header)) if i not in right and i != 0]
+        widths = _fit(widths, flexible, width - len(indent))
+
+    def line(row: Sequence[str]) -> str:
+        cells = []
+        for i, cell in enumerate(row):
+            cell = shorten_middle(cell, widths[i]) if i in middle else shorten_end(cell, widths[i])
+            cells.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+        return (indent + "  ".join(cells)).rstrip()
+
+    lines = [line(header)]
+    for group in groups:
+        folder = group.folder.rstrip("/") + "/"
+        lines.append(shorten_middle(folder, width) if width is not None else folder)
+        lines += [line(row) for row in group.rows]
+        if group.folded:
+            many = "s" if group.folded != 1 else ""
+            lines.append(
+                f"{indent}+ {group.folded} of sweeper's own output{many} (--all lists them)"
+            )
+    return lines
+
+
+def _by_folder(
+    items: Iterable[_T], folder: Callable[[_T], str], name: Callable[[_T], str]
+) -> list[tuple[str, list[_T]]]:
+    """``items`` grouped by run folder, folders and names in natural order."""
+    groups: dict[str, list[_T]] = {}
+    for item in items:
+        groups.setdefault(folder(item), []).append(item)
+    return [
+        (key, sorted(groups[key], key=lambda item: natural_key(name(item))))
+        for key in sorted(groups, key=natural_key)
+    ]
+
+
+def plan_text(plan: SweepPlan, *, width: int | None = None, show_all: bool = False) -> str:
+    """The plan for people: one table grouped by run folder, in natural order, sweeper's own
+    outputs folded into a count per folder unless ``show_all``, then the problems, the totals
+    and what each owner would get back."""
+    groups = []
+    for folder, entries in _by_folder(plan.entries, lambda e: e.folder.display, lambda e: e.name):
+        shown = [e for e in entries if show_all or e.reason != OWN_OUTPUT]
+        rows = tuple(
+            (
                 entry.action.value,
                 human_size(entry.reclaimed_bytes) if entry.reclaimed_bytes else "-",
-                printable(entry.path),
+                printable(entry.name),
                 printable(entry.reason),
-            ]
+            )
+            for entry in shown
         )
-    lines = [table(rows, frozenset({1}))] if plan.entries else ["no checkpoints found"]
+        groups.append(_Group(printable(folder), rows, len(entries) - len(shown)))
+    lines = (
+        _grouped_table(
+            ("ACTION", "RECLAIM", "FILE", "REASON"),
+            groups,
+            right=frozenset({1}),
+            middle=frozenset({2}),
+            width=width,
+        )
+        if plan.entries
+        else ["no checkpoints found"]
+    )
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
         f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
         f"({plan.expected_reclaimed_bytes} bytes)"
     )
+    owners = owner_totals(plan.entries)
+    if owners:
+        lines.append("what each owner would get back:")
+        owner_rows = [["OWNER", "FILES", "RECLAIM"]] + [
+            [printable(owner), str(files), human_size(reclaimed)]
+            for owner, files, reclaimed in owners
+        ]
+        lines += ["  " + line for line in table(owner_rows, frozenset({1, 2})).splitlines()]
     return "\n".join(lines)
+
+
+def owner_totals(entries: Iterable[PlanEntry]) -> list[tuple[str, int, int]]:
+    """(owner, files acted on, bytes reclaimed) for each owner of a file the plan writes or
+    deletes, most reclaimed first."""
+    from sweeper.ledger import user_name
+
+    totals: dict[int, tuple[int, int]] = {}
+    for entry in entries:
+        if entry.action in (Action.KEEP, Action.SKIP):
+            continue
+        files, reclaimed = totals.get(entry.uid, (0, 0))
+        totals[entry.uid] = (files + 1, reclaimed + entry.reclaimed_bytes)
+    named = [(user_name(uid), files, reclaimed) for uid, (files, reclaimed) in totals.items()]
+    return sorted(named, key=lambda row: (-row[2], natural_key(row[0])))
 
 
 def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
@@ -318,18 +464,36 @@ def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
     }
 
 
-def sweep_text(plan: SweepPlan, result: SweepReport) -> str:
-    rows = [["RESULT", "RECLAIMED", "PATH", "DETAIL"]]
-    for o in result.outcomes:
-        rows.append(
-            [
-                ("ok " if o.ok else "FAIL ") + o.entry.action.value,
-                human_size(o.reclaimed_bytes),
-                printable(o.entry.path),
-                printable(o.detail),
-            ]
+def sweep_text(plan: SweepPlan, result: SweepReport, *, width: int | None = None) -> str:
+    """What a sweep did, grouped by run folder in natural order, then problems and totals."""
+    groups = [
+        _Group(
+            printable(folder),
+            tuple(
+                (
+                    ("ok " if o.ok else "FAIL ") + o.entry.action.value,
+                    human_size(o.reclaimed_bytes),
+                    printable(o.entry.name),
+                    printable(o.detail),
+                )
+                for o in outcomes
+            ),
         )
-    lines = [table(rows, frozenset({1}))] if result.outcomes else ["nothing to do"]
+        for folder, outcomes in _by_folder(
+            result.outcomes, lambda o: o.entry.folder.display, lambda o: o.entry.name
+        )
+    ]
+    lines = (
+        _grouped_table(
+            ("RESULT", "RECLAIMED", "FILE", "DETAIL"),
+            groups,
+            right=frozenset({1}),
+            middle=frozenset({2}),
+            width=width,
+        )
+        if result.outcomes
+        else ["nothing to do"]
+    )
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     skipped = plan.count(Action.SKIP)
     lines.append(

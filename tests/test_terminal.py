@@ -94,3 +94,83 @@ def test_without_a_terminal_there_is_no_bar(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "\r" not in done.stderr and "files/s" not in done.stderr
     assert all(line.startswith("INFO sweeper") for line in done.stderr_lines), done.stderr
+
+
+def test_tables_are_grouped_by_run_folder_in_natural_order_with_own_outputs_folded(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    for run in ("run_10", "run_2"):
+        folder = root / run
+        folder.mkdir(parents=True)
+        for epoch in (1, 2, 10, 11):
+            save_full(folder / f"epoch_{epoch}.pt", epoch=epoch, mtime_ns=10**18 + epoch)
+    ledger = tmp_path / "ledger.jsonl"
+    swept = run_cli("sweep", root, "min_age_seconds=0", "--ledger", ledger)
+    assert swept.returncode == 0, swept.stderr
+    lines = swept.stdout.splitlines()
+    assert lines[0].split() == ["RESULT", "RECLAIMED", "FILE", "DETAIL"]
+    folders = [line for line in lines if line.endswith("/")]
+    assert folders == [f"{root}/run_2/", f"{root}/run_10/"]  # natural order: 2 before 10
+    run2 = lines[lines.index(folders[0]) + 1 : lines.index(folders[1])]
+    epochs = [int(re.findall(r"epoch_(\d+)\.pt", line)[0]) for line in run2]
+    assert epochs == sorted(epochs) and 10 in epochs and 2 in epochs
+
+    dry = run_cli("sweep", root, "min_age_seconds=0", "--dry-run", "--ledger", ledger)
+    assert dry.returncode == 0, dry.stderr
+    # Four inference copies per folder, sweeper's own: one line each, folded.
+    folded = [line for line in dry.stdout.splitlines() if "of sweeper's own outputs" in line]
+    assert folded == ["  + 4 of sweeper's own outputs (--all lists them)"] * 2
+    assert "_inference.pt" not in dry.stdout
+    every = run_cli("sweep", root, "min_age_seconds=0", "--dry-run", "--all", "--ledger", ledger)
+    assert every.stdout.count("_inference.pt") == 8
+    assert "of sweeper's own outputs" not in every.stdout
+    # --json is the data, whatever the table shows.
+    data = run_cli("sweep", root, "min_age_seconds=0", "--dry-run", "--json", "--ledger", ledger)
+    entries = data.json()["entries"]
+    assert len(entries) == 2 * 4 + 2 * 2  # every file: copies and the kept full checkpoints
+
+
+def test_tables_fit_the_terminal_width(tmp_path: Path) -> None:
+    run = tmp_path / "root" / ("a_rather_long_folder_name_" * 4) / "run"
+    run.mkdir(parents=True)
+    for epoch in (1, 2, 3):
+        name = f"checkpoint_with_a_very_long_descriptive_name_epoch_{epoch}.pt"
+        save_full(run / name, epoch=epoch, mtime_ns=10**18 + epoch)
+    args = ["sweep", tmp_path / "root", "min_age_seconds=0", "--dry-run", "--ledger", "/x/l"]
+
+    narrow = run_cli(*args, env={"COLUMNS": "80"})
+    wide = run_cli(*args)  # stdout is a pipe: whole paths for whoever reads it
+
+    assert narrow.returncode == 0, narrow.stderr
+    table = narrow.stdout.split("\nplan:")[0].splitlines()
+    assert all(len(line) <= 80 for line in table), table
+    assert any("…" in line for line in table)  # long names shortened in the middle
+    assert any(line.rstrip().endswith("_epoch_1.pt") or "epoch_1.pt" in line for line in table)
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80
+    assert "…" not in wide.stdout
+
+
+def test_a_dry_run_ends_with_what_each_owner_would_get_back(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for owner, runs in ((54341, 2), (54342, 1)):
+        for index in range(runs):
+            folder = root / f"{owner}-{index}"
+            folder.mkdir(parents=True)
+            for epoch in (1, 2, 3):
+                path = folder / f"e{epoch}.pt"
+                save_full(path, epoch=epoch, mtime_ns=10**18 + epoch)
+                os.chown(path, owner, owner)
+            os.chown(folder, owner, owner)
+
+    dry = run_cli("sweep", root, "min_age_seconds=0", "--dry-run", "--ledger", "/x/l")
+    data = run_cli("sweep", root, "min_age_seconds=0", "--dry-run", "--json", "--ledger", "/x/l")
+
+    lines = dry.stdout.splitlines()
+    at = lines.index("what each owner would get back:")
+    owners = {line.split()[0]: line.split()[1] for line in lines[at + 2 :]}
+    assert owners == {"54341": "6", "54342": "3"}  # files acted on; no passwd entry: the uid
+    # the bytes are the plan's own, per owner
+    entries = data.json()["entries"]
+    total = sum(e["reclaimed_bytes"] for e in entries)
+    assert f"({total} bytes)" in dry.stdout
