@@ -480,16 +480,42 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _ledger_path(args: argparse.Namespace) -> Path:
+    if args.ledger is not None:
+        return Path(args.ledger)
+    from sweeper.config import load_settings  # omegaconf: only when config gives the path
+
+    return load_settings(Path(args.config) if args.config else None, []).ledger
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeper.status import is_running, read_status, status_path_for
+
+    ledger = _ledger_path(args)
+    where = status_path_for(ledger)
+    try:
+        status = read_status(ledger)
+    except OSError as error:
+        raise UsageError(f"cannot read {where}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(f"{where} is not a status sweeper wrote: {error}") from None
+    if status is None:
+        if args.json:
+            print(report.to_json({"running": False}))
+        raise NotRunning(f"no daemon has run with the ledger {ledger} (no {where})")
+    running = is_running(status)
+    if args.json:
+        print(report.to_json(report.status_json(status, running)))
+    else:
+        print(report.status_text(status, running))
+    return EXIT_OK if running else EXIT_NOT_RUNNING
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     from sweeper.ledger import LedgerRecord, iter_ledger, summarise, user_name
     from sweeper.ledger_views import source_for
 
-    if args.ledger is not None:
-        path = Path(args.ledger)
-    else:
-        from sweeper.config import load_settings  # omegaconf: only when config gives the path
-
-        path = load_settings(Path(args.config) if args.config else None, []).ledger
+    path = _ledger_path(args)
     try:
         os.lstat(path)
     except FileNotFoundError:
@@ -628,6 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
     p.set_defaults(func=cmd_watch, parser=p)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="what the daemon is doing now (exit 3: not running)"
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file (the status file is beside it)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_status, parser=p)
 
     p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")

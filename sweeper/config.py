@@ -100,6 +100,7 @@ class ConfigSchema:
     storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
+    metrics_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class Settings:
     storm_rescan_seconds: float = 60.0
     max_depth: int = 64
     max_folder_entries: int = 100_000
+    metrics_file: Path | None = None  # the Prometheus textfile; None: none written
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -199,6 +201,14 @@ class Settings:
         if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
             raise ConfigError("max_depth", f"{self.max_depth} is outside 1..{MAX_DEPTH_LIMIT}")
         _check_at_least("max_folder_entries", self.max_folder_entries, 1)
+        if self.metrics_file is not None:
+            if not self.metrics_file.is_absolute():
+                raise ConfigError(
+                    "metrics_file", f"{str(self.metrics_file)!r} is not an absolute path"
+                )
+            if not self.metrics_file.name.endswith(".prom"):
+                # node_exporter's textfile collector reads only *.prom files
+                raise ConfigError("metrics_file", f"{str(self.metrics_file)!r} must end in .prom")
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
@@ -283,7 +293,16 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         storm_rescan_seconds=schema.storm_rescan_seconds,
         max_depth=schema.max_depth,
         max_folder_entries=schema.max_folder_entries,
+        metrics_file=_metrics_path(schema.metrics_file),
     )
+
+
+def _metrics_path(text: str) -> Path | None:
+    if not text:
+        return None
+    if "\0" in text:
+        raise ConfigError("metrics_file", f"{text!r} contains a NUL byte")
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def default_state_dir() -> str:

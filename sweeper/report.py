@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.extract import ExtractResult
     from sweeper.ledger import SummaryRow
     from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.status import DaemonStatus
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _T = TypeVar("_T")
@@ -540,3 +541,80 @@ def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
 def printable(text: str) -> str:
     """A path safe to print on a terminal: undecodable bytes and control characters escaped."""
     return escape_controls(text)
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
+
+
+def status_phase(status: DaemonStatus) -> str:
+    """What the daemon is doing, in words: the catch-up sweep, watching, or working on what."""
+    if status.phase == "stopped":
+        return "stopped"
+    if status.working_on and status.phase != "catch-up":
+        first, more = status.working_on[0], len(status.working_on) - 1
+        what = "a full scan of every root" if first == "every root" else printable(first)
+        return f"working on {what}" + (f" (and {more} more)" if more else "")
+    return "catch-up sweep" if status.phase == "catch-up" else "watching"
+
+
+def status_line(status: DaemonStatus) -> str:
+    """The one line systemd shows (``STATUS=``): the same words as ``sweeper status``."""
+    line = (
+        f"{status_phase(status)}; {status.queued} queued, {status.settling} settling; "
+        f"{status.total_files} files acted on, {status.failed} failed; reclaimed "
+        f"{human_size(status.today_bytes)} today, {human_size(status.total_bytes)} in total"
+    )
+    if status.not_acting is not None:
+        line = f"NOT ACTING: {printable(status.not_acting)}; {line}"
+    return line
+
+
+def status_text(status: DaemonStatus, running: bool) -> str:
+    """``sweeper status`` for people."""
+    state = (
+        f"running since {_when(status.started)} (pid {status.pid})"
+        if running
+        else f"not running (last seen {_when(status.updated)}, pid {status.pid})"
+    )
+    lines = [f"sweeper watch: {state}"]
+    if status.not_acting is not None:
+        lines.append(f"NOT ACTING: {printable(status.not_acting)}")
+    lines.append(f"phase: {status_phase(status) if running else 'stopped'}")
+    lines.append(f"queue: {status.queued} folders queued, {status.settling} files settling")
+    if status.last_full_scan is not None and status.last_full_scan_seconds is not None:
+        lines.append(
+            f"last full scan: {_when(status.last_full_scan)}, "
+            f"took {_duration(status.last_full_scan_seconds)}"
+        )
+    else:
+        lines.append("last full scan: none finished yet")
+    lines.append(
+        f"reclaimed: {human_size(status.today_bytes)} today ({_files(status.today_files)}), "
+        f"{human_size(status.total_bytes)} in total ({_files(status.total_files)}); "
+        f"{status.failed} failed"
+    )
+    if status.last_error is not None and status.last_error_time is not None:
+        lines.append(f"last error: {_when(status.last_error_time)} {printable(status.last_error)}")
+    else:
+        lines.append("last error: none")
+    for root, why in status.polled:
+        lines.append(f"polled, not watched: {printable(root)} ({printable(why)})")
+    return "\n".join(lines)
+
+
+def status_json(status: DaemonStatus, running: bool) -> dict[str, object]:
+    return {"running": running, **status.to_json()}
