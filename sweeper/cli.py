@@ -47,6 +47,7 @@ from sweeper.torchzip import Mode
 
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
+    from sweeper.execute import SweepReport
     from sweeper.plan import PlanEntry, SweepPlan
 
 log = logging.getLogger("sweeper")
@@ -458,6 +459,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             max_bytes=settings.ledger_max_bytes,
             segments=settings.ledger_segments,
         )
+        began = time.monotonic()
         plan = plan_now()
         result = execute_plan(
             plan,
@@ -468,6 +470,8 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             journal=Journal(str(settings.ledger), run_id),
         )
         progress.clear()
+    if settings.metrics_file is not None:
+        _write_sweep_metrics(settings, plan, result, time.monotonic() - began)
     text = report.sweep_json(plan, result) if args.json else None
     print(
         report.to_json(text)
@@ -478,6 +482,30 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         return EXIT_INTERRUPTED
     failed = result.failures or plan.failed or refused_count(plan.entries)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _write_sweep_metrics(
+    settings: Settings, plan: SweepPlan, result: SweepReport, seconds: float
+) -> None:
+    """The Prometheus textfile after a sweep: the ledger's totals (read again, so that they
+    are the daemon's too), what the plan left to reclaim, when and how long.  A file that
+    cannot be written is a warning: the sweep itself went as it went."""
+    from sweeper.counters import seeded_from
+    from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
+
+    assert settings.metrics_file is not None
+    counters = seeded_from(str(settings.ledger), lambda message: log.warning("%s", message))
+    snapshot = Snapshot(
+        totals=counters.totals(),
+        version=__version__,
+        reclaimable=reclaimable_left(settings.roots, plan.entries, result.outcomes),
+        last_sweep=time.time(),
+        last_sweep_seconds=seconds,
+    )
+    try:
+        write_metrics(settings.metrics_file, snapshot)
+    except OSError as error:
+        log.warning("cannot write %s: %s", settings.metrics_file, error.strerror or error)
 
 
 def _ledger_path(args: argparse.Namespace) -> Path:

@@ -45,7 +45,7 @@ from sweeper.inventory import (
 from sweeper.journal import Journal
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.ledger_segments import before_acting
-from sweeper.metrics import Snapshot, write_metrics
+from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
@@ -835,13 +835,7 @@ class Watcher:
         elif result.outcomes:  # records were written: the ledger works again
             self._ledger_trouble(None)
         if exclusive:
-            left = {root: 0 for root in settings.roots}
-            for entry in plan.entries:
-                left[entry.root] = left.get(entry.root, 0) + entry.reclaimed_bytes
-            for outcome in result.outcomes:
-                if outcome.ok:
-                    root = outcome.entry.root
-                    left[root] = left.get(root, 0) - outcome.entry.reclaimed_bytes
+            left = reclaimable_left(settings.roots, plan.entries, result.outcomes)
             with self._state.lock:
                 self._state.reclaimable = left
         return True

@@ -10,13 +10,18 @@ come from the ledger (:mod:`sweeper.counters`), so they survive restarts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sweeper.atomic import write_atomically
 from sweeper.counters import Totals
 
-__all__ = ["Snapshot", "render", "write_metrics"]
+if TYPE_CHECKING:
+    from sweeper.execute import Outcome
+    from sweeper.plan import PlanEntry
+
+__all__ = ["Snapshot", "reclaimable_left", "render", "write_metrics"]
 
 _MODE = 0o644
 
@@ -32,6 +37,20 @@ class Snapshot:
     last_sweep_seconds: float | None = None
     queue_length: int | None = None  # the daemon's; None for a one-shot sweep
     errors: Mapping[str, int] = field(default_factory=dict)  # kind -> count, besides "action"
+
+
+def reclaimable_left(
+    roots: Iterable[str], entries: Iterable[PlanEntry], outcomes: Iterable[Outcome] = ()
+) -> dict[str, int]:
+    """Per configured root, what a plan would reclaim less what carrying it out did."""
+    left = dict.fromkeys(roots, 0)
+    for entry in entries:
+        left[entry.root] = left.get(entry.root, 0) + entry.reclaimed_bytes
+    for outcome in outcomes:
+        if outcome.ok:
+            root = outcome.entry.root
+            left[root] = left.get(root, 0) - outcome.entry.reclaimed_bytes
+    return left
 
 
 def _escape(value: str) -> str:
