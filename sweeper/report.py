@@ -556,8 +556,12 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _files(count: int) -> str:
-    return f"{count} file" if count == 1 else f"{count} files"
+    return _plural(count, "file")
 
 
 def status_phase(status: DaemonStatus) -> str:
@@ -594,7 +598,10 @@ def status_text(status: DaemonStatus, running: bool) -> str:
     if status.not_acting is not None:
         lines.append(f"NOT ACTING: {printable(status.not_acting)}")
     lines.append(f"phase: {status_phase(status) if running else 'stopped'}")
-    lines.append(f"queue: {status.queued} folders queued, {status.settling} files settling")
+    lines.append(
+        f"queue: {_plural(status.queued, 'folder')} queued, "
+        f"{_plural(status.settling, 'file')} settling"
+    )
     if status.last_full_scan is not None and status.last_full_scan_seconds is not None:
         lines.append(
             f"last full scan: {_when(status.last_full_scan)}, "
