@@ -543,6 +543,13 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     from sweeper.ledger import LedgerRecord, iter_ledger, summarise, user_name
     from sweeper.ledger_views import source_for
 
+    if args.chart and (args.by is None or args.json):
+        args.parser.error(
+            "--chart draws the totals of --by day, owner or root, for people; --json is the data"
+            if args.json
+            else "--chart needs --by day, owner or root"
+        )
+
     path = _ledger_path(args)
     try:
         os.lstat(path)
@@ -585,11 +592,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             "record's time: exact only to the UTC day (or coarser, as their reason says)",
             path,
         )
-    print(
-        report.to_json(report.ledger_json(rows, args.by))
-        if args.json
-        else report.ledger_text(rows, args.by)
-    )
+    if args.json:
+        print(report.to_json(report.ledger_json(rows, args.by)))
+    elif args.chart:
+        print(report.ledger_chart(rows, args.by, width=_table_width() or 80))
+    else:
+        print(report.ledger_text(rows, args.by))
     return EXIT_OK
 
 
@@ -697,6 +705,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--since", metavar="DATE", help="only records at or after DATE (ISO 8601)")
     p.add_argument("--by", choices=("root", "owner", "day"), help="group totals")
+    p.add_argument(
+        "--chart",
+        action="store_true",
+        help="draw the totals as a bar chart (with --by; --json stays the data)",
+    )
     p.set_defaults(func=cmd_ledger, parser=p)
     return parser
 

@@ -538,6 +538,68 @@ def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
     return table([header, *body], frozenset({1, 2, 3, 4})) if body else "ledger is empty"
 
 
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def _bar(value: int, scale: int, width: int) -> str:
+    """A horizontal bar of ``value`` against ``scale`` filling ``width`` cells, in eighths of a
+    cell; anything above zero shows at least an eighth, nothing at or below zero shows."""
+    if value <= 0 or scale <= 0:
+        return ""
+    eighths = max(1, round(value / scale * width * 8))
+    full, part = divmod(min(eighths, width * 8), 8)
+    return "█" * full + (_EIGHTHS[part] if part else "")
+
+
+def with_missing_days(rows: Sequence[SummaryRow]) -> list[SummaryRow]:
+    """Day rows with the days between them that had nothing filled in as zeros, so a chart's
+    rows are evenly spaced in time (up to about a year and a half of them)."""
+    from datetime import date, timedelta
+
+    from sweeper.ledger import SummaryRow
+
+    try:
+        days = [date.fromisoformat(row.key) for row in rows]
+    except ValueError:  # compacted by month, or a key that is not a day
+        return list(rows)
+    if not days or (max(days) - min(days)).days > 550:
+        return list(rows)
+    known = {row.key: row for row in rows}
+    filled = []
+    day = min(days)
+    while day <= max(days):
+        key = day.isoformat()
+        filled.append(known.get(key, SummaryRow(key, 0, 0, 0, 0)))
+        day += timedelta(days=1)
+    return filled
+
+
+def ledger_chart(rows: Sequence[SummaryRow], by: str, width: int = 80) -> str:
+    """The totals as a horizontal bar chart of bytes reclaimed, fitted to ``width`` columns:
+    one row per day (days without records too, as zeros), or per owner or root, most first;
+    then the total."""
+    if by == "day":
+        rows = with_missing_days(rows)
+    else:  # who (or where) got the most back first
+        rows = sorted(rows, key=lambda row: -row.reclaimed_bytes)
+    if not rows:
+        return "ledger is empty"
+    keys = [printable(row.key) for row in rows]
+    sizes = [human_size(row.reclaimed_bytes) for row in rows]
+    key_width = min(max(len(key) for key in keys), max(10, width // 3))
+    size_width = max(len(size) for size in sizes)
+    bar_width = max(10, width - key_width - size_width - 4)
+    scale = max(row.reclaimed_bytes for row in rows)
+    lines = [f"{by.upper():<{key_width}}  RECLAIMED"]
+    for key, size, row in zip(keys, sizes, rows, strict=True):
+        bar = _bar(row.reclaimed_bytes, scale, bar_width)
+        label = shorten_middle(key, key_width)
+        lines.append(f"{label:<{key_width}}  {bar:<{bar_width}}  {size:>{size_width}}")
+    total = sum(row.reclaimed_bytes for row in rows)
+    lines.append(f"total: {human_size(total)} reclaimed ({total} bytes)")
+    return "\n".join(lines)
+
+
 def printable(text: str) -> str:
     """A path safe to print on a terminal: undecodable bytes and control characters escaped."""
     return escape_controls(text)
