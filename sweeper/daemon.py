@@ -28,7 +28,7 @@ from types import FrameType
 
 from sweeper import __version__, report
 from sweeper.config import ObserverKind, Settings, load_settings
-from sweeper.counters import Counters, CountingSink, seeded_from
+from sweeper.counters import Counters, CountingSink, Totals, seeded_from
 from sweeper.errors import ConfigError, LedgerUnavailable
 from sweeper.execute import execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
@@ -169,6 +169,49 @@ class _LastError(logging.Handler):
             self._state.last_error = (record.created, " ".join(message.splitlines())[:500])
 
 
+class _StateFiles:
+    """Writes the status and metrics files on a thread of their own: an fsync waiting behind a
+    busy disk (the daemon's I/O class is idle) must never hold up the main loop, which pings
+    the watchdog.  Only the latest state offered is written; older ones are dropped."""
+
+    def __init__(self, write: Callable[[DaemonStatus], None]) -> None:
+        self._write = write
+        self._changed = threading.Condition()
+        self._latest: DaemonStatus | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="state-files", daemon=True)
+        self._thread.start()
+
+    def offer(self, status: DaemonStatus) -> None:
+        with self._changed:
+            self._latest = status
+            self._changed.notify()
+
+    def close(self, last: DaemonStatus) -> None:
+        """Stop the thread, then write ``last`` here, once whatever it was writing is done."""
+        with self._changed:
+            self._closed = True
+            self._latest = None
+            self._changed.notify()
+        self._thread.join(timeout=30)
+        self._write(last)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._latest is None and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                status, self._latest = self._latest, None
+            if status is None:
+                continue
+            try:
+                self._write(status)
+            except Exception:  # never let the status thread die silently
+                log.exception("writing the status file failed")
+
+
 class _EventHandler:
     """The observers' sink (:class:`sweeper.observers.Sink`): notes which checkpoint-named paths
     changed; decides nothing.
@@ -271,6 +314,7 @@ class Watcher:
         self._why_polled: dict[str, str] = {}  # root -> why it is polled; under _observers_lock
         self._state_written: tuple[object, float] | None = None
         self._state_file_said = False
+        self._state_files = _StateFiles(self._write_state)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -302,7 +346,9 @@ class Watcher:
             # Files already there at start are judged by completeness alone (end record, no
             # writer); from now on a file must also have been quiet for settle_seconds.  Its
             # walk starts the watching, each folder before it is listed.
+            began, before = time.monotonic(), self._counters.totals()
             self._full_sweep(settle=False)
+            self._say_caught_up(time.monotonic() - began, before)
             for index in range(self.settings.workers):
                 worker = threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
                 worker.start()
@@ -321,9 +367,21 @@ class Watcher:
                 worker.join(timeout=30)
             self._reader.close()
             self._phase = "stopped"
-            self._write_state_files(self.status(), force=True)  # STOPPING=1 stays the last word
+            self._state_files.close(self.status())  # not _publish_status: STOPPING=1 stays last
             logging.getLogger("sweeper").removeHandler(errors)
         return 0
+
+    def _say_caught_up(self, seconds: float, before: Totals) -> None:
+        """One line for what the catch-up sweep did, from the records it appended."""
+        after = self._counters.totals()
+        reclaimed = after.reclaimed_bytes - before.reclaimed_bytes
+        log.info(
+            "catch-up sweep done in %.1f s: %d files acted on, %d failed; reclaimed %s",
+            seconds,
+            after.acted_on - before.acted_on,
+            after.failures - before.failures,
+            report.human_size(reclaimed),
+        )
 
     def _lower_priority(self) -> None:
         current = os.nice(0)
@@ -502,8 +560,8 @@ class Watcher:
         self._write_state_files(status, force)
 
     def _write_state_files(self, status: DaemonStatus, force: bool) -> None:
-        """Rewrite the status (and metrics) files when what they say changed, at most once a
-        second, and once a minute anyway; a failure is said once and never stops the daemon."""
+        """Have the status (and metrics) files rewritten when what they say changed, at most
+        once a second, and once a minute anyway."""
         now = time.monotonic()
         what = dataclasses.replace(status, updated=0.0)
         if not force and self._state_written is not None:
@@ -511,6 +569,11 @@ class Watcher:
             if now - when < (_STATE_FILE_HEARTBEAT if what == before else _STATE_FILE_SECONDS):
                 return
         self._state_written = (what, now)
+        self._state_files.offer(status)
+
+    def _write_state(self, status: DaemonStatus) -> None:
+        """Write the status file, and the metrics file when asked for (on _StateFiles's
+        thread); a failure is said once and never stops the daemon."""
         try:
             write_status(self.settings.ledger, status)
             if self.settings.metrics_file is not None:

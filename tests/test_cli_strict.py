@@ -103,10 +103,25 @@ def test_a_misspelt_option_shows_its_commands_usage_and_the_nearest(
 def test_quiet_and_verbose_are_taken_by_every_command(tree: Path, tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.jsonl"
     ledger.touch()
-    for command in (["ledger", "--ledger", ledger], ["inspect", tree / "run" / "epoch_1.pt"]):
+    for command in (
+        ["ledger", "--ledger", ledger],
+        ["inspect", tree / "run" / "epoch_1.pt"],
+        ["sweep", tree, "--dry-run", "--ledger", ledger],
+        ["status", "--ledger", ledger],  # exit 3: no daemon has run
+        ["extract", tree / "run" / "epoch_1.pt", "-o", tmp_path / "copy.pt"],
+    ):
         for flag in ("-q", "--quiet", "-v", "--verbose"):
             done = run_cli(*command, flag)
-            assert done.returncode == 0, (command, flag, done.stderr)
+            assert done.returncode == (3 if command[0] == "status" else 0), (command, flag)
+            (tmp_path / "copy.pt").unlink(missing_ok=True)
+
+
+def test_quiet_keeps_only_warnings_and_the_results(tree: Path, tmp_path: Path) -> None:
+    args = ["sweep", tree, "min_age_seconds=0", "--ledger", tmp_path / "ledger.jsonl"]
+    quiet = run_cli(*args, "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""  # the sweep wrote copies and deleted one: all INFO, none shown
+    assert "swept: 4 done" in quiet.stdout
 
 
 def test_a_closed_stdout_ends_quietly(tree: Path, tmp_path: Path) -> None:

@@ -106,6 +106,8 @@ def test_status_says_what_the_daemon_does_and_exits_3_once_it_stopped(
     daemon = start()
     daemon.wait_ready()
     records = ledger_lines(ledger)
+    assert "catch-up sweep done in " in daemon.log()
+    assert "4 files acted on, 0 failed; reclaimed" in daemon.log()
     wait_until(lambda: daemon_status(ledger)["phase"] == "watching", "the watching phase")
 
     state = daemon_status(ledger)
