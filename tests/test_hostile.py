@@ -337,7 +337,7 @@ def test_a_sparse_checkpoint_cannot_make_root_fill_the_disk(
 
     (entry,) = plan.json()["entries"]
     assert entry["action"] == "skip" and "a sparse file" in entry["reason"]
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # refused: nothing else to do, then exit 1
     assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1
     assert "a sparse file" in extracted.stderr and str(sparse) in extracted.stderr
     assert snapshot(tmp_path / "root") == before
