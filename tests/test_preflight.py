@@ -9,12 +9,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, CliRun, untimed
+from conftest import REPO_ROOT, CliRun, run_cli, untimed
 from trees import save_full, snapshot
 
 pytestmark = pytest.mark.skipif(
@@ -143,3 +143,30 @@ def test_a_sticky_folder_lets_a_user_delete_only_their_own(shared: Path) -> None
     assert entries[str(run / "epoch_1.pt")]["action"] == "skip"
     assert "sticky" in entries[str(run / "epoch_1.pt")]["reason"]
     assert entries[str(run / "epoch_3.pt")]["action"] == "extract"  # creating is allowed
+
+
+def test_root_on_a_read_only_mount_is_told_before_it_tries(
+    tmp_path: Path, mount_tmpfs: Callable[..., Path]
+) -> None:
+    """Outside the units' ReadWritePaths= (or on a read-only export) even root cannot write:
+    the plan says so, and the sweep neither fails nor records failures."""
+    mount = mount_tmpfs(64 * 1024 * 1024)
+    old_run(mount / "run", 0)
+    remounted = subprocess.run(
+        ["mount", "-o", "remount,ro", str(mount)], capture_output=True, check=False
+    )
+    if remounted.returncode != 0:
+        pytest.skip(f"cannot remount read-only: {remounted.stderr.decode().strip()}")
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    options = ["--ledger", ledger, "min_age_seconds=0", "--json"]
+
+    dry = run_cli("sweep", mount, *options, "--dry-run")
+    swept = run_cli("sweep", mount, *options)
+
+    for done in (dry, swept):
+        assert done.returncode == 1, done.stderr
+    entries = by_path(dry.json())
+    assert {e["reason"] for e in entries.values()} == {f"skipped: cannot write in {mount / 'run'}"}
+    assert swept.json()["failures"] == 0 and swept.json()["outcomes"] == []
+    assert "Read-only file system" not in swept.stderr
+    assert not ledger.exists() or ledger.stat().st_size == 0  # nothing done, nothing failed
