@@ -7,20 +7,47 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 
-__all__ = ["write_atomically"]
+__all__ = ["remove_stale_temps", "write_atomically"]
 
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temp_prefix(path: str) -> tuple[str, str]:
+    folder, name = os.path.split(path)
+    return folder, f".{name}.tmp-"
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> int:
+    """Remove the temporary files a writer of ``path`` killed mid-write left beside it (only
+    regular files of this process's owner, by their exact name pattern); how many were removed.
+    Call it only where no other writer of ``path`` can be at work (the daemon, at start, under
+    its instance lock)."""
+    folder, prefix = _temp_prefix(os.fspath(path))
+    removed = 0
+    try:
+        names = [n for n in os.listdir(folder or ".") if n.startswith(prefix)]
+    except OSError:
+        return 0
+    for name in names:
+        temp = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            info = os.lstat(temp)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(temp)
+                removed += 1
+    return removed
 
 
 def write_atomically(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
     """Replace ``path`` with ``data``, permission bits exactly ``mode`` (whatever the umask:
     the metrics must stay readable by node_exporter under the units' ``UMask=0077``)."""
     path = os.fspath(path)
-    folder, name = os.path.split(path)
+    folder, prefix = _temp_prefix(path)
     # O_EXCL on a fresh random name: a symlink or file planted under the temp name is never
     # followed or reused.
-    temp = os.path.join(folder, f".{name}.tmp-{secrets.token_hex(4)}")
+    temp = os.path.join(folder, prefix + secrets.token_hex(4))
     fd = os.open(temp, _OPEN_NEW, 0o600)
     try:
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from sweeper import __version__, report
+from sweeper.atomic import remove_stale_temps
 from sweeper.config import ObserverKind, Settings, load_settings
 from sweeper.counters import Counters, CountingSink, Totals, seeded_from
 from sweeper.errors import ConfigError, LedgerUnavailable
@@ -52,7 +53,7 @@ from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action, Rules
 from sweeper.preflight import check_plan
 from sweeper.signals import StopFlag
-from sweeper.status import DaemonStatus, process_start_time, write_status
+from sweeper.status import DaemonStatus, process_start_time, status_path_for, write_status
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,7 @@ class Watcher:
         with acquire_instance_lock(self.settings.ledger):
             self._lower_priority()
             self._counters = seeded_from(str(self.settings.ledger), _warn)
+            remove_stale_temps(status_path_for(self.settings.ledger))  # a killed write's
             errors = _LastError(self._state)
             logging.getLogger("sweeper").addHandler(errors)
             self._start_observers()

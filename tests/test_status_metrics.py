@@ -103,8 +103,11 @@ def test_status_says_what_the_daemon_does_and_exits_3_once_it_stopped(
     assert missing.returncode == 3 and missing.stdout == ""
     assert len(missing.stderr_lines) == 1 and "no daemon has run" in missing.stderr
 
+    killed_mid_write = ledger.parent / f".{ledger.name}.status.tmp-0badf00d"
+    killed_mid_write.write_text("{")
     daemon = start()
     daemon.wait_ready()
+    assert not killed_mid_write.exists()  # what a killed daemon left is cleaned at start
     records = ledger_lines(ledger)
     assert "catch-up sweep done in " in daemon.log()
     assert "4 files acted on, 0 failed; reclaimed" in daemon.log()
