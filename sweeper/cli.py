@@ -253,14 +253,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from sweeper.config import check_given_roots
+    from sweeper.config import check_given_roots, root_exists
     from sweeper.daemon import Watcher  # loaded only for `watch`
     from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
     watcher = Watcher(config, overrides, roots, Notifier.from_environment(os.environ))
     check_given_roots(roots)
-    if not any(_root_exists(root) for root in watcher.settings.roots):
+    if not any(root_exists(root) for root in watcher.settings.roots):
         # Config roots that match nothing are a warning (runs appear later), but a daemon with
         # nothing at all to watch would run for ever doing nothing.
         raise ConfigError(
@@ -270,16 +270,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
     watcher.install_signal_handlers()
     return watcher.run()
-
-
-def _root_exists(root: str) -> bool:
-    from sweeper.config import check_given_roots
-
-    try:
-        check_given_roots([root])
-    except ConfigError:
-        return False
-    return True
 
 
 def _table_width() -> int | None:

@@ -35,6 +35,7 @@ __all__ = [
     "known_keys",
     "load_settings",
     "nearest_keys",
+    "root_exists",
     "settings_from_schema",
 ]
 
@@ -422,6 +423,13 @@ def unknown_key(key: str) -> ConfigError:
     return ConfigError(key, f"unknown key{hint} (known keys: {known})")
 
 
+def root_exists(root: str) -> bool:
+    """Whether ``root`` names something now: a path that exists, or a glob matching a folder."""
+    if _GLOB_CHARACTERS.intersection(root):
+        return any(os.path.isdir(path) for path in glob.iglob(root))
+    return os.path.lexists(root)
+
+
 def check_given_roots(roots: Sequence[str]) -> None:
     """Roots typed on the command line must exist now (a glob must match something): a typo
     there is a mistake to report, not a run that may appear later, as config roots may be.
@@ -429,11 +437,7 @@ def check_given_roots(roots: Sequence[str]) -> None:
     Raises ConfigError naming ``roots``.
     """
     for root in roots:
-        if _GLOB_CHARACTERS.intersection(root):
-            found = any(os.path.isdir(path) for path in glob.iglob(root))
-        else:
-            found = os.path.lexists(root)
-        if not found:
+        if not root_exists(root):
             raise ConfigError("roots", f"{root!r} does not exist (given on the command line)")
 
 
