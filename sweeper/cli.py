@@ -124,9 +124,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         os.close(source.dir_fd)
         os.close(target.dir_fd)
     if args.json:
-        print(report.to_json(report.extract_json(result)))
+        _print(report.to_json(report.extract_json(result)))
     else:
-        print(report.extract_text(result))
+        _print(report.extract_text(result))
     return EXIT_OK
 
 
@@ -148,13 +148,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             failed += 1
             log.error("%s: %s", result.path, result.refused)
             if args.json:
-                print(
+                _print(
                     report.to_json(
                         {"path": path, "kind": "invalid", "intact": False, "error": result.refused}
                     )
                 )
             continue
-        print(report.to_json(result.data) if args.json else result.text)
+        _print(report.to_json(result.data) if args.json else result.text)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -430,7 +430,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
         planned = plan_now()
-        print(report.plan_text(planned, width=_table_width(), show_all=args.all))
+        _print(report.plan_text(planned, width=_table_width(), show_all=args.all))
         if stop():
             return EXIT_INTERRUPTED
         return EXIT_FAILED if planned.failed or refused_count(planned.entries) else EXIT_OK
@@ -463,7 +463,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     if settings.metrics_file is not None:
         _write_sweep_metrics(settings, plan, result, time.monotonic() - began)
     text = report.sweep_json(plan, result) if args.json else None
-    print(
+    _print(
         report.to_json(text)
         if text is not None
         else report.sweep_text(plan, result, width=_table_width())
@@ -519,13 +519,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise UsageError(f"{where} is not a status sweeper wrote: {error}") from None
     if status is None:
         if args.json:
-            print(report.to_json({"running": False}))
+            _print(report.to_json({"running": False}))
         raise NotRunning(f"no daemon has run with the ledger {ledger} (no {where})")
     running = is_running(status)
     if args.json:
-        print(report.to_json(report.status_json(status, running)))
+        _print(report.to_json(report.status_json(status, running)))
     else:
-        print(report.status_text(status, running))
+        _print(report.status_text(status, running))
     return EXIT_OK if running else EXIT_NOT_RUNNING
 
 
@@ -583,11 +583,11 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             path,
         )
     if args.json:
-        print(report.to_json(report.ledger_json(rows, args.by)))
+        _print(report.to_json(report.ledger_json(rows, args.by)))
     elif args.chart:
-        print(report.ledger_chart(rows, args.by, width=_table_width() or 80))
+        _print(report.ledger_chart(rows, args.by, width=_table_width() or 80))
     else:
-        print(report.ledger_text(rows, args.by))
+        _print(report.ledger_text(rows, args.by))
     return EXIT_OK
 
 
@@ -734,8 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return EXIT_FAILED
     except BrokenPipeError:
-        # stdout's reader left (`| head`): what it wanted it has; end quietly, without the
-        # interpreter's complaint when it flushes stdout on the way out.
+        # stdout's reader left (`| head`) while a dry run streamed its plan: what it wanted it
+        # has; end quietly, without the interpreter's complaint when it flushes on the way out.
         _silence_stdout()
         return EXIT_OK
     except OSError as error:
@@ -744,6 +744,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (Exception, RecursionError):
         log.exception("unexpected error (a bug in sweeper: please report it)")
         return EXIT_FAILED
+
+
+def _print(text: str) -> None:
+    """One result on stdout.  A reader that has gone (`| head`) loses it, quietly: the
+    command's outcome, and its exit status, stand."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
 
 
 def _silence_stdout() -> None:

@@ -143,5 +143,16 @@ def test_a_closed_stdout_ends_quietly(tree: Path, tmp_path: Path) -> None:
             )
             assert done.returncode == 0
             assert done.stderr == ""
+        # The outcome stands: a file that cannot be inspected still makes it exit 1, with its
+        # one line on stderr and nothing else.
+        (tree / "notes.pt").write_text("not a checkpoint")
+        done = subprocess.run(
+            [sys.executable, "-m", "sweeper", "inspect", tree / "run" / "epoch_1.pt",
+             tree / "notes.pt"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 1
+        assert len(done.stderr.splitlines()) == 1 and "notes.pt" in done.stderr, done.stderr
     finally:
         os.close(write_end)
