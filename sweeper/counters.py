@@ -11,7 +11,7 @@ which action their files were, so their files count as ``compacted``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -35,11 +35,11 @@ _INTENDED = {Action.EXTRACT_INTENT: "extract", Action.DELETE_INTENT: "delete"}
 class Totals:
     """The counters at one moment: bytes are raw ints, days are UTC (``YYYY-MM-DD``)."""
 
-    reclaimed_by_root: dict[str, int] = field(default_factory=dict)
+    reclaimed_by_root: Mapping[str, int] = field(default_factory=dict)
     written_bytes: int = 0
     deleted_bytes: int = 0
-    files: dict[tuple[str, str], int] = field(default_factory=dict)  # (action, result) -> n
-    by_day: dict[str, tuple[int, int]] = field(default_factory=dict)  # day -> (files, bytes)
+    files: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (action, result) -> n
+    by_day: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # day -> (files, bytes)
     failures: int = 0
 
     @property
