@@ -96,9 +96,11 @@ CHILD_ENV = dict(harness.CHILD_ENV)
 for _inherited in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"):
     CHILD_ENV.pop(_inherited, None)
 
+# STATUS=, as sweeper.report.status_line words it (sizes in human units).
 _STATUS = re.compile(
-    r"^STATUS=(?P<settling>\d+) settling, (?P<queued>\d+) queued, (?P<working>\d+) working; "
-    r"(?P<actions>\d+) actions, (?P<failed>\d+) failed, (?P<reclaimed>-?\d+) bytes reclaimed$"
+    r"^STATUS=(?:NOT ACTING: .*; )?(?P<phase>[^;]+); (?P<queued>\d+) queued, "
+    r"(?P<settling>\d+) settling; (?P<actions>\d+) files acted on, (?P<failed>\d+) failed; "
+    r"reclaimed (?P<today>.+) today, (?P<total>.+) in total$"
 )
 
 
@@ -130,7 +132,6 @@ class Status:
     working: int
     actions: int
     failed: int
-    reclaimed: int
 
     @property
     def idle(self) -> bool:
@@ -141,7 +142,13 @@ class Status:
         match = _STATUS.match(message)
         if match is None:
             return None
-        return cls(**{key: int(value) for key, value in match.groupdict().items()})
+        return cls(
+            settling=int(match["settling"]),
+            queued=int(match["queued"]),
+            working=1 if match["phase"].startswith("working on") else 0,
+            actions=int(match["actions"]),
+            failed=int(match["failed"]),
+        )
 
 
 class NotifyReceiver:

@@ -1,12 +1,14 @@
 """The command line: argparse, one function per command returning an exit code.
 
 The one place that maps exceptions to exit codes: 0 ok, 1 finished but some items failed,
-2 usage or configuration error, 130 interrupted.
+2 usage or configuration error, 3 no daemon running (``status``), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import functools
 import logging
 import os
@@ -20,10 +22,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from datetime import time as dt_time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from sweeper import __version__, report, torchzip
-from sweeper.errors import AlreadyRunning, ConfigError, FileRefused, SweeperError
+from sweeper.errors import (
+    AlreadyRunning,
+    ConfigError,
+    FileRefused,
+    NotRunning,
+    SweeperError,
+    UsageError,
+)
 from sweeper.extract import (
     Located,
     extract,
@@ -38,11 +47,12 @@ from sweeper.torchzip import Mode
 
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
-    from sweeper.plan import SweepPlan
+    from sweeper.execute import SweepReport
+    from sweeper.plan import PlanEntry, SweepPlan
 
 log = logging.getLogger("sweeper")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _open_dir(path: str) -> int:
@@ -114,9 +124,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         os.close(source.dir_fd)
         os.close(target.dir_fd)
     if args.json:
-        print(report.to_json(report.extract_json(result)))
+        _print(report.to_json(report.extract_json(result)))
     else:
-        print(report.extract_text(result))
+        _print(report.extract_text(result))
     return EXIT_OK
 
 
@@ -138,13 +148,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             failed += 1
             log.error("%s: %s", result.path, result.refused)
             if args.json:
-                print(
+                _print(
                     report.to_json(
                         {"path": path, "kind": "invalid", "intact": False, "error": result.refused}
                     )
                 )
             continue
-        print(report.to_json(result.data) if args.json else result.text)
+        _print(report.to_json(result.data) if args.json else result.text)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -222,13 +232,24 @@ def _inspect_folder(path: str, verify: bool) -> tuple[str, dict[str, object]]:
     return report.folder_text(found, path, verify), report.folder_json(found, path, verify)
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+# KEY=VALUE, also with a mistyped key (`keep-full=3`), so that the config names the nearest one.
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
+
+
+def _is_override(word: str) -> bool:
+    """A config override, unless it is the path of something that exists (`lr=0.1/`) and its
+    key is none of sweeper's."""
+    from sweeper.config import known_keys
+
+    if not _OVERRIDE.match(word):
+        return False
+    return word.partition("=")[0] in known_keys() or not os.path.lexists(word)
 
 
 def _config_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str], list[str]]:
     """Config file, KEY=VALUE overrides (then the dedicated flags), and ROOTs replacing roots."""
-    overrides = [a for a in args.items if _OVERRIDE.match(a)]
-    roots = [a for a in args.items if not _OVERRIDE.match(a)]
+    overrides = [a for a in args.items if _is_override(a)]
+    roots = [a for a in args.items if not _is_override(a)]
     if getattr(args, "keep_full", None) is not None:
         overrides.append(f"keep_full={args.keep_full}")
     if getattr(args, "ledger", None) is not None:
@@ -245,46 +266,122 @@ def _yaml_literal(text: str) -> str:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from sweeper.config import load_settings  # omegaconf: only for commands that read config
+    from sweeper.config import check_given_roots, load_settings  # omegaconf: only when needed
 
     config, overrides, roots = _config_inputs(args)
-    return load_settings(config, overrides, roots=roots)
+    settings = load_settings(config, overrides, roots=roots)
+    check_given_roots(roots)
+    return settings
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from sweeper.config import check_given_roots, root_exists
     from sweeper.daemon import Watcher  # loaded only for `watch`
     from sweeper.notify import Notifier
 
     config, overrides, roots = _config_inputs(args)
     watcher = Watcher(config, overrides, roots, Notifier.from_environment(os.environ))
+    check_given_roots(roots)
+    if not any(root_exists(root) for root in watcher.settings.roots):
+        # Config roots that match nothing are a warning (runs appear later), but a daemon with
+        # nothing at all to watch would run for ever doing nothing.
+        raise ConfigError(
+            "roots",
+            f"none of {', '.join(repr(r) for r in watcher.settings.roots)} exists; "
+            "nothing to watch",
+        )
     watcher.install_signal_handlers()
     return watcher.run()
 
 
-class _Progress:
-    """Progress on stderr, only when stderr is a terminal."""
+def _table_width() -> int | None:
+    """How wide tables on stdout may be: $COLUMNS, else the terminal's; no limit when stdout
+    is a file or a pipe (whoever reads it gets whole paths)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return _columns(sys.stdout) if sys.stdout.isatty() and _columns(sys.stdout) else None
 
-    def __init__(self, stream: TextIO) -> None:
+
+def _columns(stream: TextIO) -> int:
+    """The width of the terminal ``stream`` is, 0 when it says none (a bare pty)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
+class _Progress:
+    """A progress bar on stderr, only when stderr is a terminal (and not ``--quiet``).
+
+    Drawn by tqdm; while it is shown, log lines go through tqdm's logging redirect, which
+    clears the bar, writes the line and draws the bar again below it, so the two never share a
+    line.  Use as a context manager around the work."""
+
+    def __init__(self, stream: TextIO, *, wanted: bool = True) -> None:
         self._stream = stream
-        self.enabled = stream.isatty()
+        self.enabled = wanted and stream.isatty()
+        self._bar: Any = None
+        self._phase = ""
+        self._redirect: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self._redirect = contextlib.ExitStack()
+            self._redirect.enter_context(logging_redirect_tqdm())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.clear()
+        if self._redirect is not None:
+            self._redirect.close()
+            self._redirect = None
+
+    def _at(self, phase: str, count: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if self._phase != phase:
+            from tqdm import tqdm
+
+            self.clear()
+            self._phase = phase
+            self._bar = tqdm(
+                total=total,
+                desc=phase,
+                unit=" files",
+                file=self._stream,
+                leave=False,
+                mininterval=0.2,
+                # follow the terminal's size; one that tells none (a bare pty) gets 80x24
+                **(
+                    {"dynamic_ncols": True}
+                    if _columns(self._stream)
+                    else {"ncols": 80, "nrows": 24}
+                ),
+            )
+        self._bar.update(count - self._bar.n)
 
     def scanned(self, files: int) -> None:
-        if self.enabled:
-            self._stream.write(f"\rscanned {files} files")
-            self._stream.flush()
+        self._at("scanning", files, None)
 
     def executed(self, done: int, total: int) -> None:
-        if self.enabled:
-            self._stream.write(f"\rprocessed {done}/{total}")
-            self._stream.flush()
+        self._at("sweeping", done, total)
 
     def clear(self) -> None:
-        if self.enabled:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._phase = ""
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    with _Progress(sys.stderr, wanted=not args.quiet) as progress:
+        return _sweep(args, progress)
+
+
+def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper import scan_cache
     from sweeper.execute import execute_plan
     from sweeper.intact import Verifier, verify_run
@@ -293,10 +390,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
     from sweeper.plan import plan_run, plan_sweep
+    from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
 
     settings = _settings(args)
-    progress = _Progress(sys.stderr)
     stop = StopFlag()
     install_stop_handlers(stop)
 
@@ -323,7 +420,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             store=store,
         )
         progress.clear()
-        return plan_sweep(inventory, rules, now_ns=now_ns)
+        return check_plan(plan_sweep(inventory, rules, now_ns=now_ns))
 
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
@@ -337,22 +434,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             memory_limit=settings.classify_memory_limit,
             store=store,
         )
-        entries = (
-            entry
-            for run in walk.runs(progress.scanned, stop)
-            for entry in plan_run(run, rules, now_ns=now_ns)
+        refused = 0
+
+        def counted(entries: Iterator[PlanEntry]) -> Iterator[PlanEntry]:
+            nonlocal refused
+            for entry in entries:
+                refused += is_refused(entry)
+                yield entry
+
+        entries = counted(
+            check_entries(
+                entry
+                for run in walk.runs(progress.scanned, stop)
+                for entry in plan_run(run, rules, now_ns=now_ns)
+            )
         )
         report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
         progress.clear()
         if stop():
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if walk.failed else EXIT_OK
+        return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
         planned = plan_now()
-        print(report.plan_text(planned))
+        _print(report.plan_text(planned, width=_table_width(), show_all=args.all))
         if stop():
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if planned.failed else EXIT_OK
+        return EXIT_FAILED if planned.failed or refused_count(planned.entries) else EXIT_OK
     # The action lock is held exclusively from scan to the last action: two sweeps (or a sweep
     # and the daemon) never act on the same tree at once, and the second sees the first's results.
     with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
@@ -368,6 +475,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             max_bytes=settings.ledger_max_bytes,
             segments=settings.ledger_segments,
         )
+        began = time.monotonic()
         plan = plan_now()
         result = execute_plan(
             plan,
@@ -378,23 +486,95 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             journal=Journal(str(settings.ledger), run_id),
         )
         progress.clear()
+    if settings.metrics_file is not None:
+        _write_sweep_metrics(settings, plan, result, time.monotonic() - began)
     text = report.sweep_json(plan, result) if args.json else None
-    print(report.to_json(text) if text is not None else report.sweep_text(plan, result))
+    _print(
+        report.to_json(text)
+        if text is not None
+        else report.sweep_text(plan, result, width=_table_width())
+    )
     if result.interrupted or stop():
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if result.failures or plan.failed else EXIT_OK
+    failed = result.failures or plan.failed or refused_count(plan.entries)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _write_sweep_metrics(
+    settings: Settings, plan: SweepPlan, result: SweepReport, seconds: float
+) -> None:
+    """The Prometheus textfile after a sweep: the ledger's totals (read again, so that they
+    are the daemon's too), what the plan left to reclaim, when and how long.  A file that
+    cannot be written is a warning: the sweep itself went as it went."""
+    from sweeper.counters import seeded_from
+    from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
+
+    assert settings.metrics_file is not None
+    counters = seeded_from(str(settings.ledger), lambda message: log.warning("%s", message))
+    snapshot = Snapshot(
+        totals=counters.totals(),
+        version=__version__,
+        reclaimable=reclaimable_left(settings.roots, plan.entries, result.outcomes),
+        last_sweep=time.time(),
+        last_sweep_seconds=seconds,
+    )
+    try:
+        write_metrics(settings.metrics_file, snapshot)
+    except OSError as error:
+        log.warning("cannot write %s: %s", settings.metrics_file, error.strerror or error)
+
+
+def _ledger_path(args: argparse.Namespace) -> Path:
+    if args.ledger is not None:
+        return Path(args.ledger)
+    from sweeper.config import load_settings  # omegaconf: only when config gives the path
+
+    return load_settings(Path(args.config) if args.config else None, []).ledger
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeper.status import is_running, read_status, status_path_for
+
+    ledger = _ledger_path(args)
+    where = status_path_for(ledger)
+    try:
+        status = read_status(ledger)
+    except OSError as error:
+        raise UsageError(f"cannot read {where}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(f"{where} is not a status sweeper wrote: {error}") from None
+    if status is None:
+        if args.json:
+            _print(report.to_json({"running": False}))
+        raise NotRunning(f"no daemon has run with the ledger {ledger} (no {where})")
+    running = is_running(status)
+    if args.json:
+        _print(report.to_json(report.status_json(status, running)))
+    else:
+        _print(report.status_text(status, running))
+    return EXIT_OK if running else EXIT_NOT_RUNNING
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     from sweeper.ledger import LedgerRecord, iter_ledger, summarise, user_name
     from sweeper.ledger_views import source_for
 
-    if args.ledger is not None:
-        path = Path(args.ledger)
-    else:
-        from sweeper.config import load_settings  # omegaconf: only when config gives the path
+    if args.chart and (args.by is None or args.json):
+        args.parser.error(
+            "--chart draws the totals of --by day, owner or root, for people; --json is the data"
+            if args.json
+            else "--chart needs --by day, owner or root"
+        )
 
-        path = load_settings(Path(args.config) if args.config else None, []).ledger
+    path = _ledger_path(args)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        # A typo in the path must not read as "nothing reclaimed".  (A user who may not look
+        # into the ledger's folder gets their own view, or an empty one, below.)
+        raise UsageError(f"no ledger at {path}") from None
+    except OSError:
+        pass
     since = None
     if args.since:
         try:
@@ -428,11 +608,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             "record's time: exact only to the UTC day (or coarser, as their reason says)",
             path,
         )
-    print(
-        report.to_json(report.ledger_json(rows, args.by))
-        if args.json
-        else report.ledger_text(rows, args.by)
-    )
+    if args.json:
+        _print(report.to_json(report.ledger_json(rows, args.by)))
+    elif args.chart:
+        _print(report.ledger_chart(rows, args.by, width=_table_width() or 80))
+    else:
+        _print(report.ledger_text(rows, args.by))
     return EXIT_OK
 
 
@@ -446,7 +627,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log detail"
     )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="only warnings and errors on stderr (-qq: only errors)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log detail")
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0, help="only warnings and errors on stderr"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -470,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace OUT if it exists (by default an existing file is never replaced)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.set_defaults(func=cmd_extract)
+    p.set_defaults(func=cmd_extract, parser=p)
 
     p = sub.add_parser(
         "inspect", parents=[common], help="what a checkpoint holds, without reading its tensors"
@@ -482,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also read every record and check its CRC (reads the whole file)",
     )
-    p.set_defaults(func=cmd_inspect)
+    p.set_defaults(func=cmd_inspect, parser=p)
 
     p = sub.add_parser(
         "sweep", parents=[common], help="extract, keep the newest full checkpoints, delete older"
@@ -495,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    p.add_argument(
+        "--all", action="store_true", help="list sweeper's own outputs too (folded by default)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--keep-full", type=int, metavar="N", help="full checkpoints kept per run")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
@@ -504,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="read every file again: neither use nor update the scan cache",
     )
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, parser=p)
 
     p = sub.add_parser(
         "watch", parents=[common], help="the daemon: extract and prune as checkpoints appear"
@@ -517,7 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
-    p.set_defaults(func=cmd_watch)
+    p.set_defaults(func=cmd_watch, parser=p)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="what the daemon is doing now (exit 3: not running)"
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file (the status file is beside it)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_status, parser=p)
 
     p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")
@@ -525,7 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--since", metavar="DATE", help="only records at or after DATE (ISO 8601)")
     p.add_argument("--by", choices=("root", "owner", "day"), help="group totals")
-    p.set_defaults(func=cmd_ledger)
+    p.add_argument(
+        "--chart",
+        action="store_true",
+        help="draw the totals as a bar chart (with --by; --json stays the data)",
+    )
+    p.set_defaults(func=cmd_ledger, parser=p)
     return parser
 
 
@@ -537,18 +744,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         items = getattr(args, "items", None)
         if not isinstance(items, list) or any(word.startswith("-") for word in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _unrecognized(getattr(args, "parser", parser), extra)
         items.extend(extra)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose - args.quiet)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
-    except (ConfigError, AlreadyRunning) as error:
+    except (ConfigError, AlreadyRunning, UsageError) as error:
         log.error("%s", error)
         return EXIT_USAGE
+    except NotRunning as error:
+        log.warning("%s", error)
+        return EXIT_NOT_RUNNING
     except FileRefused as error:
         log.error("%s", error)
         return EXIT_FAILED
@@ -556,14 +766,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return EXIT_FAILED
     except BrokenPipeError:
-        sys.stderr.close()
-        return EXIT_FAILED
+        # stdout's reader left (`| head`) while a dry run streamed its plan: what it wanted it
+        # has; end quietly, without the interpreter's complaint when it flushes on the way out.
+        _silence_stdout()
+        return EXIT_OK
     except OSError as error:
         log.error("%s", error)
         return EXIT_FAILED
     except (Exception, RecursionError):
         log.exception("unexpected error (a bug in sweeper: please report it)")
         return EXIT_FAILED
+
+
+def _print(text: str) -> None:
+    """One result on stdout.  A reader that has gone (`| head`) loses it, quietly: the
+    command's outcome, and its exit status, stand."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: Sequence[str]) -> NoReturn:
+    """argparse's error for words it did not take, from the command's own parser (its usage,
+    not the top level's), naming the nearest option of that command for each misspelt one."""
+    options = [
+        option
+        for action in parser._actions  # argparse keeps no public list of a parser's options
+        for option in action.option_strings
+        if option.startswith("--")
+    ]
+    words = []
+    for word in extra:
+        close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if word.startswith("-") and close else ""
+        words.append(word + hint)
+    parser.error(f"unrecognized arguments: {' '.join(words)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ the key.
 
 from __future__ import annotations
 
+import difflib
+import glob
 import math
 import os
 from collections.abc import Sequence
@@ -28,8 +30,12 @@ __all__ = [
     "ConfigSchema",
     "ObserverKind",
     "Settings",
+    "check_given_roots",
     "default_state_dir",
+    "known_keys",
     "load_settings",
+    "nearest_keys",
+    "root_exists",
     "settings_from_schema",
 ]
 
@@ -96,6 +102,7 @@ class ConfigSchema:
     max_depth: int = 64
     max_folder_entries: int = 100_000
     scan_cache: bool = True
+    metrics_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class Settings:
     max_depth: int = 64
     max_folder_entries: int = 100_000
     scan_cache: bool = True  # what files hold is kept in <ledger>.scan-cache between runs
+    metrics_file: Path | None = None  # the Prometheus textfile; None: none written
 
     def rules(self, *, settle: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -196,6 +204,14 @@ class Settings:
         if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
             raise ConfigError("max_depth", f"{self.max_depth} is outside 1..{MAX_DEPTH_LIMIT}")
         _check_at_least("max_folder_entries", self.max_folder_entries, 1)
+        if self.metrics_file is not None:
+            if not self.metrics_file.is_absolute():
+                raise ConfigError(
+                    "metrics_file", f"{str(self.metrics_file)!r} is not an absolute path"
+                )
+            if not self.metrics_file.name.endswith(".prom"):
+                # node_exporter's textfile collector reads only *.prom files
+                raise ConfigError("metrics_file", f"{str(self.metrics_file)!r} must end in .prom")
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
@@ -281,7 +297,16 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         max_depth=schema.max_depth,
         max_folder_entries=schema.max_folder_entries,
         scan_cache=schema.scan_cache,
+        metrics_file=_metrics_path(schema.metrics_file),
     )
+
+
+def _metrics_path(text: str) -> Path | None:
+    if not text:
+        return None
+    if "\0" in text:
+        raise ConfigError("metrics_file", f"{text!r} contains a NUL byte")
+    return Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def default_state_dir() -> str:
@@ -370,9 +395,53 @@ def _error_from_omegaconf(exc: OmegaConfBaseException, fallback_key: str) -> Con
     full_key = getattr(exc, "full_key", None)
     key = str(full_key) if full_key else fallback_key
     if isinstance(exc, ConfigKeyError):
-        known = ", ".join(ConfigSchema.__dataclass_fields__)
-        return ConfigError(key, f"unknown key (known keys: {known})")
+        return unknown_key(key)
     return ConfigError(key, _first_line(exc))
+
+
+def known_keys() -> tuple[str, ...]:
+    """Every key config.yaml and ``KEY=VALUE`` take, nested ones dotted
+    (``keep_inference.last``), in the schema's order."""
+    keys: list[str] = []
+    for name, spec in ConfigSchema.__dataclass_fields__.items():
+        keys.append(name)
+        if spec.type == "KeepInferenceSchema":
+            keys += [f"{name}.{inner}" for inner in KeepInferenceSchema.__dataclass_fields__]
+    return tuple(keys)
+
+
+def nearest_keys(key: str) -> list[str]:
+    """The known keys a mistyped ``key`` most likely meant (``keep-full`` -> ``keep_full``)."""
+    wanted = key.strip().lower().replace("-", "_")
+    keys = known_keys()
+    exact = [k for k in keys if k == wanted]
+    return exact or difflib.get_close_matches(wanted, keys, n=3, cutoff=0.6)
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The error for a key the schema does not have, naming the nearest known keys."""
+    nearest = nearest_keys(key)
+    hint = f"; did you mean {' or '.join(repr(k) for k in nearest)}?" if nearest else ""
+    known = ", ".join(k for k in known_keys() if "." not in k)
+    return ConfigError(key, f"unknown key{hint} (known keys: {known})")
+
+
+def root_exists(root: str) -> bool:
+    """Whether ``root`` names something now: a path that exists, or a glob matching a folder."""
+    if _GLOB_CHARACTERS.intersection(root):
+        return any(os.path.isdir(path) for path in glob.iglob(root))
+    return os.path.lexists(root)
+
+
+def check_given_roots(roots: Sequence[str]) -> None:
+    """Roots typed on the command line must exist now (a glob must match something): a typo
+    there is a mistake to report, not a run that may appear later, as config roots may be.
+
+    Raises ConfigError naming ``roots``.
+    """
+    for root in roots:
+        if not root_exists(root):
+            raise ConfigError("roots", f"{root!r} does not exist (given on the command line)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,13 +22,16 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 
-from sweeper import scan_cache
+from sweeper import __version__, report, scan_cache
+from sweeper.atomic import remove_stale_temps
 from sweeper.config import ObserverKind, Settings, load_settings
+from sweeper.counters import Counters, CountingSink, Totals, seeded_from
 from sweeper.errors import ConfigError, LedgerUnavailable
-from sweeper.execute import SweepReport, execute_plan
+from sweeper.execute import execute_plan
 from sweeper.extract import is_sweeper_output, is_sweeper_temp
 from sweeper.formats.layouts import MARKERS
 from sweeper.intact import Verifier, verify_run
@@ -44,12 +47,15 @@ from sweeper.inventory import (
 from sweeper.journal import Journal
 from sweeper.ledger import AppendEach, acquire_instance_lock, action_lock, check_writable
 from sweeper.ledger_segments import before_acting
+from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
 from sweeper.plan import SweepPlan, plan_sweep
 from sweeper.policy import Action, Rules
+from sweeper.preflight import check_plan
 from sweeper.scan_cache import PersistentCache
 from sweeper.signals import StopFlag
+from sweeper.status import DaemonStatus, process_start_time, status_path_for, write_status
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,8 @@ _QUIET_SKIPS = frozenset(
     ]
 )
 _TICK_SECONDS = 0.5
+_STATE_FILE_SECONDS = 1.0  # the status and metrics files are rewritten at most this often
+_STATE_FILE_HEARTBEAT = 60.0  # ... and at least this often (``updated`` shows it is alive)
 
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -140,10 +148,71 @@ class _State:
     queued: set[str] = field(default_factory=set)
     busy: int = 0
     heartbeat: float = field(default_factory=time.monotonic)
-    reclaimed: int = 0
     ledger_problem: str | None = None  # why nothing is being done: the ledger takes no records
-    processed: int = 0
-    failures: int = 0
+    working_on: dict[str, str] = field(default_factory=dict)  # worker -> folder it sweeps
+    errors: dict[str, int] = field(default_factory=dict)  # kind -> count, this run
+    last_error: tuple[float, str] | None = None  # (Unix time, message)
+    last_scan: tuple[float, float] | None = None  # the last full scan: (ended, seconds)
+    reclaimable: dict[str, int] | None = None  # root -> what the last full plan left to do
+
+
+class _LastError(logging.Handler):
+    """Notes the daemon's last error-level log line, for ``sweeper status``."""
+
+    def __init__(self, state: _State) -> None:
+        super().__init__(logging.ERROR)
+        self._state = state
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports it elsewhere
+            return
+        with self._state.lock:
+            self._state.last_error = (record.created, " ".join(message.splitlines())[:500])
+
+
+class _StateFiles:
+    """Writes the status and metrics files on a thread of their own: an fsync waiting behind a
+    busy disk (the daemon's I/O class is idle) must never hold up the main loop, which pings
+    the watchdog.  Only the latest state offered is written; older ones are dropped."""
+
+    def __init__(self, write: Callable[[DaemonStatus], None]) -> None:
+        self._write = write
+        self._changed = threading.Condition()
+        self._latest: DaemonStatus | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="state-files", daemon=True)
+        self._thread.start()
+
+    def offer(self, status: DaemonStatus) -> None:
+        with self._changed:
+            self._latest = status
+            self._changed.notify()
+
+    def close(self, last: DaemonStatus) -> None:
+        """Stop the thread, then write ``last`` here, once whatever it was writing is done."""
+        with self._changed:
+            self._closed = True
+            self._latest = None
+            self._changed.notify()
+        self._thread.join(timeout=30)
+        self._write(last)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._latest is None and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                status, self._latest = self._latest, None
+            if status is None:
+                continue
+            try:
+                self._write(status)
+            except Exception:  # never let the status thread die silently
+                log.exception("writing the status file failed")
 
 
 class _EventHandler:
@@ -248,6 +317,15 @@ class Watcher:
         # Files' contents are read in a worker process of its own, under an address-space
         # limit: a hostile file costs that worker, never the daemon, and is refused.
         self._reader = FileReader(self.settings.classify_memory_limit, self._should_stop)
+        # What `sweeper status` and the metrics say (see _publish_status).
+        self._counters = Counters()  # seeded from the ledger once the instance lock is held
+        self._started = time.time()
+        self._process_start = process_start_time(os.getpid()) or 0
+        self._phase = "catch-up"
+        self._why_polled: dict[str, str] = {}  # root -> why it is polled; under _observers_lock
+        self._state_written: tuple[object, float] | None = None
+        self._state_file_said = False
+        self._state_files = _StateFiles(self._write_state)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -270,12 +348,19 @@ class Watcher:
     def run(self) -> int:
         with acquire_instance_lock(self.settings.ledger):
             self._lower_priority()
+            self._counters = seeded_from(str(self.settings.ledger), _warn)
+            remove_stale_temps(status_path_for(self.settings.ledger))  # a killed write's
+            errors = _LastError(self._state)
+            logging.getLogger("sweeper").addHandler(errors)
             self._start_observers()
             log.info("catch-up sweep of %s", ", ".join(self.settings.roots))
+            self._publish_status(force=True)
             # Files already there at start are judged by completeness alone (end record, no
             # writer); from now on a file must also have been quiet for settle_seconds.  Its
             # walk starts the watching, each folder before it is listed.
+            began, before = time.monotonic(), self._counters.totals()
             self._full_sweep(settle=False)
+            self._say_caught_up(time.monotonic() - began, before)
             for index in range(self.settings.workers):
                 worker = threading.Thread(target=self._work, name=f"worker-{index}", daemon=True)
                 worker.start()
@@ -283,6 +368,7 @@ class Watcher:
             if not self._stop():
                 self._notifier.ready()
             self._check_observers()  # what the catch-up found unwatchable is polled from now on
+            self._phase = "watching"
             self._publish_status(force=True)
             self._say_watching()
             self._loop()
@@ -292,7 +378,22 @@ class Watcher:
             for worker in self._workers:
                 worker.join(timeout=30)
             self._reader.close()
+            self._phase = "stopped"
+            self._state_files.close(self.status())  # not _publish_status: STOPPING=1 stays last
+            logging.getLogger("sweeper").removeHandler(errors)
         return 0
+
+    def _say_caught_up(self, seconds: float, before: Totals) -> None:
+        """One line for what the catch-up sweep did, from the records it appended."""
+        after = self._counters.totals()
+        reclaimed = after.reclaimed_bytes - before.reclaimed_bytes
+        log.info(
+            "catch-up sweep done in %.1f s: %d files acted on, %d failed; reclaimed %s",
+            seconds,
+            after.acted_on - before.acted_on,
+            after.failures - before.failures,
+            report.human_size(reclaimed),
+        )
 
     def _lower_priority(self) -> None:
         current = os.nice(0)
@@ -426,18 +527,89 @@ class Watcher:
 
     _last_status = ""
 
-    def _publish_status(self, force: bool = False) -> None:
-        with self._state.lock:
-            text = (
-                f"{len(self._state.pending)} settling, {self._queue.qsize()} queued, "
-                f"{self._state.busy} working; {self._state.processed} actions, "
-                f"{self._state.failures} failed, {self._state.reclaimed} bytes reclaimed"
+    def status(self) -> DaemonStatus:
+        """What the daemon is doing now, as ``sweeper status`` shows it."""
+        totals = self._counters.totals()
+        today_files, today_bytes = totals.day(datetime.now(timezone.utc))
+        with self._observers_lock:
+            polled = tuple(
+                (root, self._why_polled.get(root, "polled"))
+                for root, kind in sorted(self._kinds.items())
+                if kind is ObserverKind.polling
             )
-            if self._state.ledger_problem is not None:
-                text = f"NOT ACTING: {self._state.ledger_problem}; {text}"
+        with self._state.lock:
+            scan = self._state.last_scan
+            error = self._state.last_error
+            return DaemonStatus(
+                pid=os.getpid(),
+                process_start=self._process_start,
+                started=self._started,
+                updated=time.time(),
+                phase=self._phase,
+                working_on=tuple(sorted(self._state.working_on.values())),
+                queued=self._queue.qsize(),
+                settling=len(self._state.pending),
+                last_full_scan=scan[0] if scan else None,
+                last_full_scan_seconds=scan[1] if scan else None,
+                today_files=today_files,
+                today_bytes=today_bytes,
+                total_files=totals.acted_on,
+                total_bytes=totals.reclaimed_bytes,
+                failed=totals.failures,
+                last_error=error[1] if error else None,
+                last_error_time=error[0] if error else None,
+                polled=polled,
+                not_acting=self._state.ledger_problem,
+            )
+
+    def _publish_status(self, force: bool = False) -> None:
+        """The notify STATUS= line, and the status and metrics files, when they change."""
+        status = self.status()
+        text = report.status_line(status)
         if force or text != self._last_status:
             self._last_status = text
             self._notifier.status(text)
+        self._write_state_files(status, force)
+
+    def _write_state_files(self, status: DaemonStatus, force: bool) -> None:
+        """Have the status (and metrics) files rewritten when what they say changed, at most
+        once a second, and once a minute anyway."""
+        now = time.monotonic()
+        what = dataclasses.replace(status, updated=0.0)
+        if not force and self._state_written is not None:
+            before, when = self._state_written
+            if now - when < (_STATE_FILE_HEARTBEAT if what == before else _STATE_FILE_SECONDS):
+                return
+        self._state_written = (what, now)
+        self._state_files.offer(status)
+
+    def _write_state(self, status: DaemonStatus) -> None:
+        """Write the status file, and the metrics file when asked for (on _StateFiles's
+        thread); a failure is said once and never stops the daemon."""
+        try:
+            write_status(self.settings.ledger, status)
+            if self.settings.metrics_file is not None:
+                write_metrics(self.settings.metrics_file, self._metrics(status))
+        except OSError as error:
+            if not self._state_file_said:
+                self._state_file_said = True
+                log.warning("cannot write the status or metrics file: %s", error)
+            return
+        self._state_file_said = False
+
+    def _metrics(self, status: DaemonStatus) -> Snapshot:
+        with self._state.lock:
+            reclaimable = dict(self._state.reclaimable) if self._state.reclaimable else None
+            errors = dict(self._state.errors)
+        return Snapshot(
+            totals=self._counters.totals(),
+            version=__version__,
+            reclaimable=reclaimable,
+            last_sweep=status.last_full_scan,
+            last_sweep_seconds=status.last_full_scan_seconds,
+            queue_length=status.queued,
+            errors={"ledger": 0, "scan": 0, **errors},
+        )
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -483,6 +655,7 @@ class Watcher:
             self._polling_stopped = None
             self._kinds = {}
             self._tops = {}
+            self._why_polled = {}
         with self._state.lock:
             self._trouble = []  # the stopped observers' troubles are not the new ones'
             self._lost = None
@@ -518,9 +691,11 @@ class Watcher:
                 log.info(
                     "%s is on %s (no events from other hosts): polling it", top.display, fstype
                 )
+                self._why_polled[top.display] = f"on {fstype}: no events from other hosts"
                 return ObserverKind.polling
             kind = ObserverKind.inotify
         if kind is ObserverKind.polling:
+            self._why_polled[top.display] = "observer: polling in the configuration"
             return kind
         if self._inotify is None and self._inotify_refused is None:
             try:
@@ -529,7 +704,10 @@ class Watcher:
                 reason = error.strerror if isinstance(error, OSError) else str(error)
                 self._inotify_refused = f"inotify is unavailable ({reason})"
                 log.warning("%s; polling every root instead", self._inotify_refused)
-        return ObserverKind.inotify if self._inotify is not None else ObserverKind.polling
+        if self._inotify is None:
+            self._why_polled[top.display] = self._inotify_refused or "inotify is unavailable"
+            return ObserverKind.polling
+        return ObserverKind.inotify
 
     def _polling_observer(self) -> PollingObserver | None:
         if self._polling is None and self._polling_stopped is None:
@@ -576,6 +754,7 @@ class Watcher:
             log.warning("%s: %s; polling it instead, and rescanning", root, reason)
             with self._observers_lock:
                 self._kinds[root] = ObserverKind.polling
+                self._why_polled[root] = reason
                 top = self._tops.get(root)
                 poller = self._polling_observer()
             if top is not None and poller is not None:
@@ -630,10 +809,12 @@ class Watcher:
                 item = self._queue.get(timeout=_TICK_SECONDS)
             except queue.Empty:
                 continue
+            name = threading.current_thread().name
             with self._state.lock:
                 self._state.queued.discard(item)
                 self._state.busy += 1
                 self._state.heartbeat = time.monotonic()
+                self._state.working_on[name] = "every root" if item == _FULL_SWEEP else item
             try:
                 if item == _FULL_SWEEP:
                     self._full_sweep()
@@ -644,9 +825,11 @@ class Watcher:
             finally:
                 with self._state.lock:
                     self._state.busy -= 1
+                    self._state.working_on.pop(name, None)
 
     def _full_sweep(self, *, settle: bool = True) -> None:
         settings = self.settings
+        began = time.monotonic()
 
         def inventory() -> Inventory:
             found = scan(
@@ -662,7 +845,9 @@ class Watcher:
             self._symlink_targets = found.symlink_targets  # pins for the single-folder scans
             return found
 
-        self._act(inventory, exclusive=True, settle=settle)
+        if self._act(inventory, exclusive=True, settle=settle):
+            with self._state.lock:
+                self._state.last_scan = (time.time(), time.monotonic() - began)
 
     def _sweep_folder(self, folder: str) -> None:
         settings = self.settings
@@ -682,38 +867,41 @@ class Watcher:
 
     def _act(
         self, inventory: Callable[[], Inventory], *, exclusive: bool, settle: bool = True
-    ) -> None:
+    ) -> bool:
+        """Scan, plan and act; True when it got as far as acting (or finding nothing to do)."""
         settings = self.settings
         # Waiting for a one-shot sweep to release the lock is not being stuck: _should_stop
         # keeps the watchdog heartbeat going while the wait lasts (it may outlast WatchdogSec).
         lock = action_lock(settings.ledger, exclusive=exclusive, should_stop=self._should_stop)
         with lock as locked:
             if not locked:
-                return
+                return False
             run_id = uuid.uuid4().hex[:12]
+            ledger = CountingSink(AppendEach(str(settings.ledger)), self._counters)
             try:
                 check_writable(settings.ledger)
                 if exclusive:  # no other run is half-way: every marker is a dead run's
                     before_acting(
                         str(settings.ledger),
-                        AppendEach(str(settings.ledger)),
+                        ledger,
                         run_id=run_id,
                         max_bytes=settings.ledger_max_bytes,
                         segments=settings.ledger_segments,
                     )
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
-                return
+                return False
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
-            plan = plan_sweep(found, rules, now_ns=now_ns)
+            plan = check_plan(plan_sweep(found, rules, now_ns=now_ns))
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
+            self._count_error("scan", len(plan.problems))
             self._note_skipped(plan)
             result = execute_plan(
                 plan,
-                AppendEach(str(settings.ledger)),
+                ledger,
                 run_id=run_id,
                 should_stop=self._should_stop,
                 journal=Journal(str(settings.ledger), run_id),
@@ -722,7 +910,16 @@ class Watcher:
             self._ledger_trouble(result.ledger_error)
         elif result.outcomes:  # records were written: the ledger works again
             self._ledger_trouble(None)
-        self._account(result)
+        if exclusive:
+            left = reclaimable_left(settings.roots, plan.entries, result.outcomes)
+            with self._state.lock:
+                self._state.reclaimable = left
+        return True
+
+    def _count_error(self, kind: str, count: int = 1) -> None:
+        if count:
+            with self._state.lock:
+                self._state.errors[kind] = self._state.errors.get(kind, 0) + count
 
     def _verified(self, inventory: Inventory, rules: Rules, now_ns: int) -> Inventory:
         """``verify_inventory``, with the heartbeat going between run folders."""
@@ -738,6 +935,7 @@ class Watcher:
         with self._state.lock:
             before, self._state.ledger_problem = self._state.ledger_problem, problem
         if problem is not None and problem != before:
+            self._count_error("ledger")
             log.error("%s; retrying at every scan", problem)
         elif problem is None and before is not None:
             log.warning("the ledger takes records again; acting again")
@@ -754,11 +952,9 @@ class Watcher:
             else:
                 log.info("%s: %s", entry.path, entry.reason)
 
-    def _account(self, result: SweepReport) -> None:
-        with self._state.lock:
-            self._state.reclaimed += result.reclaimed_bytes
-            self._state.processed += len(result.outcomes)
-            self._state.failures += result.failures
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
 
 
 def _with_ledger(settings: Settings, ledger: Path) -> Settings:

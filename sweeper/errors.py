@@ -51,3 +51,11 @@ class LedgerUnavailable(SweeperError):
 
 class AlreadyRunning(SweeperError):
     """Another sweeper instance holds the state lock."""
+
+
+class UsageError(SweeperError):
+    """The command was asked for something that cannot be (a missing file it reads): exit 2."""
+
+
+class NotRunning(SweeperError):
+    """``sweeper status`` found no daemon running: exit 3, as ``systemctl is-active`` does."""

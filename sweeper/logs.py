@@ -1,4 +1,5 @@
-"""Log output for the CLI: plain lines on stderr, which journald timestamps under systemd.
+"""Log output for the CLI: lines on stderr, timestamped unless stderr is the journal (which
+timestamps them itself).
 
 Only the CLI calls :func:`configure_logging`; every other module just logs to
 ``logging.getLogger(__name__)``.
@@ -24,7 +25,8 @@ _SYSLOG_PRIORITIES = {
 # Names the handler configure_logging installs, so that calling it again replaces it.
 _HANDLER_NAME = "sweeper.logs"
 
-_PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # local time, as journalctl shows it
 _JOURNAL_FORMAT = "%(name)s: %(message)s"
 
 
@@ -90,7 +92,7 @@ def configure_logging(
     if _stream_is_journal(environ, stream):
         handler.setFormatter(_JournalFormatter(_JOURNAL_FORMAT))
     else:
-        handler.setFormatter(_EscapingFormatter(_PLAIN_FORMAT))
+        handler.setFormatter(_EscapingFormatter(_PLAIN_FORMAT, _TIME_FORMAT))
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from sweeper.formats.layouts import FolderCheckpoint, Part
 from sweeper.logs import escape_controls
@@ -21,8 +23,10 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.extract import ExtractResult
     from sweeper.ledger import SummaryRow
     from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.status import DaemonStatus
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_T = TypeVar("_T")
 
 
 def human_size(count: int) -> str:
@@ -275,25 +279,168 @@ def write_streamed_plan_json(
     stream.write("], " + to_json(tail)[1:] + "\n")
 
 
-def plan_text(plan: SweepPlan) -> str:
-    rows = [["ACTION", "RECLAIM", "PATH", "REASON"]]
-    for entry in plan.entries:
-        rows.append(
-            [
+OWN_OUTPUT = "skipped: sweeper's own output"
+
+
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``epoch_2`` before ``epoch_10``: runs of digits compare as numbers."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in re.split(r"(\d+)", text)
+        if part
+    )
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its middle replaced by an ellipsis: a long
+    path keeps its root and its file name."""
+    if width <= 0 or len(text) <= width:
+        return text
+    if width < 5:
+        return text[:width]
+    keep = width - 1
+    return text[: keep // 2] + "…" + text[len(text) - (keep - keep // 2) :]
+
+
+def shorten_end(text: str, width: int) -> str:
+    if width <= 0 or len(text) <= width:
+        return text
+    return text[: max(0, width - 1)] + "…"
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The rows of one run folder, and how many of sweeper's own outputs were folded away."""
+
+    folder: str
+    rows: tuple[tuple[str, ...], ...]
+    folded: int = 0
+
+
+def _fit(widths: list[int], flexible: Sequence[int], room: int) -> list[int]:
+    """Column widths that fit ``room`` characters (separators included), shrinking only the
+    ``flexible`` columns (each to no less than 8), the widest first."""
+    widths = list(widths)
+    excess = sum(widths) + 2 * (len(widths) - 1) - room
+    while excess > 0:
+        column = max(flexible, key=lambda i: widths[i])
+        if widths[column] <= 8:
+            break
+        cut = min(excess, widths[column] - 8, max(1, (widths[column] - 8 + 1) // 2))
+        widths[column] -= cut
+        excess -= cut
+    return widths
+
+
+def _grouped_table(
+    header: Sequence[str],
+    groups: Sequence[_Group],
+    *,
+    right: frozenset[int],
+    middle: frozenset[int],
+    width: int | None,
+) -> list[str]:
+    """One table, its rows grouped under a line naming their run folder; ``width`` (None: no
+    limit) is the terminal's, which long cells are shortened to fit: those in ``middle`` in
+    the middle (paths, names), the others at the end."""
+    indent = "  "
+    rows = [tuple(header), *(row for group in groups for row in group.rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    if width is not None:
+        flexible = [i for i in range(len(header)) if i not in right and i != 0]
+        widths = _fit(widths, flexible, width - len(indent))
+
+    def line(row: Sequence[str]) -> str:
+        cells = []
+        for i, cell in enumerate(row):
+            cell = shorten_middle(cell, widths[i]) if i in middle else shorten_end(cell, widths[i])
+            cells.append(cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]))
+        return (indent + "  ".join(cells)).rstrip()
+
+    lines = [line(header)]
+    for group in groups:
+        folder = group.folder.rstrip("/") + "/"
+        lines.append(shorten_middle(folder, width) if width is not None else folder)
+        lines += [line(row) for row in group.rows]
+        if group.folded:
+            many = "s" if group.folded != 1 else ""
+            lines.append(
+                f"{indent}+ {group.folded} of sweeper's own output{many} (--all lists them)"
+            )
+    return lines
+
+
+def _by_folder(
+    items: Iterable[_T], folder: Callable[[_T], str], name: Callable[[_T], str]
+) -> list[tuple[str, list[_T]]]:
+    """``items`` grouped by run folder, folders and names in natural order."""
+    groups: dict[str, list[_T]] = {}
+    for item in items:
+        groups.setdefault(folder(item), []).append(item)
+    return [
+        (key, sorted(groups[key], key=lambda item: natural_key(name(item))))
+        for key in sorted(groups, key=natural_key)
+    ]
+
+
+def plan_text(plan: SweepPlan, *, width: int | None = None, show_all: bool = False) -> str:
+    """The plan for people: one table grouped by run folder, in natural order, sweeper's own
+    outputs folded into a count per folder unless ``show_all``, then the problems, the totals
+    and what each owner would get back."""
+    groups = []
+    for folder, entries in _by_folder(plan.entries, lambda e: e.folder.display, lambda e: e.name):
+        shown = [e for e in entries if show_all or e.reason != OWN_OUTPUT]
+        rows = tuple(
+            (
                 entry.action.value,
                 human_size(entry.reclaimed_bytes) if entry.reclaimed_bytes else "-",
-                printable(entry.path),
+                printable(entry.name),
                 printable(entry.reason),
-            ]
+            )
+            for entry in shown
         )
-    lines = [table(rows, frozenset({1}))] if plan.entries else ["no checkpoints found"]
+        groups.append(_Group(printable(folder), rows, len(entries) - len(shown)))
+    lines = (
+        _grouped_table(
+            ("ACTION", "RECLAIM", "FILE", "REASON"),
+            groups,
+            right=frozenset({1}),
+            middle=frozenset({2}),
+            width=width,
+        )
+        if plan.entries
+        else ["no checkpoints found"]
+    )
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
         f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
         f"({plan.expected_reclaimed_bytes} bytes)"
     )
+    owners = owner_totals(plan.entries)
+    if owners:
+        lines.append("what each owner would get back:")
+        owner_rows = [["OWNER", "FILES", "RECLAIM"]] + [
+            [printable(owner), str(files), human_size(reclaimed)]
+            for owner, files, reclaimed in owners
+        ]
+        lines += ["  " + line for line in table(owner_rows, frozenset({1, 2})).splitlines()]
     return "\n".join(lines)
+
+
+def owner_totals(entries: Iterable[PlanEntry]) -> list[tuple[str, int, int]]:
+    """(owner, files acted on, bytes reclaimed) for each owner of a file the plan writes or
+    deletes, most reclaimed first."""
+    from sweeper.ledger import user_name
+
+    totals: dict[int, tuple[int, int]] = {}
+    for entry in entries:
+        if entry.action in (Action.KEEP, Action.SKIP):
+            continue
+        files, reclaimed = totals.get(entry.uid, (0, 0))
+        totals[entry.uid] = (files + 1, reclaimed + entry.reclaimed_bytes)
+    named = [(user_name(uid), files, reclaimed) for uid, (files, reclaimed) in totals.items()]
+    return sorted(named, key=lambda row: (-row[2], natural_key(row[0])))
 
 
 def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
@@ -319,18 +466,36 @@ def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
     }
 
 
-def sweep_text(plan: SweepPlan, result: SweepReport) -> str:
-    rows = [["RESULT", "RECLAIMED", "PATH", "DETAIL"]]
-    for o in result.outcomes:
-        rows.append(
-            [
-                ("ok " if o.ok else "FAIL ") + o.entry.action.value,
-                human_size(o.reclaimed_bytes),
-                printable(o.entry.path),
-                printable(o.detail),
-            ]
+def sweep_text(plan: SweepPlan, result: SweepReport, *, width: int | None = None) -> str:
+    """What a sweep did, grouped by run folder in natural order, then problems and totals."""
+    groups = [
+        _Group(
+            printable(folder),
+            tuple(
+                (
+                    ("ok " if o.ok else "FAIL ") + o.entry.action.value,
+                    human_size(o.reclaimed_bytes),
+                    printable(o.entry.name),
+                    printable(o.detail),
+                )
+                for o in outcomes
+            ),
         )
-    lines = [table(rows, frozenset({1}))] if result.outcomes else ["nothing to do"]
+        for folder, outcomes in _by_folder(
+            result.outcomes, lambda o: o.entry.folder.display, lambda o: o.entry.name
+        )
+    ]
+    lines = (
+        _grouped_table(
+            ("RESULT", "RECLAIMED", "FILE", "DETAIL"),
+            groups,
+            right=frozenset({1}),
+            middle=frozenset({2}),
+            width=width,
+        )
+        if result.outcomes
+        else ["nothing to do"]
+    )
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     skipped = plan.count(Action.SKIP)
     lines.append(
@@ -372,6 +537,68 @@ def ledger_text(rows: Sequence[SummaryRow], by: str | None) -> str:
         for r in rows
     ]
     return table([header, *body], frozenset({1, 2, 3, 4})) if body else "ledger is empty"
+
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def _bar(value: int, scale: int, width: int) -> str:
+    """A horizontal bar of ``value`` against ``scale`` filling ``width`` cells, in eighths of a
+    cell; anything above zero shows at least an eighth, nothing at or below zero shows."""
+    if value <= 0 or scale <= 0:
+        return ""
+    eighths = max(1, round(value / scale * width * 8))
+    full, part = divmod(min(eighths, width * 8), 8)
+    return "█" * full + (_EIGHTHS[part] if part else "")
+
+
+def with_missing_days(rows: Sequence[SummaryRow]) -> list[SummaryRow]:
+    """Day rows with the days between them that had nothing filled in as zeros, so a chart's
+    rows are evenly spaced in time (up to about a year and a half of them)."""
+    from datetime import date, timedelta
+
+    from sweeper.ledger import SummaryRow
+
+    try:
+        days = [date.fromisoformat(row.key) for row in rows]
+    except ValueError:  # compacted by month, or a key that is not a day
+        return list(rows)
+    if not days or (max(days) - min(days)).days > 550:
+        return list(rows)
+    known = {row.key: row for row in rows}
+    filled = []
+    day = min(days)
+    while day <= max(days):
+        key = day.isoformat()
+        filled.append(known.get(key, SummaryRow(key, 0, 0, 0, 0)))
+        day += timedelta(days=1)
+    return filled
+
+
+def ledger_chart(rows: Sequence[SummaryRow], by: str, width: int = 80) -> str:
+    """The totals as a horizontal bar chart of bytes reclaimed, fitted to ``width`` columns:
+    one row per day (days without records too, as zeros), or per owner or root, most first;
+    then the total."""
+    if by == "day":
+        rows = with_missing_days(rows)
+    else:  # who (or where) got the most back first
+        rows = sorted(rows, key=lambda row: -row.reclaimed_bytes)
+    if not rows:
+        return "ledger is empty"
+    keys = [printable(row.key) for row in rows]
+    sizes = [human_size(row.reclaimed_bytes) for row in rows]
+    key_width = min(max(len(key) for key in keys), max(10, width // 3))
+    size_width = max(len(size) for size in sizes)
+    bar_width = max(10, width - key_width - size_width - 4)
+    scale = max(row.reclaimed_bytes for row in rows)
+    lines = [f"{by.upper():<{key_width}}  RECLAIMED"]
+    for key, size, row in zip(keys, sizes, rows, strict=True):
+        bar = _bar(row.reclaimed_bytes, scale, bar_width)
+        label = shorten_middle(key, key_width)
+        lines.append(f"{label:<{key_width}}  {bar:<{bar_width}}  {size:>{size_width}}")
+    total = sum(row.reclaimed_bytes for row in rows)
+    lines.append(f"total: {human_size(total)} reclaimed ({total} bytes)")
+    return "\n".join(lines)
 
 
 def printable(text: str) -> str:
@@ -435,3 +662,87 @@ def folder_text(found: FolderCheckpoint, path: str, verified: bool) -> str:
             f"  demotion reclaims {human_size(found.training_bytes)} ({found.training_bytes} B)"
         )
     return "\n".join(lines)
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _files(count: int) -> str:
+    return _plural(count, "file")
+
+
+def status_phase(status: DaemonStatus) -> str:
+    """What the daemon is doing, in words: the catch-up sweep, watching, or working on what."""
+    if status.phase == "stopped":
+        return "stopped"
+    if status.working_on and status.phase != "catch-up":
+        first, more = status.working_on[0], len(status.working_on) - 1
+        what = "a full scan of every root" if first == "every root" else printable(first)
+        return f"working on {what}" + (f" (and {more} more)" if more else "")
+    return "catch-up sweep" if status.phase == "catch-up" else "watching"
+
+
+def status_line(status: DaemonStatus) -> str:
+    """The one line systemd shows (``STATUS=``): the same words as ``sweeper status``."""
+    line = (
+        f"{status_phase(status)}; {status.queued} queued, {status.settling} settling; "
+        f"{status.total_files} files acted on, {status.failed} failed; reclaimed "
+        f"{human_size(status.today_bytes)} today, {human_size(status.total_bytes)} in total"
+    )
+    if status.not_acting is not None:
+        line = f"NOT ACTING: {printable(status.not_acting)}; {line}"
+    return line
+
+
+def status_text(status: DaemonStatus, running: bool) -> str:
+    """``sweeper status`` for people."""
+    state = (
+        f"running since {_when(status.started)} (pid {status.pid})"
+        if running
+        else f"not running (last seen {_when(status.updated)}, pid {status.pid})"
+    )
+    lines = [f"sweeper watch: {state}"]
+    if status.not_acting is not None:
+        lines.append(f"NOT ACTING: {printable(status.not_acting)}")
+    lines.append(f"phase: {status_phase(status) if running else 'stopped'}")
+    lines.append(
+        f"queue: {_plural(status.queued, 'folder')} queued, "
+        f"{_plural(status.settling, 'file')} settling"
+    )
+    if status.last_full_scan is not None and status.last_full_scan_seconds is not None:
+        lines.append(
+            f"last full scan: {_when(status.last_full_scan)}, "
+            f"took {_duration(status.last_full_scan_seconds)}"
+        )
+    else:
+        lines.append("last full scan: none finished yet")
+    lines.append(
+        f"reclaimed: {human_size(status.today_bytes)} today ({_files(status.today_files)}), "
+        f"{human_size(status.total_bytes)} in total ({_files(status.total_files)}); "
+        f"{status.failed} failed"
+    )
+    if status.last_error is not None and status.last_error_time is not None:
+        lines.append(f"last error: {_when(status.last_error_time)} {printable(status.last_error)}")
+    else:
+        lines.append("last error: none")
+    for root, why in status.polled:
+        lines.append(f"polled, not watched: {printable(root)} ({printable(why)})")
+    return "\n".join(lines)
+
+
+def status_json(status: DaemonStatus, running: bool) -> dict[str, object]:
+    return {"running": running, **status.to_json()}

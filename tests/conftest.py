@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +15,14 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What starts every log line when stderr is not the journal (test_logs.py checks it is there).
+LOG_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", re.MULTILINE)
+
+
+def untimed(text: str) -> str:
+    """Log output without its timestamps, so that tests can compare the lines themselves."""
+    return LOG_TIME.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ def run_cli(
     done = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-    return CliRun(done.returncode, done.stdout, done.stderr)
+    return CliRun(done.returncode, done.stdout, untimed(done.stderr))
 
 
 _PEAK_RSS = (
@@ -78,7 +87,7 @@ def peak_rss_kib(*args: str | os.PathLike[str], timeout: float = 300) -> tuple[i
         check=True,
     )
     status, peak = done.stdout.split()
-    return int(status), int(peak), done.stderr
+    return int(status), int(peak), untimed(done.stderr)
 
 
 @pytest.fixture

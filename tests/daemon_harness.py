@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from conftest import run_cli, untimed
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
@@ -36,10 +37,20 @@ RESCAN_SECONDS = 2.0
 
 T = TypeVar("T")
 
+# STATUS=, in the words `sweeper status` uses (sweeper.report.status_line).
 _STATUS = re.compile(
-    r"^STATUS=(?P<settling>\d+) settling, (?P<queued>\d+) queued, (?P<working>\d+) working; "
-    r"(?P<actions>\d+) actions, (?P<failed>\d+) failed, (?P<reclaimed>-?\d+) bytes reclaimed$"
+    r"^STATUS=(?:NOT ACTING: .*; )?(?P<phase>[^;]+); (?P<queued>\d+) queued, "
+    r"(?P<settling>\d+) settling; (?P<actions>\d+) files acted on, (?P<failed>\d+) failed; "
+    r"reclaimed (?P<today>-?[\d.]+ [KMGTP]?i?B) today, (?P<total>-?[\d.]+ [KMGTP]?i?B) in total$"
 )
+
+
+def daemon_status(ledger: Path) -> dict[str, Any]:
+    """``sweeper status --ledger LEDGER --json``, run as a user would (exit 0 or 3)."""
+    done = run_cli("status", "--ledger", ledger, "--json")
+    assert done.returncode in (0, 3), done.stderr
+    result: dict[str, Any] = done.json()
+    return result
 
 
 def wait_until(
@@ -63,21 +74,32 @@ def wait_until(
 
 @dataclass(frozen=True)
 class Status:
-    """One STATUS= datagram, parsed."""
+    """One STATUS= datagram, parsed (sizes stay in their human units: the daemon's status file,
+    read by `sweeper status --json`, has the bytes)."""
 
+    phase: str
     settling: int
     queued: int
     working: int
     actions: int
     failed: int
-    reclaimed: int
+    total: str
 
     @classmethod
     def parse(cls, message: str) -> Status | None:
         match = _STATUS.match(message)
         if match is None:
             return None
-        return cls(**{key: int(value) for key, value in match.groupdict().items()})
+        phase = match["phase"]
+        return cls(
+            phase=phase,
+            settling=int(match["settling"]),
+            queued=int(match["queued"]),
+            working=1 if phase.startswith("working on") else 0,
+            actions=int(match["actions"]),
+            failed=int(match["failed"]),
+            total=match["total"],
+        )
 
 
 class NotifySocket:
@@ -246,7 +268,7 @@ class Daemon:
         self.pid = self.process.pid
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return untimed(self.log_path.read_text(errors="replace"))
 
     def details(self) -> str:
         state = "running" if self.process.poll() is None else f"exited {self.process.returncode}"

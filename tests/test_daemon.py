@@ -50,6 +50,7 @@ from daemon_harness import (
     NotifySocket,
     Reads,
     Status,
+    daemon_status,
     user_namespaces_work,
     wait_until,
 )
@@ -57,6 +58,7 @@ from trees import apparent_size, ledger_lines, names, outcome_total, save_full
 
 from sweeper.daemon import filesystem_type, wants_polling
 from sweeper.journal import markers_of
+from sweeper.report import human_size
 from sweeper.torchzip import MEMORY_REFUSAL
 
 QUIET_WAIT = SETTLE_SECONDS + RESCAN_SECONDS  # long enough for an event and a rescan to act
@@ -187,7 +189,8 @@ def test_ready_after_the_catch_up_sweep_then_status_and_stopping(
     status = Status.parse(notify.messages[first])
     assert status is not None
     assert (status.queued, status.working, status.actions, status.failed) == (0, 0, 3, 0)
-    assert status.reclaimed == outcome_total(records(ledger))
+    assert status.phase == "watching"
+    assert daemon_status(ledger)["total_bytes"] == outcome_total(records(ledger))
 
     # Pings would be due every 0.5 s: give them time to show up, if they were going to.
     first_path = next(iter(saved))
@@ -387,9 +390,10 @@ def test_n_plus_two_epochs_leave_n_full_checkpoints_and_the_ledger_adds_up(
     recorded = records(ledger)
     assert outcome_total(recorded) == before + written - apparent_size(tree)
     daemon.wait_until(
-        lambda: notify.statuses()[-1].reclaimed == outcome_total(recorded),
-        "STATUS= to report the ledger's total",
+        lambda: daemon_status(ledger)["total_bytes"] == outcome_total(recorded),
+        "`sweeper status` to report the ledger's total",
     )
+    assert notify.statuses()[-1].total == human_size(outcome_total(recorded))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_a_huge_memo_index_is_refused_in_a_parallel_sweep(tmp_path: Path) -> Non
         check=False,
         timeout=120,
     )
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 1, run.stderr  # a refused file: the rest is planned, then exit 1
     entries = {e["path"]: e for e in json.loads(run.stdout)["entries"]}
     memo = entries[str(tmp_path / "run0" / "memo.pt")]
     assert memo["action"] == "skip"
@@ -337,7 +337,7 @@ def test_a_sparse_checkpoint_cannot_make_root_fill_the_disk(
 
     (entry,) = plan.json()["entries"]
     assert entry["action"] == "skip" and "a sparse file" in entry["reason"]
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # refused: nothing else to do, then exit 1
     assert extracted.returncode == 1 and len(extracted.stderr_lines) == 1
     assert "a sparse file" in extracted.stderr and str(sparse) in extracted.stderr
     assert snapshot(tmp_path / "root") == before
@@ -615,7 +615,7 @@ def test_a_file_past_the_memory_limit_is_refused_and_the_tree_beside_it_swept(
     entries = {e["path"]: e for e in plan.json()["entries"]}
     big = entries[str(root / "big" / "e1.pt")]
     assert (big["action"], big["reason"]) == ("skip", f"skipped: {MEMORY_REFUSAL}")
-    assert swept.returncode == 0, swept.stderr
+    assert plan.returncode == 1 and swept.returncode == 1, swept.stderr  # a refused file
     assert f"{root / 'big' / 'e1.pt'}: {MEMORY_REFUSAL}" in swept.stderr
     assert sorted(os.listdir(root / "big")) == ["e1.pt"]
     assert sorted(os.listdir(root / "ordinary")) == [

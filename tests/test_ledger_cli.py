@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from conftest import CliRun
+from conftest import CliRun, run_cli
 from trees import days_ago, ledger_lines, outcome_total, save_full, write_history
 
 from sweeper.ledger import Action, Ledger, new_record
@@ -166,14 +166,10 @@ def test_bad_since_is_a_usage_error(ledger_cli: Callable[..., CliRun], ledger: P
     assert len(done.stderr_lines) == 1 and "'--since'" in done.stderr
 
 
-@pytest.mark.parametrize("state", ["missing", "empty"])
-def test_missing_or_empty_ledger(
-    ledger_cli: Callable[..., CliRun], tmp_path: Path, state: str
-) -> None:
+def test_empty_ledger(ledger_cli: Callable[..., CliRun], tmp_path: Path) -> None:
     path = tmp_path / "state" / "ledger.jsonl"
-    if state == "empty":
-        path.parent.mkdir()
-        path.touch()
+    path.parent.mkdir()
+    path.touch()
 
     assert rows(ledger_cli(path, "--json")) == {"total": (0, 0)}
     assert rows(ledger_cli(path, "--json", "--by", "root")) == {}
@@ -182,9 +178,19 @@ def test_missing_or_empty_ledger(
     total = ledger_cli(path)
     assert total.returncode == 0 and "0 B" in total.stdout
     assert total.stderr == ""
-    assert path.exists() == (state == "empty")  # reading never creates it
-    if state == "missing":
-        assert not path.parent.exists()
+
+
+def test_a_missing_ledger_is_a_usage_error_naming_it(
+    ledger_cli: Callable[..., CliRun], tmp_path: Path
+) -> None:
+    """A typo in the path must not read as "nothing reclaimed"."""
+    path = tmp_path / "state" / "ledger.jsonl"
+    for args in ((), ("--json",), ("--by", "day")):
+        done = ledger_cli(path, *args)
+        assert done.returncode == 2, done.stderr
+        assert done.stdout == ""
+        assert len(done.stderr_lines) == 1 and str(path) in done.stderr
+    assert not path.parent.exists()  # reading never creates it
 
 
 def test_torn_last_line_is_reported_and_skipped(
@@ -248,3 +254,60 @@ def test_a_large_ledger_is_read_in_memory_that_does_not_grow_with_it(
     assert total["reclaimed_bytes"] == sum(1000 + n for n in range(100_000))
     peak_kib = int(usage.read_text().split()[-1])
     assert peak_kib < 64 * 1024, f"{peak_kib} KiB"
+
+
+def _bar_cells(line: str) -> float:
+    """How many cells of a chart line the bar fills (a partial block is eighths)."""
+    eighths = " ▏▎▍▌▋▊▉"
+    return sum(1 if c == "█" else eighths.index(c) / 8 for c in line if c == "█" or c in "▏▎▍▌▋▊▉")
+
+
+def test_a_chart_draws_the_trend_by_day(
+    ledger_cli: Callable[..., CliRun], ledger: Path, tmp_path: Path
+) -> None:
+    # Three more days with a gap: 9 GiB on 6 March, 1 GiB on 8 March.
+    with Ledger.open(ledger) as writer:
+        for day, size in ((6, 9 * GiB), (8, GiB)):
+            writer.append(
+                new_record(
+                    now=datetime(2026, 3, day, 12, tzinfo=UTC),
+                    action=Action.DELETE,
+                    path="/data/a/run/x.pt",
+                    owner="alice",
+                    uid=1000,
+                    reason="test",
+                    run_id="r2",
+                    root="/data/a",
+                    bytes_deleted=size,
+                    reclaimed_bytes=size,
+                )
+            )
+    done = run_cli("ledger", "--ledger", ledger, "--by", "day", "--chart", env={"COLUMNS": "60"})
+
+    assert done.returncode == 0, done.stderr
+    header, *lines, total = done.stdout.splitlines()
+    assert header.split() == ["DAY", "RECLAIMED"]
+    assert all(len(line) <= 60 for line in done.stdout.splitlines())
+    days = [line.split()[0] for line in lines]
+    assert days == [f"2026-03-0{d}" for d in range(1, 9)]  # days without records too
+    bars = dict(zip(days, (_bar_cells(line) for line in lines), strict=True))
+    assert bars["2026-03-06"] == max(bars.values()) > 30  # the biggest day fills the width
+    assert bars["2026-03-01"] == pytest.approx(bars["2026-03-06"] * 5 / 9, abs=0.2)
+    assert bars["2026-03-08"] == pytest.approx(bars["2026-03-06"] / 9, abs=0.2)
+    assert 0 < bars["2026-03-03"] < 0.2  # 3 MiB shows, as the thinnest bar
+    assert bars["2026-03-02"] == bars["2026-03-05"] == 0  # a net loss or nothing: no bar
+    assert lines[3].rstrip().endswith(" 0 B")
+    assert total.startswith("total: 15.0 GiB reclaimed")
+    # --json stays the data: the chart is refused beside it, and needs --by
+    assert ledger_cli(ledger, "--by", "day", "--chart", "--json").returncode == 2
+    assert ledger_cli(ledger, "--chart").returncode == 2
+
+
+def test_a_chart_by_owner_puts_who_got_most_back_first(
+    ledger_cli: Callable[..., CliRun], ledger: Path
+) -> None:
+    done = ledger_cli(ledger, "--by", "owner", "--chart")
+    assert done.returncode == 0, done.stderr
+    owners = [line.split()[0] for line in done.stdout.splitlines()[1:-1]]
+    assert owners == ["alice", "bob", "carol"]
+    assert _bar_cells(done.stdout.splitlines()[1]) > _bar_cells(done.stdout.splitlines()[2])

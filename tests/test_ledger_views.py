@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, CliRun, run_cli
+from conftest import REPO_ROOT, CliRun, run_cli, untimed
 from trees import days_ago, ledger_lines, outcome_total, save_full
 
 from sweeper.ledger import Action, AppendEach, Ledger, LedgerRecord, encode_record, new_record
@@ -61,7 +61,7 @@ def sweeper_as(
     done = subprocess.run(
         command, cwd="/", env=environ, capture_output=True, text=True, timeout=120, check=False
     )
-    return CliRun(done.returncode, done.stdout, done.stderr)
+    return CliRun(done.returncode, done.stdout, untimed(done.stderr))
 
 
 def shell_as(

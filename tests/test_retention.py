@@ -56,20 +56,24 @@ def sweeper(tmp_path: Path, run_sweeper: Callable[..., CliRun]) -> Sweeper:
     return Sweeper(tmp_path, run_sweeper)
 
 
-def sweep_and_account(sweeper: Sweeper, *args: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def sweep_and_account(
+    sweeper: Sweeper, *args: str, code: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Dry run, real sweep, second sweep, all with ``args``.
 
     The dry run changes nothing; its ``expected_reclaimed_bytes`` equals what the real sweep
     reclaimed, the ledger's outcome total for that sweep and the tree's drop in apparent size;
     the dry run planned the same action for every file the real sweep did; the second sweep has
-    no outcomes and reclaims nothing.  Returns (dry run, real sweep)."""
+    no outcomes and reclaims nothing; each exits ``code``.  Returns (dry run, real sweep)."""
     before = snapshot(sweeper.root)
     plan = sweeper("--dry-run", "--json", *args).json()
     assert snapshot(sweeper.root) == before
     known = len(ledger_lines(sweeper.ledger)) if sweeper.ledger.exists() else 0
     size_before = apparent_size(sweeper.root)
 
-    result = sweeper.json(*args)
+    done = sweeper("--json", *args)  # exit ``code``: 1 when the tree holds refused files
+    assert done.returncode == code, done.stderr
+    result: dict[str, Any] = done.json()
 
     size_after = apparent_size(sweeper.root)
     records = ledger_lines(sweeper.ledger)[known:]
@@ -87,7 +91,9 @@ def sweep_and_account(sweeper: Sweeper, *args: str) -> tuple[dict[str, Any], dic
     assert outcome_total(records, run_ids.pop() if run_ids else None) == expected
     assert size_before - size_after == expected
 
-    again = sweeper.json(*args)
+    again_done = sweeper("--json", *args)
+    assert again_done.returncode == code, again_done.stderr
+    again = again_done.json()
     assert again["outcomes"] == []
     assert again["reclaimed_bytes"] == again["expected_reclaimed_bytes"] == 0
     assert apparent_size(sweeper.root) == size_after

@@ -552,10 +552,12 @@ def test_non_utf8_and_newline_names(sweeper: Sweeper) -> None:
     strict = {"PYTHONIOENCODING": "utf-8:strict"}
     text = sweeper("--dry-run", "min_age_seconds=0", env=strict)
     assert text.returncode == 0, text.stderr
-    assert len(text.stdout.splitlines()) == 1 + 3 + 1  # header, one line per file, summary
+    # header, the run folder, one line per file, summary, then the owners' totals (title,
+    # header, one owner)
+    assert len(text.stdout.splitlines()) == 1 + 1 + 3 + 1 + 3
     done = sweeper("min_age_seconds=0", env=strict)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.splitlines()) == 1 + 3 + 1
+    assert len(done.stdout.splitlines()) == 1 + 1 + 3 + 1
 
     listed = set(os.listdir(os.fsencode(run)))
     assert listed == {raw[1], raw[2], *(n.replace(b".pt", b"_inference.pt") for n in raw)}
@@ -695,7 +697,7 @@ def test_progress_only_on_a_terminal(sweeper: Sweeper) -> None:
     finally:
         os.close(controller)
     assert process.returncode == 0
-    assert b"\r" in stderr and b"processed" in stderr
+    assert b"\r" in stderr and b"sweeping" in stderr
     assert json.loads(stdout)["counts"]["delete"] == 1
 
 
