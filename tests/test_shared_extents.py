@@ -1,0 +1,395 @@
+"""Inference copies that share the source's blocks (issue 14), on real filesystems made here.
+
+A loop-mounted XFS with ``reflink=1`` shares: the copy's storage records are the source's very
+blocks (FIEMAP flags them ``SHARED``; the free space barely moves), and it still loads, verifies
+and refuses a corrupt source.  A loop-mounted ext4 and a tmpfs do not share: the copy is written
+as before, byte for byte the same file.  Needs root, a loop device and mkfs.xfs (``.ci/run``
+installs xfsprogs); skipped, with the reason, where any is missing.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import flip_byte, folder_state, record_span, save_full_checkpoint, temp_files
+from conftest import CliRun
+
+from sweeper import extents, torchzip
+from sweeper.errors import FileRefused
+from sweeper.extract import FileIdentity, Located, extract, verify_existing_copy
+from sweeper.formats.output import _layout, _torch_data_offset
+from sweeper.formats.records import record_data_offset
+from sweeper.torchzip import Mode
+
+RunSweeper = Callable[..., CliRun]
+MakeFilesystem = Callable[[str], Path]
+MIB = 2**20
+
+
+@pytest.fixture
+def make_filesystem(tmp_path: Path) -> Iterator[MakeFilesystem]:
+    """``make_filesystem(kind)`` mounts a fresh filesystem in tmp_path: ``"xfs"`` (reflink=1)
+    or ``"ext4"`` on a loop device, or ``"tmpfs"``; unmounted, and the loop device detached,
+    at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    mounted: list[Path] = []
+
+    def make(kind: str, size: int = 320 * MIB) -> Path:
+        mount_point = tmp_path / f"{kind}{len(mounted)}"
+        mount_point.mkdir()
+        if kind == "tmpfs":
+            command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]
+        else:
+            tool = f"mkfs.{kind}"
+            if shutil.which(tool) is None:
+                pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+            image = tmp_path / f"{kind}{len(mounted)}.img"
+            with open(image, "wb") as file:
+                file.truncate(size)
+            options = ["-m", "reflink=1"] if kind == "xfs" else ["-F"]
+            made = subprocess.run([tool, "-q", *options, str(image)], capture_output=True)
+            if made.returncode != 0:
+                pytest.skip(f"cannot make {kind}: {made.stderr.decode().strip()[-300:]}")
+            # -o loop sets autoclear: the loop device goes with the unmount.
+            command = ["mount", "-o", "loop", str(image), str(mount_point)]
+        done = subprocess.run(command, capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount {kind} here: {done.stderr.decode().strip()[-300:]}")
+        mounted.append(mount_point)
+        return mount_point
+
+    try:
+        yield make
+    finally:
+        for mount_point in reversed(mounted):
+            subprocess.run(["umount", str(mount_point)], check=True)
+
+
+class Wide(torch.nn.Module):
+    """Two 1 MiB weight matrices (shared, in the copy), small biases and a LayerNorm (copied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(512, 512)
+        self.norm = torch.nn.LayerNorm(512)
+        self.second = torch.nn.Linear(512, 512)
+
+
+def save_wide(path: Path, seed: int = 0) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    saved = save_full_checkpoint(path, model=Wide())
+    os.chmod(path, 0o640)
+    return saved
+
+
+def weight_bytes(saved: dict[str, Any]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in saved["model_state_dict"].values())
+
+
+def used_bytes(folder: Path) -> int:
+    os.sync()
+    vfs = os.statvfs(folder)
+    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+
+
+def shared_bytes(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return extents.shared_bytes(fd)
+    finally:
+        os.close(fd)
+
+
+def assert_loads(copy: Path, saved: dict[str, Any]) -> None:
+    loaded = torch.load(copy, weights_only=True)
+    assert set(loaded["model_state_dict"]) == set(saved["model_state_dict"])
+    for key, tensor in saved["model_state_dict"].items():
+        assert torch.equal(loaded["model_state_dict"][key], tensor), key
+    assert "optimizer_state_dict" not in loaded and loaded["epoch"] == saved["epoch"]
+
+
+def extract_json(run_sweeper: RunSweeper, *args: object) -> dict[str, Any]:
+    run = run_sweeper("extract", *args, "--json")
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    result: dict[str, Any] = run.json()
+    return result
+
+
+def test_on_xfs_the_copy_shares_the_sources_blocks_and_takes_almost_no_space(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+) -> None:
+    disk = make_filesystem("xfs")
+    source = disk / "e1.pt"
+    saved = save_wide(source)
+    weights = weight_bytes(saved)
+    before = used_bytes(disk)
+
+    result = extract_json(run_sweeper, source)
+
+    copy = disk / "e1_inference.pt"
+    new_space = used_bytes(disk) - before
+    assert result["bytes_out"] == copy.stat().st_size > weights
+    assert 0.95 * weights < result["bytes_shared"] < weights
+    assert shared_bytes(copy) >= result["bytes_shared"]  # the filesystem says so too
+    assert new_space <= 64 * 1024, new_space  # heads, tails, headers: a few blocks
+    assert_loads(copy, saved)
+    assert copy.stat().st_mode & 0o7777 == 0o640
+    assert temp_files(disk) == []
+    folder = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # read back in full, as a deletion's proof is
+        verify_existing_copy(
+            Located(folder, source.name, str(source)),
+            Located(folder, copy.name, str(copy)),
+            FileIdentity.of(source.stat()),
+        )
+    finally:
+        os.close(folder)
+
+
+def test_on_xfs_a_corrupt_source_record_is_still_refused(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+) -> None:
+    """A bit flipped in the middle of a weight matrix (its blocks are shared, not read while
+    cloning): reading the copy back finds it, and nothing is written."""
+    disk = make_filesystem("xfs")
+    source = disk / "e1.pt"
+    save_wide(source)
+    offset, size = record_span(source, "/data/0")
+    assert size == 512 * 512 * 4
+    flip_byte(source, offset + size // 2)
+    before = folder_state(disk)
+
+    run = run_sweeper("extract", source)
+
+    assert run.returncode == 1 and len(run.stderr_lines) == 1, run.stderr
+    assert "CRC mismatch" in run.stderr and "the source record is corrupt" in run.stderr
+    assert folder_state(disk) == before
+
+
+@pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
+def test_where_blocks_cannot_be_shared_the_same_copy_is_written(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper, kind: str
+) -> None:
+    """ext4 and tmpfs cannot share blocks: the clone is refused and the records are copied;
+    the copy is byte for byte the one XFS gets, and a corrupt source is refused there too."""
+    disk, xfs = make_filesystem(kind), make_filesystem("xfs")
+    saved = save_wide(disk / "e1.pt")
+    shutil.copyfile(disk / "e1.pt", xfs / "e1.pt")
+
+    result = extract_json(run_sweeper, disk / "e1.pt")
+    extract_json(run_sweeper, xfs / "e1.pt")
+
+    copy = disk / "e1_inference.pt"
+    assert result["bytes_shared"] == 0 and shared_bytes(copy) == 0
+    assert layout_of(copy) == layout_of(xfs / "e1_inference.pt")
+    assert_loads(copy, saved)
+
+    copy.unlink()
+    offset, size = record_span(disk / "e1.pt", "/data/0")
+    flip_byte(disk / "e1.pt", offset + size // 2)
+    run = run_sweeper("extract", disk / "e1.pt")
+    assert run.returncode == 1 and "CRC mismatch" in run.stderr, run.stderr
+    assert not copy.exists() and temp_files(disk) == []
+
+
+def layout_of(copy: Path) -> dict[str, tuple[int, int, int]]:
+    """(data offset, size, CRC) of each record but the provenance (which names the folder)."""
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        archive = torchzip.read_archive(fd, str(copy))
+        return {
+            record.name: (record_data_offset(fd, archive, record, ""), record.size, record.crc32)
+            for record in archive.records.values()
+            if record.name != torchzip.PROVENANCE_RECORD
+        }
+    finally:
+        os.close(fd)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take all but about ``leave`` bytes of the free space, root's reserve included (ext4
+    keeps a few MiB even from root: all of what it gives)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        size = 0
+        step = free_bytes(disk)
+        while step >= 4096 and free_bytes(disk) > leave:
+            step = min(step, (free_bytes(disk) - leave) // 4096 * 4096)
+            try:
+                os.posix_fallocate(fd, size, step)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                step //= 2  # metadata takes its share too
+                continue
+            size += step
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(disk: Path) -> int:
+    vfs = os.statvfs(disk)
+    return vfs.f_bfree * vfs.f_frsize
+
+
+def test_on_a_full_xfs_demotion_still_works_where_ext4_refuses(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+) -> None:
+    """2.5 MiB free, a copy of 2 MiB: on ext4 the copy does not fit with its 1 MiB headroom
+    and nothing is written; on XFS it shares the weights, needs room only for its few unshared
+    blocks, and the source is deleted."""
+    for kind in ("ext4", "xfs"):
+        disk = make_filesystem(kind)
+        saved = save_wide(disk / "e1.pt")
+        fill(disk, 5 * MIB // 2)
+        assert weight_bytes(saved) + MIB > 5 * MIB // 2
+        if kind == "xfs":
+            assert 2 * MIB < free_bytes(disk) <= 5 * MIB // 2
+
+        run = run_sweeper("extract", disk / "e1.pt", "--delete-original", "--json")
+
+        if kind == "ext4":
+            assert run.returncode == 1 and "disk full" in run.stderr, run.stderr
+            assert (disk / "e1.pt").exists() and temp_files(disk) == []
+            continue
+        assert run.returncode == 0, run.stderr
+        assert not (disk / "e1.pt").exists()
+        assert run.json()["bytes_shared"] > 0.95 * weight_bytes(saved)
+        assert_loads(disk / "e1_inference.pt", saved)
+
+
+@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("at_call", [1, 2])
+def test_a_clone_that_fails_leaves_no_copy_and_the_source_untouched(
+    make_filesystem: MakeFilesystem,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: int,
+    at_call: int,
+) -> None:
+    disk = make_filesystem("xfs")
+    save_wide(disk / "e1.pt")
+    before = folder_state(disk)
+    fail_clone(monkeypatch, at_call, failure)
+
+    with pytest.raises(FileRefused) as refused:
+        extract_here(disk)
+
+    assert ("disk full" if failure == errno.ENOSPC else "write failed") in refused.value.reason
+    assert folder_state(disk) == before
+
+
+def test_a_clone_the_filesystem_refuses_midway_falls_back_to_copying(
+    make_filesystem: MakeFilesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = make_filesystem("xfs")
+    saved = save_wide(disk / "e1.pt")
+    fail_clone(monkeypatch, 2, errno.EOPNOTSUPP)
+
+    result = extract_here(disk)
+
+    assert 0.45 * weight_bytes(saved) < result.bytes_shared < 0.55 * weight_bytes(saved)
+    assert_loads(disk / "e1_inference.pt", saved)
+
+
+def fail_clone(monkeypatch: pytest.MonkeyPatch, at_call: int, failure: int) -> None:
+    calls = [0]
+    real = fcntl.ioctl
+
+    def ioctl(fd: int, request: int, *args: Any) -> Any:
+        if request == extents._FICLONERANGE:
+            calls[0] += 1
+            if calls[0] == at_call:
+                raise OSError(failure, os.strerror(failure))
+        return real(fd, request, *args)
+
+    monkeypatch.setattr(fcntl, "ioctl", ioctl)
+
+
+def extract_here(disk: Path) -> Any:
+    folder = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return extract(
+            Located(folder, "e1.pt", str(disk / "e1.pt")),
+            Located(folder, "e1_inference.pt", str(disk / "e1_inference.pt")),
+            Mode.INFERENCE,
+        )
+    finally:
+        os.close(folder)
+
+
+def test_the_layout_puts_each_large_record_at_the_sources_offset_modulo_4_kib(
+    tmp_path: Path,
+) -> None:
+    """Where torch put every record's data is known from the directory alone; the copy's large
+    records sit at the same offset modulo 4 KiB, the small ones at 64 bytes; both load."""
+    source = tmp_path / "a-long-checkpoint-name-for-the-prefix.pt"
+    save_wide(source)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        checkpoint = torchzip.open_checkpoint(fd, str(source))
+        archive = checkpoint.archive
+        for record in archive.records.values():
+            actual = record_data_offset(fd, archive, record, str(source))
+            assert _torch_data_offset(record, archive.prefix) == actual, record.name
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+    finally:
+        os.close(fd)
+    copy = tmp_path / "copy.pt"
+    extract_here_to(source, copy)
+    copy_fd = os.open(copy, os.O_RDONLY)
+    try:
+        made = torchzip.read_archive(copy_fd, str(copy))
+        large = 0
+        for entry in plan.entries:
+            at = record_data_offset(copy_fd, made, made.records[entry.name], str(copy))
+            if entry.source_data_offset is None:
+                assert at % 64 == 0, entry.name
+            else:
+                large += 1
+                assert at % 4096 == entry.source_data_offset % 4096, entry.name
+    finally:
+        os.close(copy_fd)
+    assert large == 2  # the two weight matrices; biases and the LayerNorm are small
+
+
+def extract_here_to(source: Path, copy: Path) -> Any:
+    folder = os.open(source.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return extract(
+            Located(folder, source.name, str(source)),
+            Located(folder, copy.name, str(copy)),
+            Mode.INFERENCE,
+        )
+    finally:
+        os.close(folder)
+
+
+def test_a_copy_laid_out_before_sharing_still_verifies(tmp_path: Path) -> None:
+    """Copies written before issue 14 packed every record at 64 bytes: they stay proofs."""
+    source = tmp_path / "e1.pt"
+    save_wide(source)
+    fd = os.open(source, os.O_RDONLY)
+    out = os.open(tmp_path / "old.pt", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        checkpoint = torchzip.open_checkpoint(fd, str(source))
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE)
+        entries = tuple(replace(entry, source_data_offset=None) for entry in plan.entries)
+        packed = torchzip.OutputPlan(entries, _layout(list(entries))[1], plan.source_keys)
+        assert packed.total_size < plan.total_size
+        torchzip.write_output(fd, checkpoint, packed, out)
+        torchzip.verify_output(out, plan, checkpoint, Mode.INFERENCE, "old.pt")
+    finally:
+        os.close(out)
+        os.close(fd)
