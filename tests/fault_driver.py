@@ -3,9 +3,10 @@
 Not a test module: ``tests/test_faults.py`` starts it as a subprocess and checks the trees it
 leaves.  It imports sweeper once, then forks one real process per run, so a matrix of hundreds
 of points takes seconds.  In the faulted process the ``os`` functions that touch the disk (and
-the ``renameat2`` sweeper calls through ctypes) count their calls; call number N either kills
-the process on the spot (``kill``: ``os._exit``, no ``finally``, no ``atexit``, as SIGKILL) or
-fails with ``ENOSPC`` or ``EIO`` without doing anything.  Only the main process is faulted, not
+the ``renameat2`` sweeper calls through ctypes, and ``fcntl.ioctl``, which clones shared blocks)
+count their calls; call number N either kills the process on the spot (``kill``: ``os._exit``,
+no ``finally``, no ``atexit``, as SIGKILL) or fails with ``ENOSPC`` or ``EIO`` without doing
+anything.  Only the main process is faulted, not
 the classifier workers it forks.
 
 Usage: ``python fault_driver.py SPEC.json``; SPEC holds ``template`` (a folder with ``root/``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -70,6 +72,7 @@ def _install(point: int, mode: str, main_pid: int) -> list[int]:
 
     for name in CALLS.get(mode, CHANGES):
         setattr(os, name, faulting(getattr(os, name), name))
+    fcntl.ioctl = faulting(fcntl.ioctl, "ioctl")  # FICLONERANGE writes too (sweeper.extents)
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is not None:
