@@ -23,6 +23,7 @@ import pytest
 import torch
 from checkpoints import flip_byte, folder_state, record_span, save_full_checkpoint, temp_files
 from conftest import CliRun
+from trees import ledger_lines, outcome_total, set_mtime
 
 from sweeper import extents, torchzip
 from sweeper.errors import FileRefused
@@ -268,6 +269,39 @@ def test_on_a_full_xfs_demotion_still_works_where_ext4_refuses(
         assert not (disk / "e1.pt").exists()
         assert run.json()["bytes_shared"] > 0.95 * weight_bytes(saved)
         assert_loads(disk / "e1_inference.pt", saved)
+
+
+def test_on_xfs_a_sweep_reclaims_what_it_planned_and_the_ledger_says_what_is_shared(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper, tmp_path: Path
+) -> None:
+    """``reclaimed`` counts apparent sizes, so the dry run's figure is exact here too; the
+    ledger's ``bytes_shared`` says how much of each copy took no space: the disk gained the
+    reclaimed bytes plus what the copies of kept checkpoints share with them."""
+    disk = make_filesystem("xfs")
+    run = disk / "run"
+    run.mkdir()
+    for epoch in (1, 2, 3):
+        saved = save_wide(run / f"epoch{epoch}.pt", seed=epoch)
+        set_mtime(run / f"epoch{epoch}.pt", (1_700_000_000 + epoch * 3600) * 10**9)
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    args = ["sweep", disk, "--ledger", ledger, "min_age_seconds=0", "keep_full=1", "--json"]
+    plan = run_sweeper(*args[:-1], "--dry-run", "--json").json()
+    used = used_bytes(disk)
+
+    result = run_sweeper(*args)
+
+    assert result.returncode == 0, result.stderr
+    summary = result.json()
+    assert summary["counts"]["delete"] == 2 and summary["counts"]["extract"] == 1
+    assert summary["reclaimed_bytes"] == plan["expected_reclaimed_bytes"]
+    records = ledger_lines(ledger)
+    assert outcome_total(records) == summary["reclaimed_bytes"]
+    copies = [r for r in records if r["action"] == "extract"]
+    assert len(copies) == 3
+    assert all(0.95 * weight_bytes(saved) < r["bytes_shared"] for r in copies)
+    kept = next(r["bytes_shared"] for r in copies if r["path"].endswith("epoch3.pt"))
+    gained = used - used_bytes(disk)
+    assert abs(gained - (summary["reclaimed_bytes"] + kept)) < 512 * 1024, (gained, kept)
 
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EIO])
