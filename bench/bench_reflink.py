@@ -34,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,9 +68,17 @@ class Series:
 
 
 def used_bytes(path: str) -> int:
+    """The filesystem's used bytes once it is quiet: XFS frees a removed file's blocks in the
+    background after the unlink (and the sync), so read until the figure holds for 0.25 s."""
     os.sync()
-    vfs = os.statvfs(path)
-    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+    last, steady, deadline = -1, 0, time.monotonic() + 10
+    while steady < 5 and time.monotonic() < deadline:
+        vfs = os.statvfs(path)
+        used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        steady = steady + 1 if used == last else 0
+        last = used
+        time.sleep(0.05)
+    return last
 
 
 def run(argv: Sequence[str], what: str) -> None:
