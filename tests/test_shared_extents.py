@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,8 @@ from typing import Any
 import pytest
 import torch
 from checkpoints import flip_byte, folder_state, record_span, save_full_checkpoint, temp_files
-from conftest import CliRun
+from conftest import REPO_ROOT, CliRun
+from test_faults import _check_point, _tree_bytes
 from trees import ledger_lines, outcome_total, set_mtime
 
 from sweeper import extents, torchzip
@@ -427,3 +430,69 @@ def test_a_copy_laid_out_before_sharing_still_verifies(tmp_path: Path) -> None:
     finally:
         os.close(out)
         os.close(fd)
+
+
+class Narrow(torch.nn.Module):
+    """One 64 KiB weight matrix: the smallest record whose blocks are shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(128, 128)
+
+
+def test_on_xfs_every_filesystem_call_of_a_demotion_can_fail_or_be_killed(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+) -> None:
+    """The fault matrix of ``test_faults.py`` (tests/fault_driver.py) on a loop XFS, where the
+    copies clone their blocks: a kill or EIO at any call that writes a copy or reads it back --
+    the clones (``fcntl.ioctl``) and the read-back from the disk included -- leaves every
+    checkpoint or its loadable copy, a ledger that adds up, and a tree the next run finishes."""
+    disk = make_filesystem("xfs", 1024 * MIB)
+    template = disk / "template"
+    run = template / "root" / "run"
+    run.mkdir(parents=True)
+    (template / "state").mkdir()
+    saved = {}
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)
+        name = f"epoch{epoch}.pt"
+        saved[name] = save_full_checkpoint(run / name, epoch=epoch, model=Narrow())
+        set_mtime(run / name, (1_700_000_000 + epoch * 3600) * 10**9)
+    args = ["sweep", "{root}", "--ledger", "{ledger}", "min_age_seconds=0", "keep_full=1", "--json"]
+    clean = disk / "clean"
+    shutil.copytree(template, clean)
+    done = run_sweeper(*(a.format(root=clean / "root", ledger=clean / "state" / "l") for a in args))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"] == {
+        "extract": 1, "delete": 1, "refresh": 0, "keep": 0, "skip": 0
+    }  # fmt: skip
+    reference = set(os.listdir(clean / "root" / "run"))
+    assert reference == {"epoch1_inference.pt", "epoch2.pt", "epoch2_inference.pt"}
+    shared = ledger_lines(clean / "state" / "l")
+    assert all(r["bytes_shared"] >= 60 * 1024 for r in shared if r["action"] == "extract")
+
+    spec = disk / "spec.json"
+    work = disk / "work"
+    work.mkdir()
+    modes = ["kill", "EIO"]  # EIO strikes every call ENOSPC does (and the reads), alike
+    # The calls that write a copy and read it back (test_faults.py strikes every call of a
+    # sweep, on ext4; here that would take minutes).
+    only = ["ioctl", "posix_fallocate", "copy_file_range", "pwrite", "fsync", "preadv"]
+    settings = {"template": str(template), "work": str(work), "modes": modes, "args": args}
+    spec.write_text(json.dumps({**settings, "only": only}))
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    for mode in modes:
+        assert len([p for p in points if p["mode"] == mode and p["hit"]]) > 20, mode
+    start_bytes = _tree_bytes(template / "root")
+    for point in points:
+        if point["hit"]:
+            _check_point(point, saved, start_bytes, 0, reference)

@@ -605,9 +605,7 @@ def _crcs_from_disk(fd: int, spans: list[tuple[int, int]], path: str) -> list[in
         except BaseException as error:  # re-raised in the calling thread
             with lock:
                 errors.append(error)
-        finally:
-            view.release()
-            buffer.close()
+        # The buffer is not closed here: the error's traceback may still hold a slice of it.
 
     try:
         helper = threading.Thread(target=work, name="read-back-disk", daemon=True)
