@@ -580,9 +580,8 @@ def _crcs_from_disk(fd: int, spans: list[tuple[int, int]], path: str) -> list[in
     lock = threading.Lock()
 
     def work() -> None:
-        buffer = mmap.mmap(-1, COPY_CHUNK)  # page-aligned, as O_DIRECT wants
-        view = memoryview(buffer)
         try:
+            view = memoryview(mmap.mmap(-1, COPY_CHUNK))  # page-aligned, as O_DIRECT wants
             while True:
                 with lock:
                     if not order or errors:
