@@ -506,8 +506,9 @@ def write_output(
     refused there, with nothing written.
 
     The copied chunks are read back on a second thread right after each is copied, so the
-    check overlaps the copy; a record with cloned blocks is left for ``verify_output`` to read
-    back whole.  ``verify_output`` compares these CRCs with the source's.
+    check overlaps the copy; a record with cloned blocks is read back whole at the end, from
+    the disk itself where the filesystem allows (else ``verify_output`` reads it).
+    ``verify_output`` compares these CRCs with the source's.
     """
     placed, total = _layout(list(plan.entries))
     starts = [
@@ -552,7 +553,7 @@ def write_output(
         crcs = read_back.finish()
     sharing = [i for i in cloned if plan.entries[i].name not in crcs]
     spans = [(placed[i][0] + len(placed[i][1]), plan.entries[i].size) for i in sharing]
-    from_disk = _crcs_from_disk(out_fd, spans, source.path) if spans else None
+    from_disk = _crcs_from_disk(out_fd, spans, source.path, should_stop) if spans else None
     if from_disk is not None:
         crcs.update(zip((plan.entries[i].name for i in sharing), from_disk, strict=True))
     return Written(crcs, shared)
@@ -565,7 +566,9 @@ def _unread(offset: int, length: int) -> None:
 _DIRECT_ALIGNMENT = 4096  # what O_DIRECT asks of offsets, lengths and buffers, at most
 
 
-def _crcs_from_disk(fd: int, spans: list[tuple[int, int]], path: str) -> list[int] | None:
+def _crcs_from_disk(
+    fd: int, spans: list[tuple[int, int]], path: str, should_stop: Callable[[], bool]
+) -> list[int] | None:
     """CRC-32 of each (offset, length) span of ``fd`` read from the disk itself (``O_DIRECT``),
     on two threads: a record whose blocks were cloned is in no page cache, and the disk is what
     is being proven.  None where the file cannot be read so (tmpfs; then ``verify_output``
@@ -591,6 +594,8 @@ def _crcs_from_disk(fd: int, spans: list[tuple[int, int]], path: str) -> list[in
                 at = offset - offset % _DIRECT_ALIGNMENT
                 crc = 0
                 while at < offset + length:
+                    if should_stop():
+                        raise Interrupted
                     blocks = -(-(offset + length - at) // _DIRECT_ALIGNMENT)
                     want = min(COPY_CHUNK, blocks * _DIRECT_ALIGNMENT)
                     got = os.preadv(direct, [view[:want]], at)
