@@ -637,9 +637,10 @@ def _clone_records(
     starts: list[int | None],
     should_stop: Callable[[], bool],
 ) -> dict[int, tuple[int, int]]:
-    """Clone the whole blocks of each storage record whose data sits at the same offset modulo
-    the block as in the source; (bytes before them, bytes cloned) by entry index.  The first
-    clone the filesystem refuses ends the trying: the rest is copied."""
+    """Clone the whole blocks of each storage record laid out for it (``source_data_offset``)
+    whose data sits at the same offset modulo the block as in the source; (bytes before them,
+    bytes cloned) by entry index.  The first clone the filesystem refuses ends the trying: the
+    rest is copied."""
     try:
         block = extents.block_size(out_fd)
     except OSError:
@@ -650,7 +651,9 @@ def _clone_records(
     ):
         source_start = starts[index]
         start = header_offset + len(header)
-        if entry.inline is not None or source_start is None or (source_start - start) % block:
+        if entry.source_data_offset is None or source_start is None:
+            continue
+        if (source_start - start) % block:  # torch did not write it; or blocks of over 4 KiB
             continue
         head = (-start) % block
         middle = max(0, entry.size - head) // block * block
@@ -664,7 +667,7 @@ def _clone_records(
                 extents.clone_range(source_fd, source_start + at, out_fd, start + at, length)
                 done += length
         except extents.CannotShare as refused:
-            log.debug("%s: blocks not shared (%s); copying", plan.entries[index].name, refused)
+            log.debug("%s: blocks not shared (%s); copying", entry.name, refused)
             return {**cloned, index: (head, done)} if done else cloned
         if done:
             cloned[index] = (head, done)
