@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -102,9 +103,17 @@ def weight_bytes(saved: dict[str, Any]) -> int:
 
 
 def used_bytes(folder: Path) -> int:
+    """The filesystem's used bytes once they hold still: XFS frees a deleted file's blocks in
+    the background, after the unlink and the sync."""
     os.sync()
-    vfs = os.statvfs(folder)
-    return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+    last, steady, deadline = -1, 0, time.monotonic() + 10
+    while steady < 5 and time.monotonic() < deadline:
+        vfs = os.statvfs(folder)
+        used = (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        steady = steady + 1 if used == last else 0
+        last = used
+        time.sleep(0.05)
+    return last
 
 
 def shared_bytes(path: Path) -> int:
@@ -186,7 +195,8 @@ def test_where_blocks_cannot_be_shared_the_same_copy_is_written(
     make_filesystem: MakeFilesystem, run_sweeper: RunSweeper, kind: str
 ) -> None:
     """ext4 and tmpfs cannot share blocks: the clone is refused and the records are copied;
-    the copy is byte for byte the one XFS gets, and a corrupt source is refused there too."""
+    the copy is laid out exactly as the one XFS gets, and a corrupt source is refused there
+    too."""
     disk, xfs = make_filesystem(kind), make_filesystem("xfs")
     saved = save_wide(disk / "e1.pt")
     shutil.copyfile(disk / "e1.pt", xfs / "e1.pt")
