@@ -43,9 +43,9 @@ MIB = 2**20
 
 @pytest.fixture
 def make_filesystem(tmp_path: Path) -> Iterator[MakeFilesystem]:
-    """``make_filesystem(kind)`` mounts a fresh filesystem in tmp_path: ``"xfs"`` (reflink=1)
-    or ``"ext4"`` on a loop device, or ``"tmpfs"``; unmounted, and the loop device detached,
-    at teardown."""
+    """``make_filesystem(kind)`` mounts a fresh filesystem in tmp_path: ``"xfs"`` (reflink=1),
+    ``"btrfs"`` or ``"ext4"`` on a loop device, or ``"tmpfs"``; unmounted, and the loop device
+    detached, at teardown."""
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
     mounted: list[Path] = []
@@ -62,7 +62,7 @@ def make_filesystem(tmp_path: Path) -> Iterator[MakeFilesystem]:
             image = tmp_path / f"{kind}{len(mounted)}.img"
             with open(image, "wb") as file:
                 file.truncate(size)
-            options = ["-m", "reflink=1"] if kind == "xfs" else ["-F"]
+            options = {"xfs": ["-m", "reflink=1"], "btrfs": [], "ext4": ["-F"]}[kind]
             made = subprocess.run([tool, "-q", *options, str(image)], capture_output=True)
             if made.returncode != 0:
                 pytest.skip(f"cannot make {kind}: {made.stderr.decode().strip()[-300:]}")
@@ -139,10 +139,11 @@ def extract_json(run_sweeper: RunSweeper, *args: object) -> dict[str, Any]:
     return result
 
 
-def test_on_xfs_the_copy_shares_the_sources_blocks_and_takes_almost_no_space(
-    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_the_copy_shares_the_sources_blocks_and_takes_almost_no_space(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper, kind: str
 ) -> None:
-    disk = make_filesystem("xfs")
+    disk = make_filesystem(kind)
     source = disk / "e1.pt"
     saved = save_wide(source)
     weights = weight_bytes(saved)
@@ -170,12 +171,13 @@ def test_on_xfs_the_copy_shares_the_sources_blocks_and_takes_almost_no_space(
         os.close(folder)
 
 
-def test_on_xfs_a_corrupt_source_record_is_still_refused(
-    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_a_corrupt_source_record_is_still_refused_where_blocks_are_shared(
+    make_filesystem: MakeFilesystem, run_sweeper: RunSweeper, kind: str
 ) -> None:
     """A bit flipped in the middle of a weight matrix (its blocks are shared, not read while
     cloning): reading the copy back finds it, and nothing is written."""
-    disk = make_filesystem("xfs")
+    disk = make_filesystem(kind)
     source = disk / "e1.pt"
     save_wide(source)
     offset, size = record_span(source, "/data/0")
