@@ -95,6 +95,7 @@ class _Context:
         deleted: int = 0,
         outcome: bool = True,
         file_id: tuple[int, int, int, int] | None = None,
+        shared: int = 0,
     ) -> None:
         """Append one record; an intent first leaves the journal's marker, so that a crash
         before its outcome is reconciled at the next start (sweeper.journal)."""
@@ -123,6 +124,7 @@ class _Context:
             reclaimed_bytes=deleted - written if outcome else None,
             file_id=file_id,
             folder_id=(entry.folder.dev, entry.folder.ino) if action in INTENTS else None,
+            bytes_shared=shared,
         )
         try:
             self.ledger.append(record)
@@ -463,16 +465,18 @@ def _write_copy(
         keep_aside=entry.keep_as,
         frees_after=entry.size if entry.action is Action.DELETE else 0,
     )
-    written = result.bytes_out
+    written, shared = result.bytes_out, result.bytes_shared
     if stale is None:
-        context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written)
-        log.info("%s: wrote %s (%d bytes)", entry.path, entry.output, written)
+        context.record(entry, LedgerAction.EXTRACT, entry.reason, written=written, shared=shared)
+        log.info("%s: wrote %s (%d bytes, %d shared)", entry.path, entry.output, written, shared)
         return written, 0
     replaced = 0 if entry.keep_as is not None else stale.size
     reason = entry.reason
     if entry.keep_as is not None:
         reason += f"; the stale copy is now {entry.keep_as}"
-    context.record(entry, LedgerAction.REFRESH, reason, written=written, deleted=replaced)
+    context.record(
+        entry, LedgerAction.REFRESH, reason, written=written, deleted=replaced, shared=shared
+    )
     log.info("%s: refreshed stale %s (%d bytes)", entry.path, entry.output, written)
     return written, replaced
 

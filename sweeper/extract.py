@@ -200,10 +200,15 @@ class ExtractResult:
     seconds: float
     epoch: int | None
     metrics: tuple[tuple[str, float], ...]
+    # Of bytes_out, those whose blocks are the source's own (cloned on a filesystem that shares
+    # blocks): they took no new space, and stay allocated when the source is deleted.
+    bytes_shared: int = 0
 
     @property
     def reclaimed_bytes(self) -> int:
-        """Net bytes freed: negative when a copy was written and nothing deleted."""
+        """Net bytes freed, in apparent sizes: negative when a copy was written and nothing
+        deleted.  Blocks shared with the source count as written here and as freed with the
+        source: over the demotion the total is what the disk gains."""
         return self.bytes_deleted - self.bytes_out
 
 
@@ -276,9 +281,24 @@ def extract(
         if expansion is not None:
             raise FileRefused(source.display, expansion)
         frees = info.st_size if delete_source else frees_after
-        _require_room(target, plan.total_size, frees=frees)
-        _write_verified(
-            fd, checkpoint, plan, mode, info, target, should_stop, replace, replacing, keep_aside
+        # Blocks are shared only within one filesystem; there, whether they can be is learnt
+        # by trying, and the room needed is known once the clones are done.
+        share = os.fstat(target.dir_fd).st_dev == info.st_dev
+        if not share:
+            _require_room(target, plan.total_size, frees=frees)
+        shared = _write_verified(
+            fd,
+            checkpoint,
+            plan,
+            mode,
+            info,
+            target,
+            should_stop,
+            replace,
+            replacing,
+            keep_aside,
+            share=share,
+            frees=frees,
         )
     finally:
         os.close(fd)
@@ -296,6 +316,7 @@ def extract(
         time.monotonic() - started,
         checkpoint.epoch,
         checkpoint.metrics,
+        shared,
     )
 
 
@@ -310,7 +331,11 @@ def _write_verified(
     replace: bool,
     replacing: FileIdentity | None,
     keep_aside: str | None,
-) -> None:
+    *,
+    share: bool,
+    frees: int,
+) -> int:
+    """Write, verify and put in place the copy; returns the bytes it shares with the source."""
     temp = _temp_name(target.name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -321,14 +346,23 @@ def _write_verified(
     linked = os.fstat(out)
     try:
         try:
-            _reserve(out, plan.total_size)
-            read_back = torchzip.write_output(source_fd, checkpoint, plan, out, should_stop)
+
+            def make_room(unshared: int, shared: int) -> None:
+                if share:  # the blocks shared free nothing when the source goes
+                    _require_room(target, unshared, frees=max(0, frees - shared))
+                _reserve(out, plan.total_size)  # allocates only the holes between the clones
+
+            written = torchzip.write_output(
+                source_fd, checkpoint, plan, out, should_stop, share=share, make_room=make_room
+            )
             _copy_ownership(out, source_info, target.display)
             # The fsync waits on the disk and the verification on the CPU: run them side by
             # side.  The rename below waits for both.
             syncing = _Fsync(out)
             try:
-                torchzip.verify_output(out, plan, checkpoint, mode, target.display, read_back)
+                torchzip.verify_output(
+                    out, plan, checkpoint, mode, target.display, written.read_back
+                )
             finally:
                 syncing.wait()
         except OSError as error:
@@ -375,6 +409,7 @@ def _write_verified(
         with contextlib.suppress(OSError):
             os.fsync(target.dir_fd)
         raise FileRefused(target.display, reason + "; removed") from None
+    return written.shared_bytes
 
 
 def _unlink_if(target: Located, made: os.stat_result) -> None:

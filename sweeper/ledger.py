@@ -105,7 +105,9 @@ class LedgerRecord:
     file an intent is about as it was then -- the checkpoint a ``delete-intent`` will unlink,
     the stale copy an ``extract-intent`` replaces -- so that start-up reconciliation can tell
     from the tree what an interrupted run did.  ``records`` is set on a ``carry`` record only:
-    how many outcome records its totals stand for.
+    how many outcome records its totals stand for.  ``bytes_shared`` (a copy's outcome, on a
+    filesystem that shares blocks) is the part of ``bytes_written`` whose blocks are its
+    source's: it took no new space, and stays allocated when the source is deleted.
     """
 
     time: datetime
@@ -126,13 +128,14 @@ class LedgerRecord:
     file_id: tuple[int, int, int, int] | None = None
     records: int | None = None
     folder_id: tuple[int, int] | None = None
+    bytes_shared: int = 0
 
     def __post_init__(self) -> None:
         if self.time.utcoffset() is None:
             raise ValueError(f"ledger record time must be timezone-aware, got {self.time!r}")
         if self.time.tzinfo is not timezone.utc:
             object.__setattr__(self, "time", self.time.astimezone(timezone.utc))
-        for name in ("uid", "bytes_deleted", "bytes_written"):
+        for name in ("uid", "bytes_deleted", "bytes_written", "bytes_shared"):
             _require_int(name, getattr(self, name), minimum=0)
         if self.epoch is not None:
             _require_int("epoch", self.epoch, minimum=None)
@@ -182,6 +185,7 @@ def new_record(
     file_id: tuple[int, int, int, int] | None = None,
     records: int | None = None,
     folder_id: tuple[int, int] | None = None,
+    bytes_shared: int = 0,
 ) -> LedgerRecord:
     """Build a record stamped with ``now`` (converted to UTC) and this machine's host name.
 
@@ -207,6 +211,7 @@ def new_record(
         file_id=file_id,
         records=records,
         folder_id=folder_id,
+        bytes_shared=bytes_shared,
     )
 
 
@@ -320,6 +325,8 @@ def encode_record(record: LedgerRecord) -> bytes:
         obj["records"] = record.records
     if record.folder_id is not None:
         obj["folder_id"] = list(record.folder_id)
+    if record.bytes_shared:
+        obj["bytes_shared"] = record.bytes_shared
     # ensure_ascii: pure-ASCII lines, so no tool splits a record at U+2028 or NEL in a file name.
     line = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
     return line.encode("ascii") + b"\n"
@@ -395,6 +402,7 @@ def decode_record(line: bytes) -> LedgerRecord:
         file_id=None if file_id is None else (file_id[0], file_id[1], file_id[2], file_id[3]),
         records=_get(obj, "records", int, optional=True) if "records" in obj else None,
         folder_id=_int_pair(obj.get("folder_id")),
+        bytes_shared=_get(obj, "bytes_shared", int) if "bytes_shared" in obj else 0,
     )
 
 

@@ -87,6 +87,7 @@ def extract_json(result: ExtractResult) -> dict[str, object]:
         "mode": result.mode.value,
         "bytes_in": result.bytes_in,
         "bytes_out": result.bytes_out,
+        "bytes_shared": result.bytes_shared,
         "bytes_deleted": result.bytes_deleted,
         "bytes_reclaimed": result.reclaimed_bytes,
         "deleted_original": result.bytes_deleted > 0,

@@ -3,20 +3,23 @@
 Not a test module: ``tests/test_faults.py`` starts it as a subprocess and checks the trees it
 leaves.  It imports sweeper once, then forks one real process per run, so a matrix of hundreds
 of points takes seconds.  In the faulted process the ``os`` functions that touch the disk (and
-the ``renameat2`` sweeper calls through ctypes) count their calls; call number N either kills
-the process on the spot (``kill``: ``os._exit``, no ``finally``, no ``atexit``, as SIGKILL) or
-fails with ``ENOSPC`` or ``EIO`` without doing anything.  Only the main process is faulted, not
+the ``renameat2`` sweeper calls through ctypes, and ``fcntl.ioctl``, which clones shared blocks)
+count their calls; call number N either kills the process on the spot (``kill``: ``os._exit``,
+no ``finally``, no ``atexit``, as SIGKILL) or fails with ``ENOSPC`` or ``EIO`` without doing
+anything.  Only the main process is faulted, not
 the classifier workers it forks.
 
 Usage: ``python fault_driver.py SPEC.json``; SPEC holds ``template`` (a folder with ``root/``
 and ``state/``), ``work`` (where each point's tree goes), ``modes`` and ``args`` (the sweep's
-arguments, with ``{root}`` and ``{ledger}`` filled in).  Prints one JSON object per point.
+arguments, with ``{root}`` and ``{ledger}`` filled in), and optionally ``only``: the names of
+the calls to count and fault (all of them when absent).  Prints one JSON object per point.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ CALLS = {"kill": CHANGES, "ENOSPC": CHANGES, "EIO": (*CHANGES, "read", "pread", 
 # hand to another process, e.g. the daemon: a copy linked into place, its record not written).
 AFTER = "kill-after:"
 KILLED = 137
+ONLY: frozenset[str] | None = None  # SPEC's "only"
 
 
 def _install(point: int, mode: str, main_pid: int) -> list[int]:
@@ -69,10 +73,13 @@ def _install(point: int, mode: str, main_pid: int) -> list[int]:
         return call
 
     for name in CALLS.get(mode, CHANGES):
-        setattr(os, name, faulting(getattr(os, name), name))
+        if ONLY is None or name in ONLY:
+            setattr(os, name, faulting(getattr(os, name), name))
+    if ONLY is None or "ioctl" in ONLY:  # FICLONERANGE writes too (sweeper.extents)
+        fcntl.ioctl = faulting(fcntl.ioctl, "ioctl")
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is not None:
+    if renameat2 is not None and (ONLY is None or "renameat2" in ONLY):
         counted = faulting(renameat2, "renameat2")
 
         def renameat2_call(*args: Any) -> int:
@@ -120,8 +127,10 @@ def _run(args: list[str], out: str, point: int = 0, mode: str = "") -> tuple[int
 
 
 def main() -> int:
+    global ONLY
     with open(sys.argv[1]) as file:
         spec = json.load(file)
+    ONLY = frozenset(spec["only"]) if "only" in spec else None
     for mode in spec["modes"]:
         point = 1
         while True:

@@ -4,10 +4,13 @@ and verification.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import itertools
 import json
+import logging
+import mmap
 import os
 import pickle
 import queue
@@ -15,9 +18,10 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sweeper import extents
 from sweeper.errors import FileRefused
 from sweeper.formats.checkpoint import (
     Checkpoint,
@@ -75,6 +79,8 @@ from sweeper.formats.unpickler import (
     numpy_scalar_value,
     walk_values,
 )
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # The output: the kept subtree as a fresh pickle, and the records to copy.
@@ -214,6 +220,9 @@ class OutputEntry:
     crc32: int
     inline: bytes | None  # small records written from memory
     source: Record | None  # storage records copied from the source
+    # Where the source record's data starts, as torch lays it out: the copy puts its data at
+    # the same offset modulo _SHARE_BLOCK, so that its blocks can be the source's (None: 64).
+    source_data_offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -323,15 +332,38 @@ def plan_output(
         _inline(".storage_alignment", str(_ALIGNMENT).encode()),
         _inline("byteorder", byteorder),
     ]
+    prefix = checkpoint.archive.prefix
     for new_key, storage in writer.storages:
         source = checkpoint.archive.data_record(storage.key)
         assert source is not None  # open_checkpoint checked every storage has its record
-        entries.append(OutputEntry(f"data/{new_key}", source.size, source.crc32, None, source))
+        at = _torch_data_offset(source, prefix) if source.size >= _SHARE_MIN_BYTES else None
+        entries.append(OutputEntry(f"data/{new_key}", source.size, source.crc32, None, source, at))
     entries.append(_inline("version", b"3\n"))
     if provenance is not None:
         entries.append(_inline(PROVENANCE_RECORD, provenance.encode()))
     source_keys = {new_key: storage.key for new_key, storage in writer.storages}
     return OutputPlan(tuple(entries), _layout(entries)[1], source_keys)
+
+
+# Sharing blocks with the source (sweeper.extents) needs each record's data at the same offset
+# modulo the filesystem block as in the source.  4 KiB is the block of XFS, btrfs and ext4 as
+# made by default.  A record too small to hold a few whole blocks is not worth the padding (up
+# to 4 KiB): it is packed at 64 bytes, as torch packs it, and copied.
+_SHARE_BLOCK = 4096
+_SHARE_MIN_BYTES = 64 * 1024
+
+
+def _torch_data_offset(record: Record, prefix: str) -> int:
+    """Where torch's writer puts ``record``'s data: after its local header, its name, a zip64
+    field when the size or offset needs one and an ``FB`` padding field, at the next 64-byte
+    boundary (caffe2's ``getPadding``).  Read from the directory alone, so planning reads
+    nothing more; for a file written otherwise it may be wrong, and then that record is copied
+    rather than shared -- the copy is the same either way."""
+    name = f"{prefix}/{record.name}".encode()
+    start = record.header_offset + _LOCAL.size + len(name) + 4
+    if _needs_zip64(record.header_offset, record.size):
+        start += 4 + (16 if record.size >= _U32 else 0) + (8 if record.header_offset >= _U32 else 0)
+    return start + (-start) % _ALIGNMENT
 
 
 def _inline(name: str, data: bytes) -> OutputEntry:
@@ -349,6 +381,8 @@ def _local_header(name: bytes, offset: int, entry: OutputEntry) -> bytes:
     extra = struct.pack("<HHQQ", 0x0001, 16, entry.size, entry.size) if zip64 else b""
     start = offset + _LOCAL.size + len(name) + len(extra) + 4
     padding = (-start) % _ALIGNMENT
+    if entry.source_data_offset is not None:  # at the source's offset modulo the block
+        padding = (entry.source_data_offset - start) % _SHARE_BLOCK
     extra += struct.pack("<2sH", b"FB", padding) + b"Z" * padding
     sizes = _U32 if zip64 else 0
     flags = 0x0808 if entry.size else 0x0800
@@ -443,44 +477,70 @@ def _central_directory(
     return b"".join(parts)
 
 
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_output` did."""
+
+    read_back: dict[str, int]  # CRC-32 by record, as read back from the output file
+    shared_bytes: int  # bytes of records whose blocks are the source's own: cloned, not written
+
+
 def write_output(
     source_fd: int,
     source: Checkpoint,
     plan: OutputPlan,
     out_fd: int,
     should_stop: Callable[[], bool] = lambda: False,
-) -> dict[str, int]:
+    *,
+    share: bool = False,
+    make_room: Callable[[int, int], None] = lambda unshared, shared: None,
+) -> Written:
     """Write the planned archive to ``out_fd`` (positioned at 0), copying storage records from
     ``source_fd`` in the kernel where it can.  ``should_stop`` is polled between chunks so a
     daemon can abort a long copy promptly.
 
-    Returns the CRC-32 of every copied record *as read back from the output file*: a second
-    thread reads each chunk back right after it is copied, so the check overlaps the copy.
-    ``verify_output`` compares these with the source's CRCs.
+    With ``share``, the whole blocks of each storage record are first cloned from the source
+    (``sweeper.extents``: no data read or written, no new space), where the filesystem can;
+    only the bytes around them are then written.  Before the first byte is written,
+    ``make_room(unshared, shared)`` is told how many bytes still need space: a full disk is
+    refused there, with nothing written.
+
+    The copied chunks are read back on a second thread right after each is copied, so the
+    check overlaps the copy; a record with cloned blocks is read back whole at the end, from
+    the disk itself where the filesystem allows (else ``verify_output`` reads it).
+    ``verify_output`` compares these CRCs with the source's.
     """
     placed, total = _layout(list(plan.entries))
+    starts = [
+        None
+        if entry.source is None
+        else record_data_offset(source_fd, source.archive, entry.source, source.path)
+        for entry in plan.entries
+    ]
+    cloned = _clone_records(source_fd, out_fd, plan, placed, starts, should_stop) if share else {}
+    shared = sum(length for _, length in cloned.values())
+    make_room(total - shared, shared)
     offset = 0
     read_back = _ReadBack(out_fd, source.path)
     try:
-        for entry, (header_offset, header, descriptor) in zip(plan.entries, placed, strict=True):
+        for index, (entry, (header_offset, header, descriptor)) in enumerate(
+            zip(plan.entries, placed, strict=True)
+        ):
             assert header_offset == offset
             _write_all(out_fd, header, offset)
             offset += len(header)
+            start = starts[index]
             if entry.inline is not None:
                 _write_all(out_fd, entry.inline, offset)
             else:
-                assert entry.source is not None
-                start = record_data_offset(source_fd, source.archive, entry.source, source.path)
+                assert start is not None
+                head, middle = cloned.get(index, (entry.size, 0))
+                feed = functools.partial(read_back.feed, entry.name) if not middle else _unread
                 try:
-                    _copy_range(
-                        source_fd,
-                        start,
-                        out_fd,
-                        offset,
-                        entry.size,
-                        should_stop,
-                        functools.partial(read_back.feed, entry.name),
-                    )
+                    for at, length in ((0, head), (head + middle, entry.size - head - middle)):
+                        _copy_range(
+                            source_fd, start + at, out_fd, offset + at, length, should_stop, feed
+                        )
                 except EOFError:
                     raise FileRefused(source.path, "truncated while it was being read") from None
             offset += entry.size
@@ -491,7 +551,127 @@ def write_output(
             os.ftruncate(out_fd, total)
     finally:
         crcs = read_back.finish()
-    return crcs
+    sharing = [i for i in cloned if plan.entries[i].name not in crcs]
+    spans = [(placed[i][0] + len(placed[i][1]), plan.entries[i].size) for i in sharing]
+    from_disk = _crcs_from_disk(out_fd, spans, source.path, should_stop) if spans else None
+    if from_disk is not None:
+        crcs.update(zip((plan.entries[i].name for i in sharing), from_disk, strict=True))
+    return Written(crcs, shared)
+
+
+def _unread(offset: int, length: int) -> None:
+    """A chunk of a record read back whole later."""
+
+
+_DIRECT_ALIGNMENT = 4096  # what O_DIRECT asks of offsets, lengths and buffers, at most
+
+
+def _crcs_from_disk(
+    fd: int, spans: list[tuple[int, int]], path: str, should_stop: Callable[[], bool]
+) -> list[int] | None:
+    """CRC-32 of each (offset, length) span of ``fd`` read from the disk itself (``O_DIRECT``),
+    on two threads: a record whose blocks were cloned is in no page cache, and the disk is what
+    is being proven.  None where the file cannot be read so (tmpfs; then ``verify_output``
+    reads it as any other)."""
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None
+    results = [0] * len(spans)
+    order = sorted(range(len(spans)), key=lambda i: spans[i][1], reverse=True)
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            view = memoryview(mmap.mmap(-1, COPY_CHUNK))  # page-aligned, as O_DIRECT wants
+            while True:
+                with lock:
+                    if not order or errors:
+                        return
+                    index = order.pop(0)
+                offset, length = spans[index]
+                at = offset - offset % _DIRECT_ALIGNMENT
+                crc = 0
+                while at < offset + length:
+                    if should_stop():
+                        raise Interrupted
+                    blocks = -(-(offset + length - at) // _DIRECT_ALIGNMENT)
+                    want = min(COPY_CHUNK, blocks * _DIRECT_ALIGNMENT)
+                    got = os.preadv(direct, [view[:want]], at)
+                    if got <= 0:
+                        raise FileRefused(path, "read back: the copy ends early")
+                    crc = zlib.crc32(
+                        view[max(offset, at) - at : min(offset + length, at + got) - at], crc
+                    )
+                    at += got
+                results[index] = crc
+        except BaseException as error:  # re-raised in the calling thread
+            with lock:
+                errors.append(error)
+        # The buffer is not closed here: the error's traceback may still hold a slice of it.
+
+    try:
+        helper = threading.Thread(target=work, name="read-back-disk", daemon=True)
+        helper.start()
+        work()
+        helper.join()
+    finally:
+        os.close(direct)
+    if errors:
+        error = errors[0]
+        if isinstance(error, OSError) and error.errno == errno.EINVAL:
+            return None  # O_DIRECT opened but refused here: read as any other
+        raise error
+    return results
+
+
+_CLONE_CHUNK = 1024 * 1024 * 1024  # between two looks at should_stop
+
+
+def _clone_records(
+    source_fd: int,
+    out_fd: int,
+    plan: OutputPlan,
+    placed: list[tuple[int, bytes, bytes]],
+    starts: list[int | None],
+    should_stop: Callable[[], bool],
+) -> dict[int, tuple[int, int]]:
+    """Clone the whole blocks of each storage record laid out for it (``source_data_offset``)
+    whose data sits at the same offset modulo the block as in the source; (bytes before them,
+    bytes cloned) by entry index.  The first clone the filesystem refuses ends the trying: the
+    rest is copied."""
+    try:
+        block = extents.block_size(out_fd)
+    except OSError:
+        return {}
+    cloned: dict[int, tuple[int, int]] = {}
+    for index, (entry, (header_offset, header, _)) in enumerate(
+        zip(plan.entries, placed, strict=True)
+    ):
+        source_start = starts[index]
+        start = header_offset + len(header)
+        if entry.source_data_offset is None or source_start is None:
+            continue
+        if (source_start - start) % block:  # torch did not write it; or blocks of over 4 KiB
+            continue
+        head = (-start) % block
+        middle = max(0, entry.size - head) // block * block
+        done = 0
+        try:
+            while done < middle:
+                if should_stop():
+                    raise Interrupted
+                length = min(_CLONE_CHUNK, middle - done)
+                at = head + done
+                extents.clone_range(source_fd, source_start + at, out_fd, start + at, length)
+                done += length
+        except extents.CannotShare as refused:
+            log.debug("%s: blocks not shared (%s); copying", entry.name, refused)
+            return {**cloned, index: (head, done)} if done else cloned
+        if done:
+            cloned[index] = (head, done)
+    return cloned
 
 
 class _ReadBack:
@@ -635,6 +815,13 @@ def same_content(archive: Archive, plan: OutputPlan) -> bool:
     )
 
 
+def _packed_size(plan: OutputPlan) -> int:
+    """The size of the plan's archive with every record packed at 64 bytes, as copies were laid
+    out before their blocks could be shared: such a copy is as good as one laid out now."""
+    entries = [replace(entry, source_data_offset=None) for entry in plan.entries]
+    return _layout(entries)[1]
+
+
 def without_provenance(plan: OutputPlan) -> OutputPlan:
     """The same output as written before copies recorded their source."""
     entries = [entry for entry in plan.entries if entry.name != PROVENANCE_RECORD]
@@ -669,7 +856,7 @@ def verify_output(
     and its pickle describes the same tensors (dtype, shape, stride, offset, storage sharing)
     and the same metadata as the kept part of the source.  Raises FileRefused otherwise."""
     archive = read_archive(out_fd, path)
-    if archive.file_size != plan.total_size:
+    if archive.file_size not in (plan.total_size, _packed_size(plan)):
         raise FileRefused(path, "verification failed: output size differs from the plan")
     spans = []
     for entry in plan.entries:
