@@ -125,11 +125,14 @@ def shared_bytes(path: Path) -> int:
 
 
 def assert_loads(copy: Path, saved: dict[str, Any]) -> None:
-    loaded = torch.load(copy, weights_only=True)
-    assert set(loaded["model_state_dict"]) == set(saved["model_state_dict"])
-    for key, tensor in saved["model_state_dict"].items():
-        assert torch.equal(loaded["model_state_dict"][key], tensor), key
-    assert "optimizer_state_dict" not in loaded and loaded["epoch"] == saved["epoch"]
+    """Loads with ``weights_only=True``, also memory-mapped (which needs every record aligned),
+    to the very weights saved."""
+    for mapped in (False, True):
+        loaded = torch.load(copy, weights_only=True, mmap=mapped)
+        assert set(loaded["model_state_dict"]) == set(saved["model_state_dict"])
+        for key, tensor in saved["model_state_dict"].items():
+            assert torch.equal(loaded["model_state_dict"][key], tensor), key
+        assert "optimizer_state_dict" not in loaded and loaded["epoch"] == saved["epoch"]
 
 
 def extract_json(run_sweeper: RunSweeper, *args: object) -> dict[str, Any]:
@@ -411,6 +414,26 @@ def test_the_layout_puts_each_large_record_at_the_sources_offset_modulo_4_kib(
     finally:
         os.close(copy_fd)
     assert large == 2  # the two weight matrices; biases and the LayerNorm are small
+
+
+def test_the_planned_size_holds_with_records_at_the_sources_offsets_past_4_gib() -> None:
+    """Padding of up to 4 KiB per record, zip64 fields past 4 GiB: the size promised before
+    writing is still exactly what is written, and each record lands where it was asked to."""
+    entries = [torchzip.OutputEntry("data.pkl", 64, 0, b"x" * 64, None)]
+    sizes = [2**20, 2**32 - 300, 5 * 2**20, 2**32 + 7, 3 * 2**20]
+    for number, size in enumerate(sizes):
+        wanted = 64 * (number * 977 + 13)  # 64-aligned, as torch's are
+        entries.append(torchzip.OutputEntry(f"data/{number}", size, 0, None, None, wanted))
+
+    placed, planned = _layout(entries)
+
+    body = 0
+    for entry, (offset, header, descriptor) in zip(entries, placed, strict=True):
+        assert offset == body
+        if entry.source_data_offset is not None:
+            assert (offset + len(header)) % 4096 == entry.source_data_offset % 4096
+        body += len(header) + entry.size + len(descriptor)
+    assert planned == body + len(torchzip._central_directory(tuple(entries), placed, body))
 
 
 def extract_here_to(source: Path, copy: Path) -> Any:
