@@ -370,6 +370,10 @@ def _demote_folder(
         reason = error.reason if isinstance(error, FileRefused) else f"{error.strerror or error}"
         outcome = _failed(entry, context, reason)
         return dataclasses.replace(outcome, bytes_deleted=deleted)
+    except Exception as error:  # one folder's unforeseen failure is recorded, the sweep goes on
+        log.exception("%s: unexpected error", entry.path)
+        outcome = _failed(entry, context, f"unexpected error: {type(error).__name__}")
+        return dataclasses.replace(outcome, bytes_deleted=deleted)
     finally:
         os.close(fd)
     log.info(

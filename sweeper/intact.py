@@ -50,14 +50,15 @@ class Verifier:
                 self._known.move_to_end(identity)
                 return self._known[identity]
         store = self._store if file.layout is None else None
-        if store is not None and store.verified(*identity):
+        with_ctime = (*identity, file.ctime_ns)
+        if store is not None and store.verified(*with_ctime):
             return None
         try:
             problem = _read_all_records(folder.fd(), file, identity)
         except _Unsettled as error:  # not the file that was scanned: say so, remember nothing
             return str(error)
         if problem is None and store is not None:
-            store.mark_verified(*identity)
+            store.mark_verified(*with_ctime)
         with self._lock:
             self._known[identity] = problem
             if len(self._known) > self._remember:
@@ -131,6 +132,8 @@ def _read_folder(dir_fd: int, file: FileEntry, layout: layouts.FolderCheckpoint)
         return f"{os.path.relpath(error.path, file.display)}: {error.reason}"
     except OSError as error:
         return f"read error while verifying: {error.strerror or error}"
+    except Exception as error:  # (a hostile part): refused, never fatal to the sweep
+        return f"unreadable: {type(error).__name__}: {error}"
     finally:
         os.close(fd)
     return None

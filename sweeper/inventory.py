@@ -157,6 +157,7 @@ class FileEntry:
     # A checkpoint folder (a Hugging Face checkpoint-500/): its parts; demoting it deletes its
     # training state, its weights stay where they are (they are its inference copy).
     layout: FolderCheckpoint | None = None
+    ctime_ns: int = 0  # with the rest of its identity: what the scan cache's CRC record is for
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +414,9 @@ class Scan:
             parent in self._parts
             or (
                 parent in self._layout_names
-                and layouts.claimed(self._layout_names[parent], folder.components[-1])
+                and layouts.claimed(
+                    self._layout_names[parent], folder.components[-1], self.patterns
+                )
             )
         ):
             self._parts.add(key)
@@ -424,7 +427,7 @@ class Scan:
         for deeper in [d for d in self._path if d > depth]:
             del self._path[deeper]
         names = frozenset(e.name for e in files)
-        if layouts.recognise(names) is None:
+        if layouts.recognise(names, self.patterns) is None:
             return False
         self._layout_names[key] = names
         if run is not None and (run.prefix, run.components) == parent:
@@ -724,7 +727,7 @@ def scan_folder(
     ``reader`` (by default, a :class:`FileReader` for this call).  Symlinks elsewhere are not
     walked: ``symlink_targets`` (from the last full scan) pins their targets.  A folder past
     ``limits.max_entries`` is left alone, as a full scan leaves it."""
-    located = _run_folder_of(roots, path)
+    located = _run_folder_of(roots, path, patterns)
     if located is None:
         return Inventory((), ((path, "not a folder below the configured roots"),))
     pattern, folder = located
@@ -753,7 +756,9 @@ def scan_folder(
     return Inventory((run,) if files else (), (), frozenset(targets))
 
 
-def _run_folder_of(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | None:
+def _run_folder_of(
+    roots: Sequence[str], path: str, patterns: Sequence[str]
+) -> tuple[str, FolderRef] | None:
     """The run folder to sweep for a change at ``path``: the folder itself, or, when it is a
     checkpoint folder (or a part of one, as a Trainer checkpoint's ``global_step500/``), the
     run folder that holds it."""
@@ -768,8 +773,13 @@ def _run_folder_of(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | N
             return located
         try:
             listed = _list_at_most(fd, layouts.base.MAX_ENTRIES)
-            own = layouts.recognise({e.name for e in listed}) if listed is not None else None
-            if listed is None or own is None or _holds_checkpoint_folders(fd, listed, own):
+            names = {e.name for e in listed} if listed is not None else set()
+            own = layouts.recognise(names, patterns) if listed is not None else None
+            if (
+                listed is None
+                or own is None
+                or _holds_checkpoint_folders(fd, listed, own, patterns)
+            ):
                 return located
         finally:
             os.close(fd)
@@ -777,7 +787,9 @@ def _run_folder_of(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | N
     return located
 
 
-def _holds_checkpoint_folders(fd: int, entries: list[Listed], own: layouts.Layout) -> bool:
+def _holds_checkpoint_folders(
+    fd: int, entries: list[Listed], own: layouts.Layout, patterns: Sequence[str]
+) -> bool:
     for entry in entries:
         if not entry.is_dir or own.claims(entry.name):
             continue
@@ -789,7 +801,8 @@ def _holds_checkpoint_folders(fd: int, entries: list[Listed], own: layouts.Layou
             listed = _list_at_most(child, layouts.base.MAX_ENTRIES)
         finally:
             os.close(child)
-        if listed is not None and layouts.recognise({e.name for e in listed}) is not None:
+        names = {e.name for e in listed} if listed is not None else set()
+        if listed is not None and layouts.recognise(names, patterns) is not None:
             return True
     return False
 
@@ -918,9 +931,15 @@ def _classify_folder(
     probes: _Probes,
 ) -> tuple[FileEntry, ...]:
     names = {entry.name for entry in entries}
-    own = layouts.recognise(names)  # a checkpoint folder: its files are its parts
+    own = layouts.recognise(names, patterns)  # a checkpoint folder: its files are its parts
     wanted = [] if own is not None else [e for e in entries if _is_candidate(e, patterns)]
-    subfolders = [e for e in entries if e.is_dir and (own is None or not own.claims(e.name))]
+    subfolders = [
+        e
+        for e in entries
+        if e.is_dir
+        and e.info.st_dev == folder.dev  # never into another filesystem
+        and (own is None or not own.claims(e.name))
+    ]
     if not wanted and not subfolders:
         return ()
     try:
@@ -929,21 +948,31 @@ def _classify_folder(
         return ()
     try:
         files = [_classify_safely(fd, folder, entry, names, probes) for entry in wanted]
+        here = mount_id(fd)
         for entry in subfolders:
-            found = _classify_checkpoint_folder(fd, folder, entry, names, probes)
+            found = _classify_checkpoint_folder(fd, folder, entry, names, probes, here, patterns)
             if found is not None:
                 files.append(found)
+        owner = os.fstat(fd).st_uid
     finally:
         os.close(fd)
-    return tuple(_pin_best(files))
+    return tuple(_pin_best(files, owner))
 
 
-def _pin_best(files: list[FileEntry]) -> list[FileEntry]:
-    """The checkpoint folder the newest Trainer checkpoint names as its best stays complete."""
+def _pin_best(files: list[FileEntry], owner: int) -> list[FileEntry]:
+    """The checkpoint folder the newest Trainer checkpoint names as its best stays complete.
+    Only a checkpoint that counts (the run folder owner's, intact, resumable) may say which:
+    another user's stray trainer_state.json must not take that protection away."""
     trainer = [
         f
         for f in files
-        if f.layout is not None and f.layout.best is not None and f.step is not None
+        if f.layout is not None
+        and f.layout.best is not None
+        and f.step is not None
+        and f.kind is Kind.FULL
+        and f.problem is None
+        and f.layout.resumable
+        and f.uid == owner
     ]
     if not trainer:
         return files
@@ -959,10 +988,17 @@ def _pin_best(files: list[FileEntry]) -> list[FileEntry]:
 
 
 def _classify_checkpoint_folder(
-    dir_fd: int, folder: FolderRef, entry: Listed, names: set[str], probes: _Probes
+    dir_fd: int,
+    folder: FolderRef,
+    entry: Listed,
+    names: set[str],
+    probes: _Probes,
+    mount: int | None,
+    patterns: Sequence[str],
 ) -> FileEntry | None:
     """The subfolder ``entry`` as one checkpoint, when a layout recognises it (None when none
-    does).  Its names are listed here; what its files hold is read by ``probes.read``."""
+    does, or when it is a mount point: another filesystem, or a bind mount of this one).  Its
+    names are listed here; what its files hold is read by ``probes.read``."""
     display = os.path.join(folder.display, entry.name)
     try:
         fd = os.open(entry.name, _OPEN_DIR, dir_fd=dir_fd)
@@ -972,8 +1008,10 @@ def _classify_checkpoint_folder(
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) != (entry.info.st_dev, entry.info.st_ino):
             return None
+        if mount_id(fd) != mount:
+            return None
         listed = _list_at_most(fd, layouts.base.MAX_ENTRIES)
-        if listed is None or layouts.recognise({e.name for e in listed}) is None:
+        if listed is None or layouts.recognise({e.name for e in listed}, patterns) is None:
             return None
         try:
             found = probes.read(fd, dir_fd, entry.name, display, info, names)
@@ -1138,6 +1176,7 @@ def _entry(name: str, display: str, info: os.stat_result, found: dict[str, Any])
         info.st_uid,
         found.pop("kind", None),
         found.pop("problem", None),
+        ctime_ns=info.st_ctime_ns,
         **found,
     )
 

@@ -140,6 +140,7 @@ def to_candidate(file: FileEntry, aliases: tuple[str, ...] = ()) -> Candidate:
         source_name=file.source_name if file.kind is Kind.INFERENCE else None,
         layout=file.layout.layout if file.layout is not None else None,
         resumable=file.layout.resumable if file.layout is not None else True,
+        series=file.layout.series if file.layout is not None else True,
     )
 
 

@@ -131,6 +131,9 @@ class Candidate:
     # copy; demoting it deletes only its training state, whatever keep_inference says.
     layout: str | None = None
     resumable: bool = True  # False: a folder whose interrupted demotion left part of its state
+    # False: a checkpoint folder that is not one of a numbered series (checkpoint-500/,
+    # checkpoint_3/) but an experiment's own save: never counted among its neighbours
+    series: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +307,6 @@ def decide(
                     f"alias); never counted or deleted; its copy is {first}'s (one copy per file, "
                     f"not per name) ({_describe(candidate)})",
                 )
-            elif not candidate.resumable:
-                partial.append(candidate)
             elif rolling is not None:
                 why = f"a rolling name (rolling_names {rolling!r}), rewritten in place"
                 uncounted.append((candidate, why))
@@ -317,6 +318,14 @@ def decide(
             elif folder_uid is not None and candidate.uid != folder_uid:
                 why = f"owned by uid {candidate.uid}, not the folder's owner (uid {folder_uid})"
                 uncounted.append((candidate, why))
+            elif not candidate.series:
+                why = (
+                    f"a {candidate.layout} save outside a numbered series of checkpoints (one "
+                    "experiment's state, not one of a run's)"
+                )
+                uncounted.append((candidate, why))
+            elif not candidate.resumable:  # (only what would otherwise count)
+                partial.append(candidate)
             else:
                 counted.append(candidate)
         elif candidate.status is Status.UNUSABLE:

@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -49,6 +50,30 @@ FORGET_SECONDS = 30 * 86_400
 _TRANSIENT = ("not read:", "refused: reading it failed", "unreadable:", MEMORY_REFUSAL)
 _BATCH = 256  # rows written per transaction
 _INHERITED: list[sqlite3.Connection] = []  # a forked child's copies of its parent's connection
+
+
+def _unsafe_place(path: str) -> str | None:
+    """Why the cache may not live at ``path``, or None: its folder must be this user's and
+    writable by no one else, and the database and its WAL and shared-memory files, where they
+    exist, this user's regular files (sqlite opens them following symlinks)."""
+    folder = os.path.dirname(path) or "."
+    try:
+        info = os.stat(folder)
+    except OSError as error:
+        return f"its folder: {error.strerror}"
+    me = os.geteuid()
+    if info.st_uid != me or info.st_mode & 0o022:
+        return f"its folder {folder} is writable by others than uid {me}"
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            held = os.lstat(path + suffix)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            return f"{path + suffix}: {error.strerror}"
+        if not stat.S_ISREG(held.st_mode) or held.st_uid != me:
+            return f"{path + suffix} is not a regular file of uid {me}"
+    return None
 
 
 def path_for(ledger: str | os.PathLike[str]) -> str:
@@ -107,6 +132,11 @@ class PersistentCache:
         if self._db is not None:  # a fork: never use, nor close, the parent's connection
             _INHERITED.append(self._db)
         self._db, self._pending, self._pid = None, [], os.getpid()
+        unsafe = _unsafe_place(self.path)
+        if unsafe is not None:  # sqlite follows symlinks: never in a folder others can write
+            log.warning("%s: no scan cache: %s", self.path, unsafe)
+            self._broken = True
+            return None
         try:
             self._db = self._open()
         except (sqlite3.Error, OSError) as error:
@@ -207,7 +237,7 @@ class PersistentCache:
     # -- CRC verification ------------------------------------------------------------------------
 
     @_locked
-    def verified(self, dev: int, ino: int, size: int, mtime_ns: int) -> bool:
+    def verified(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> bool:
         """Whether every record of this very file was read and its CRC found right (by
         identity as the scan that just classified it saw it: its row is written first)."""
         self.flush()
@@ -216,8 +246,9 @@ class PersistentCache:
             return False
         try:
             row = db.execute(
-                "SELECT verified FROM files WHERE dev = ? AND ino = ? AND size = ? AND mtime = ?",
-                (dev, ino, size, mtime_ns),
+                "SELECT verified FROM files "
+                "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ? AND ctime = ?",
+                (dev, ino, size, mtime_ns, ctime_ns),
             ).fetchone()
         except sqlite3.Error as error:
             self._failed(error)
@@ -225,7 +256,7 @@ class PersistentCache:
         return row is not None and row[0] == 1
 
     @_locked
-    def mark_verified(self, dev: int, ino: int, size: int, mtime_ns: int) -> None:
+    def mark_verified(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
         self.flush()
         db = self._connect()
         if db is None:
@@ -233,8 +264,8 @@ class PersistentCache:
         try:
             db.execute(
                 "UPDATE files SET verified = 1 "
-                "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ?",
-                (dev, ino, size, mtime_ns),
+                "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ? AND ctime = ?",
+                (dev, ino, size, mtime_ns, ctime_ns),
             )
         except sqlite3.Error as error:
             self._failed(error)

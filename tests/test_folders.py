@@ -362,3 +362,142 @@ def test_an_interrupted_demotion_is_finished_and_never_counted_as_a_resume_point
         "checkpoint_2": "keep",
     }
     assert set(os.listdir(project / "checkpoints" / "checkpoint_3")) == {"model.safetensors"}
+
+
+# ---------------------------------------------------------------------------------------------
+# What an adversarial review found (each once deleted what it must not)
+
+
+def _plan_of(sweeper: Sweeper) -> dict[str, dict[str, Any]]:
+    done = sweeper("--dry-run", "--json", KEEP_TWO, NO_AGE)
+    assert done.returncode in (0, 1), done.stderr
+    return _entries(done.json())
+
+
+def test_empty_weights_never_stand_in_for_zero_shards(sweeper: Sweeper, hf_run: Path) -> None:
+    """ZeRO-3 without gathering writes weights with no data (here: every tensor of shape 0)
+    while the trained weights live only in global_stepN/: such a folder is never demoted."""
+    from safetensors.torch import save_file
+
+    run = _copy(hf_run, sweeper.root / "out")
+    for step in (2, 4, 6, 8):
+        checkpoint = run / f"checkpoint-{step}"
+        (checkpoint / "model.safetensors").unlink()
+        save_file({"w": torch.zeros(0)}, checkpoint / "adapter_model.safetensors")
+        add_zero_shards(checkpoint, step)
+    before = _digests(run)
+    entry = _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)["checkpoint-4"]
+    assert entry["action"] == "skip" and "holds no tensor data" in entry["reason"]
+    assert _digests(run) == before
+
+
+def test_an_fsdp_optimizer_makes_a_folder_a_resume_point(sweeper: Sweeper, hf_run: Path) -> None:
+    """Under FSDP the Trainer saves optimizer.bin: the newest checkpoint with it is complete
+    and kept, not taken for a half-demoted folder."""
+    run = _copy(hf_run, sweeper.root / "out")
+    for step in (2, 4, 6, 8):
+        checkpoint = run / f"checkpoint-{step}"
+        (checkpoint / "optimizer.pt").rename(checkpoint / "optimizer.bin")
+    before = _digests(run / "checkpoint-8")
+    entries = _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)
+    assert entries["checkpoint-8"]["action"] == "keep"
+    assert entries["checkpoint-4"]["action"] == "delete"
+    assert _digests(run / "checkpoint-8") == before
+    assert not (run / "checkpoint-4" / "optimizer.bin").exists()
+
+
+def test_a_stray_trainer_state_of_another_user_cannot_unpin_the_best(
+    sweeper: Sweeper, hf_run: Path
+) -> None:
+    run = _copy(hf_run, sweeper.root / "out")
+    stray = run / "zz"
+    stray.mkdir()
+    (stray / "trainer_state.json").write_text(
+        '{"global_step": 999999999, "best_model_checkpoint": "x"}'
+    )
+    os.chown(stray, 12345, 12345)
+    os.chown(stray / "trainer_state.json", 12345, 12345)
+    assert _plan_of(sweeper)["checkpoint-2"]["action"] == "keep"
+
+
+def test_a_half_demoted_folder_of_another_user_is_never_touched(
+    sweeper: Sweeper, hf_run: Path
+) -> None:
+    run = _copy(hf_run, sweeper.root / "out")
+    (run / "checkpoint-4" / "optimizer.pt").unlink()
+    for path in [run / "checkpoint-4", *(run / "checkpoint-4").iterdir()]:
+        os.chown(path, 12345, 12345)
+    entry = _plan_of(sweeper)["checkpoint-4"]
+    assert entry["action"] == "keep" and "owned by uid 12345" in entry["reason"]
+
+
+def test_a_checkpoint_folder_on_another_filesystem_is_left_alone(
+    sweeper: Sweeper, hf_run: Path, mount_tmpfs: Callable[..., Path]
+) -> None:
+    run = _copy(hf_run, sweeper.root / "out")
+    shutil.rmtree(run / "checkpoint-4")
+    mounted = mount_tmpfs(16 << 20, at=run / "checkpoint-4")
+    shutil.copytree(hf_run / "checkpoint-4", mounted, dirs_exist_ok=True)
+    before = _digests(mounted)
+    assert "checkpoint-4" not in _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)
+    assert _digests(mounted) == before
+
+
+def test_a_global_step_folder_holding_anything_else_keeps_its_folder_whole(
+    sweeper: Sweeper, hf_run: Path
+) -> None:
+    run = _copy(hf_run, sweeper.root / "out")
+    add_zero_shards(run / "checkpoint-4", 4)
+    (run / "checkpoint-4" / "global_step4" / "notes.txt").write_text("mine")
+    backup = run / "checkpoint-4" / "global_step4_backup"
+    backup.mkdir()
+    (backup / "my_fp32_model_states.pt").write_bytes(b"mine")
+    before = _digests(run / "checkpoint-4")
+    entry = _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)["checkpoint-4"]
+    assert entry["action"] == "skip"
+    assert _digests(run / "checkpoint-4") == before
+
+
+def test_a_sharded_save_missing_a_shard_keeps_its_folder_whole(
+    sweeper: Sweeper, hf_run: Path
+) -> None:
+    run = _copy(hf_run, sweeper.root / "out")
+    weights = run / "checkpoint-4" / "model.safetensors"
+    weights.rename(weights.with_name("model-00001-of-00002.safetensors"))
+    entry = _plan_of(sweeper)["checkpoint-4"]
+    assert entry["action"] == "skip" and "model-00002-of-00002.safetensors" in entry["reason"]
+
+
+def test_a_stray_trainer_state_never_hides_a_folders_own_checkpoints(
+    sweeper: Sweeper, hf_run: Path
+) -> None:
+    """A user's run folder of epoch_N.pt files with a trainer_state.json and weights copied in:
+    its checkpoints are swept one by one, as without them."""
+    from trees import save_full
+
+    project = sweeper.root / "project"
+    project.mkdir()
+    for epoch in range(1, 5):
+        save_full(
+            project / f"epoch_{epoch}.pt", epoch=epoch, seed=epoch, mtime_ns=time.time_ns() - 10**12
+        )
+    for name in ("trainer_state.json", "model.safetensors"):
+        shutil.copy(hf_run / "checkpoint-8" / name, project / name)
+    entries = _plan_of(sweeper)
+    assert entries["epoch_1.pt"]["action"] == "delete"
+    assert entries["epoch_4.pt"]["action"] == "extract"
+
+
+def test_experiments_saved_side_by_side_are_never_demoted_among_each_other(
+    sweeper: Sweeper, accelerate_project: Path
+) -> None:
+    """accelerate's save_state into named folders (one per experiment, not checkpoint_N): each
+    is kept whole, not ranked against its neighbours."""
+    exps = sweeper.root / "exps"
+    exps.mkdir()
+    for index, name in enumerate(("lr0.1", "lr0.01", "lr0.001")):
+        shutil.copytree(accelerate_project / "checkpoints" / f"checkpoint_{index}", exps / name)
+    before = _digests(exps)
+    entries = _plan_then_sweep(sweeper, KEEP_TWO, NO_AGE)
+    assert {entries[n]["action"] for n in ("lr0.1", "lr0.01", "lr0.001")} == {"keep"}
+    assert _digests(exps) == before

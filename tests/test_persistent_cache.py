@@ -137,3 +137,19 @@ def test_a_damaged_or_foreign_cache_is_replaced_and_the_plan_is_the_same(
     assert _plan(sweeper) == first
     assert snapshot(sweeper.root) == before
     assert len(_rows(sweeper)) == 4
+
+
+def test_no_cache_in_a_folder_others_can_write(sweeper: Sweeper, tmp_path: Path) -> None:
+    """sqlite follows symlinks: with the ledger in a folder anyone can write, a planted
+    symlink at the cache's name would make root write a database over its target.  There is
+    no cache there at all; the target is untouched and the plan the same."""
+    _tree(sweeper.root)
+    first = _plan(sweeper)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{_cache(sweeper)}{suffix}").unlink(missing_ok=True)
+    os.chmod(sweeper.ledger.parent, 0o1777)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"")
+    _cache(sweeper).symlink_to(victim)
+    assert _plan(sweeper) == first
+    assert victim.read_bytes() == b""

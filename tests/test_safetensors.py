@@ -70,7 +70,8 @@ def test_trailing_bytes_are_refused(written: Path) -> None:
 @pytest.mark.parametrize(
     ("header", "data", "words"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "spans 4"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "larger than"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "spans 8"),
         (
             {
                 "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
@@ -118,6 +119,16 @@ def test_a_huge_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{")
     os.truncate(path, MAX_HEADER_BYTES + 100)  # sparse: nothing is read
     assert f"more than {MAX_HEADER_BYTES}" in _refused(path)
+
+
+def test_a_shape_bomb_is_refused(tmp_path: Path) -> None:
+    """A header of huge dimensions is refused as soon as the running product outgrows the file
+    (never computed in full: a product with millions of digits took minutes), and one of more
+    dimensions than any tensor has is refused outright."""
+    header = {"a": {"dtype": "F32", "shape": [2**62] * 60, "data_offsets": [0, 4]}}
+    assert "larger than the file" in _refused(_raw(tmp_path / "x.safetensors", header, b"\0" * 4))
+    header = {"a": {"dtype": "F32", "shape": [1] * 100_000, "data_offsets": [0, 4]}}
+    assert "bad shape" in _refused(_raw(tmp_path / "y.safetensors", header, b"\0" * 4))
 
 
 def test_not_json_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ is under 200 KB).
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from sweeper.errors import FileRefused
 
 MAX_HEADER_BYTES = 8 << 20
+_MAX_DIMENSIONS = 64
 MAGIC_LENGTH = 8
 
 # Bits per element, from safetensors' Dtype (sub-byte types pack; a tensor must end on a byte).
@@ -102,7 +102,7 @@ def read_safetensors(fd: int, display: str) -> SafetensorsFile:
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise FileRefused(display, "bad safetensors header: __metadata__ is not strings")
             continue
-        spans.append((*_span(name, info, display), name))
+        spans.append((*_span(name, info, display, data_bytes), name))
     spans.sort()
     end = 0
     for start, stop, name in spans:
@@ -120,24 +120,38 @@ def read_safetensors(fd: int, display: str) -> SafetensorsFile:
     return SafetensorsFile(frozenset(name for _, _, name in spans), length, data_bytes)
 
 
-def _span(name: str, info: object, display: str) -> tuple[int, int]:
+def _span(name: str, info: object, display: str, data_bytes: int) -> tuple[int, int]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise FileRefused(display, f"bad safetensors header: tensor {name!r} is not described")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
     if bits is None:
         raise FileRefused(display, f"bad safetensors header: tensor {name!r} has dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_DIMENSIONS
+        or not all(_count(d) for d in shape)
+    ):
         raise FileRefused(display, f"bad safetensors header: tensor {name!r} has a bad shape")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
         raise FileRefused(display, f"bad safetensors header: tensor {name!r} has bad offsets")
     start, stop = offsets
-    total_bits = math.prod(shape) * bits
+    if 0 in shape:
+        elements = 0
+    else:
+        elements = 1
+        for dimension in shape:  # stopped as soon as it outgrows the file: no huge products
+            elements *= dimension
+            if elements * bits > 8 * data_bytes:
+                raise FileRefused(
+                    display, f"bad safetensors header: tensor {name!r} is larger than the file"
+                )
+    total_bits = elements * bits
     if total_bits % 8 or stop - start != total_bits // 8:
         raise FileRefused(
             display,
             f"bad safetensors header: tensor {name!r} spans {stop - start} bytes, "
-            f"its shape and dtype need {total_bits / 8:g}",
+            f"its shape and dtype need {total_bits // 8}{'' if total_bits % 8 == 0 else '+'}",
         )
     return start, stop
 

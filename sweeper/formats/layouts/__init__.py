@@ -15,7 +15,9 @@ table; scan, policy, plan and execute do not change.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Sequence
 
 from sweeper.errors import FileRefused
 from sweeper.formats.family import Kind
@@ -62,17 +64,34 @@ MARKERS = (
 LAYOUTS: tuple[Layout, ...] = (hf_trainer, accelerate, deepspeed, dcp)
 
 
-def recognise(names: frozenset[str] | set[str]) -> Layout | None:
-    """The layout whose checkpoint folder holds these names, if any."""
+def recognise(
+    names: frozenset[str] | set[str], patterns: Sequence[str] = ()
+) -> Layout | None:
+    """The layout whose checkpoint folder holds these names, if any.  A folder that also holds
+    files named like checkpoints (``patterns``) which are not that layout's own is a run folder
+    (a stray ``trainer_state.json`` beside a user's ``epoch_3.pt``), not one of its
+    checkpoints: its files are swept one by one."""
     held = frozenset(names)
-    return next((layout for layout in LAYOUTS if layout.recognises(held)), None)
+    layout = next((layout for layout in LAYOUTS if layout.recognises(held)), None)
+    if layout is None or not patterns:
+        return layout
+    for name in held:
+        if _matches(name, patterns) and not _matches(name, layout.OWNS):
+            return None
+    return layout
 
 
-def claimed(parent_names: frozenset[str] | set[str], name: str) -> bool:
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def claimed(
+    parent_names: frozenset[str] | set[str], name: str, patterns: Sequence[str] = ()
+) -> bool:
     """Whether the subfolder ``name`` of a folder holding ``parent_names`` is part of that
     folder's checkpoint (a Trainer checkpoint's ``global_step500/``), not a checkpoint of its
     own."""
-    layout = recognise(parent_names)
+    layout = recognise(parent_names, patterns)
     return layout is not None and layout.claims(name)
 
 

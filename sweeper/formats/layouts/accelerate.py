@@ -4,7 +4,8 @@ Recognised by ``random_states_*.pkl`` beside ``optimizer*.bin`` or model weights
 model files and custom checkpoints (``custom_checkpoint_*.pkl``).  Deleted on demotion:
 ``optimizer*.bin``, ``scheduler*.bin``, ``random_states_*.pkl``, ``scaler.pt``,
 ``sampler*.bin``.  Ordered by the number in ``checkpoint_N`` (automatic checkpoint naming
-counts saves), else by time written.
+counts saves).  A save elsewhere (``save_state("exps/lr0.1")``) is one experiment's state, not
+one of a series: kept whole, never counted among its neighbours.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ TRAINING_STATE = (
 )
 
 
+OWNS: tuple[str, ...] = (*TRAINING_STATE, *WEIGHT_PATTERNS, "custom_checkpoint_*.pkl")
+
+
 def recognises(names: frozenset[str]) -> bool:
     """``random_states_*.pkl`` beside ``optimizer*.bin`` or model weights: what
     ``save_state`` writes, or what an interrupted demotion of it left."""
@@ -66,7 +70,9 @@ def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint
         name,
         weights,
         training,
-        resumable=any(fnmatch.fnmatchcase(p.path[-1], "optimizer*.bin") for p in training),
+        resumable=any(fnmatch.fnmatchcase(p.path[-1], "optimizer*.bin") for p in training)
+        or any(fnmatch.fnmatchcase(s, "optimizer_*") for s in tree.subfolders),
+        series=step is not None,
         others=others(tree, weights, training),
         step=step,
         mtime_ns=tree.mtime_ns,

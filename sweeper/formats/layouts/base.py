@@ -62,6 +62,7 @@ class Part:
     uid: int
     nlink: int
     mode: int
+    ctime_ns: int = 0  # a rewrite that puts the old size and mtime back still changes it
 
     @classmethod
     def of(cls, path: tuple[str, ...], info: os.stat_result) -> Part:
@@ -74,6 +75,7 @@ class Part:
             info.st_uid,
             info.st_nlink,
             info.st_mode,
+            info.st_ctime_ns,
         )
 
     @property
@@ -144,6 +146,10 @@ class FolderCheckpoint:
     # state first): it cannot resume a run, so it is never counted as a resume point, and what
     # is left of its training state goes.
     resumable: bool = True
+    # Whether it is one of a numbered series (checkpoint-500/, checkpoint_3/, global_step8/):
+    # only those are a run's checkpoints, counted and demoted among each other.  An
+    # accelerate save_state("exps/lr0.1") is one experiment's state: kept whole.
+    series: bool = True
 
     @property
     def size(self) -> int:
@@ -168,6 +174,10 @@ class Layout(Protocol):
     """One checkpoint-folder layout family."""
 
     name: str
+    # The names of the files its checkpoints hold that a sweep's patterns may match (optimizer.pt,
+    # rng_state_0.pth...): a folder that also holds other checkpoint-named files is a run folder
+    # with a stray file of this layout, not one of its checkpoints.
+    OWNS: tuple[str, ...]
 
     def recognises(self, names: frozenset[str]) -> bool:
         """Whether a folder holding these names is one of this layout's checkpoints."""
@@ -249,7 +259,11 @@ def open_part(folder_fd: int, part: Part, display: str) -> int:
     finally:
         os.close(fd)
     info = os.fstat(opened)
-    if not stat.S_ISREG(info.st_mode) or Part.of(part.path, info).identity != part.identity:
+    now = Part.of(part.path, info)
+    if not stat.S_ISREG(info.st_mode) or (now.identity, now.ctime_ns) != (
+        part.identity,
+        part.ctime_ns,
+    ):
         os.close(opened)
         raise FileRefused(path, "changed since it was scanned")
     return opened
@@ -306,7 +320,7 @@ def check_weights(fd: int, tree: Tree, display: str) -> tuple[Part, ...]:
     by the format's rules, a torch zip by its central directory; CRCs are read later, by the
     verification a deletion waits for), and complete when sharded (every shard an index names is
     present, and names the tensors the index puts there).  Raises FileRefused."""
-    weights = tuple(tree.files(*WEIGHT_PATTERNS))
+    weights = tuple(p for p in tree.files(*WEIGHT_PATTERNS) if "fsdp" not in p.path[-1])
     for part in weights:
         _require_plain_file(part, tree, display, "weights")
     names: dict[str, frozenset[str] | None] = {}
@@ -315,12 +329,18 @@ def check_weights(fd: int, tree: Tree, display: str) -> tuple[Part, ...]:
         try:
             path = os.path.join(display, part.name)
             if part.path[-1].endswith(".safetensors"):
-                names[part.path[-1]] = read_safetensors(opened, path).tensors
+                header = read_safetensors(opened, path)
+                data = header.data_bytes
+                names[part.path[-1]] = header.tensors
             else:
-                read_archive(opened, path)
+                archive = read_archive(opened, path)
+                data = sum(r.size for n, r in archive.records.items() if n.startswith("data/"))
                 names[part.path[-1]] = None
         finally:
             os.close(opened)
+        if data == 0:  # (ZeRO-3 without gathering writes these: the weights are in the shards)
+            raise FileRefused(path, "holds no tensor data: not weights that can stand in")
+    _require_all_shards(weights, tree, display)
     for index_name in WEIGHT_INDEXES:
         index = tree.entries.get(index_name)
         if index is None:
@@ -342,6 +362,26 @@ def check_weights(fd: int, tree: Tree, display: str) -> tuple[Part, ...]:
                     os.path.join(display, shard), f"lacks tensor {tensor!r} its index names"
                 )
     return weights
+
+
+_SHARD = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.(safetensors|bin)")
+
+
+def _require_all_shards(weights: tuple[Part, ...], tree: Tree, display: str) -> None:
+    """Every shard of a sharded save (``model-00001-of-00004.safetensors``...) is present, index
+    or no index."""
+    series: dict[tuple[str, str, str], set[int]] = {}
+    for part in weights:
+        match = _SHARD.fullmatch(part.path[-1])
+        if match:
+            prefix, index, total, suffix = match.groups()
+            series.setdefault((prefix, total, suffix), set()).add(int(index))
+    for (prefix, total, suffix), present in series.items():
+        missing = sorted(set(range(1, int(total) + 1)) - present)
+        if missing:
+            name = f"{prefix}-{missing[0]:05d}-of-{total}.{suffix}"
+            where = os.path.join(display, name)
+            raise FileRefused(where, "missing: the sharded save is incomplete")
 
 
 def training_parts(tree: Tree, display: str, patterns: tuple[str, ...]) -> tuple[Part, ...]:

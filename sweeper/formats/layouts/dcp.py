@@ -10,6 +10,7 @@ from sweeper.formats.family import Kind
 from sweeper.formats.layouts.base import FolderCheckpoint, Tree
 
 name = "torch.distributed.checkpoint"
+OWNS: tuple[str, ...] = ("*.distcp", ".metadata")
 
 
 def recognises(names: frozenset[str]) -> bool:

@@ -8,14 +8,25 @@ Inside a Hugging Face checkpoint the ``global_stepN/`` folder is that layout's t
 
 from __future__ import annotations
 
+import fnmatch
+
 from sweeper.formats.family import Kind
 from sweeper.formats.layouts.base import FolderCheckpoint, Tree, number_in
 
 name = "DeepSpeed"
 
 
+# mp_rank_00_model_states.pt, (bf16_)zero_pp_rank_0_mp_rank_00_optim_states.pt,
+# layer_01-model_states.pt (pipeline), expp_rank_0_mp_rank_00_optim_states.pt (MoE)
+OWNS: tuple[str, ...] = ("*_optim_states.pt", "*_model_states.pt", "*-model_states.pt")
+
+
+def is_shard(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNS)
+
+
 def recognises(names: frozenset[str]) -> bool:
-    return any(n.endswith(("_optim_states.pt", "model_states.pt")) for n in names)
+    return any(is_shard(n) for n in names)
 
 
 def claims(subfolder: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 
 from sweeper.errors import FileRefused
 from sweeper.formats.family import Kind
@@ -34,7 +35,15 @@ from sweeper.formats.layouts.base import (
 
 name = "Hugging Face Trainer"
 STATE = "trainer_state.json"
-TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+# The optimizer first: see base.training_parts.  optimizer.bin: a full state dict under FSDP.
+TRAINING_STATE = (
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+)
+OWNS: tuple[str, ...] = TRAINING_STATE
 # Logged numbers that say how fast, not how good: left out of the metrics.
 _TIMINGS = ("_runtime", "_per_second", "total_flos")
 # FSDP's sharded (torch.distributed.checkpoint) saves inside a Trainer checkpoint
@@ -72,7 +81,13 @@ def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint
     except FileRefused as error:
         return FolderCheckpoint(name, Kind.OTHER, f"{os.path.relpath(error.path, display)}: "
                                 f"{error.reason}")  # fmt: skip
-    details = {"step": step, "epoch": epoch, "metrics": metrics, "best": best}
+    details = {
+        "step": step,
+        "epoch": epoch,
+        "metrics": metrics,
+        "best": best,
+        "series": re.fullmatch(r"checkpoint-\d{1,18}", folder) is not None,
+    }
     if not weights:
         sharded = [s for s in tree.subfolders if any(fnmatch.fnmatchcase(s, p) for p in _SHARDED)]
         if shards:
@@ -91,12 +106,14 @@ def describe(fd: int, folder: str, tree: Tree, display: str) -> FolderCheckpoint
         return FolderCheckpoint(name, Kind.UNREDUCIBLE, why, **details)  # type: ignore[arg-type]
     shard_parts = tuple(p for _, parts in shards for p in parts)
     folders = tuple(folder for folder, _ in shards)
-    optimizer = [p for p in training if p.path[-1] == "optimizer.pt"]
+    optimizer = [p for p in training if p.path[-1] in ("optimizer.pt", "optimizer.bin")]
+    # FSDP's sharded optimizer state (optimizer_0/) stays, and says the folder can resume
+    sharded_optimizer = any(fnmatch.fnmatchcase(s, "optimizer_*") for s in tree.subfolders)
     return outcome(
         name,
         weights,
         (*optimizer, *shard_parts, *(p for p in training if p not in optimizer)),
-        resumable=bool(optimizer or shard_parts),
+        resumable=bool(optimizer or shard_parts or sharded_optimizer),
         folders=folders,
         others=others(tree, weights, training),
         mtime_ns=tree.mtime_ns,
@@ -123,8 +140,13 @@ def _read_state(
             for key, value in record.items():
                 if key in ("step", "epoch") or isinstance(value, bool) or key.endswith(_TIMINGS):
                     continue
-                if isinstance(value, int | float) and math.isfinite(value):
-                    metrics[str(key)] = float(value)
+                if isinstance(value, int | float):
+                    try:
+                        number = float(value)
+                    except OverflowError:  # an integer too large for a float
+                        continue
+                    if math.isfinite(number):
+                        metrics[str(key)] = number
     best = body.get("best_model_checkpoint")
     best_name = os.path.basename(os.path.normpath(best)) if isinstance(best, str) and best else None
     ordered = sorted(metrics.items(), key=lambda item: not item[0].startswith("eval_"))
@@ -138,12 +160,15 @@ def _zero_folders(tree: Tree, display: str) -> list[tuple[SubFolder, tuple[Part,
         if not fnmatch.fnmatchcase(sub, "global_step*"):
             continue
         path = os.path.join(display, sub)
+        if re.fullmatch(r"global_step\d{1,18}", sub) is None:
+            raise FileRefused(path, "not a DeepSpeed global_stepN folder; not touched")
         if listing is None:
             raise FileRefused(path, "cannot be listed")
-        if not deepspeed.recognises(listing.names) and listing.entries:
-            raise FileRefused(path, "holds no DeepSpeed shards")
-        if listing.subfolders:
-            raise FileRefused(path, "holds folders; not touched")
+        others = [n for n in listing.names if not deepspeed.is_shard(n)]
+        if others:  # only what DeepSpeed writes there is ever deleted with it
+            raise FileRefused(
+                path, f"holds {sorted(others)[0]!r}, not a DeepSpeed shard; not touched"
+            )
         parts = training_parts(listing, display, ("*",))
         entry = tree.entries[sub]
         if entry.uid != tree.uid:
