@@ -76,6 +76,10 @@ def _unsafe_place(path: str) -> str | None:
     return None
 
 
+def _today() -> int:
+    return int(time.time()) // 86_400
+
+
 def path_for(ledger: str | os.PathLike[str]) -> str:
     return os.fspath(ledger) + SUFFIX
 
@@ -120,7 +124,7 @@ class PersistentCache:
         self._lock = threading.RLock()  # the daemon's threads share one connection
         self._pending: list[tuple[Any, ...]] = []
         self._broken = False
-        self._today = int(time.time()) // 86_400
+        self._pruned = 0  # the day stale rows were last dropped
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -216,21 +220,25 @@ class PersistentCache:
             return
         dev, ino, size, mtime, ctime, copy = _columns(key)
         with self._lock:
-            self._pending.append((dev, ino, size, mtime, ctime, copy, encoded, self._today))
+            self._pending.append((dev, ino, size, mtime, ctime, copy, encoded, _today()))
             full = len(self._pending) >= _BATCH
         if full:
             self.flush()
 
     @_locked
     def prune(self) -> None:
-        """Write what is pending, and drop rows no scan has met for FORGET_SECONDS."""
+        """Write what is pending, and (once a day: it reads the whole table, and the daemon
+        calls this after every folder it sweeps) drop rows no scan has met for FORGET_SECONDS."""
         self.flush()
+        today = int(time.time()) // 86_400
+        if self._pruned == today:
+            return
         db = self._connect()
         if db is None:
             return
         try:
-            oldest = self._today - FORGET_SECONDS // 86_400
-            db.execute("DELETE FROM files WHERE seen < ?", (oldest,))
+            db.execute("DELETE FROM files WHERE seen < ?", (today - FORGET_SECONDS // 86_400,))
+            self._pruned = today
         except sqlite3.Error as error:
             self._failed(error)
 
@@ -283,9 +291,9 @@ class PersistentCache:
                 "mtime = ? AND ctime = ? AND copy IS ?",
                 (dev, ino, size, mtime, ctime, copy),
             ).fetchone()
-            if row is not None and row[1] < self._today:  # met again: kept another 30 days
+            if row is not None and row[1] < _today():  # met again: kept another 30 days
                 db.execute(
-                    "UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", (self._today, dev, ino)
+                    "UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", (_today(), dev, ino)
                 )
         except sqlite3.Error as error:
             self._failed(error)
