@@ -82,8 +82,8 @@ def configure_logging(
 ) -> None:
     """Send log records to ``stream`` (default: ``sys.stderr`` at call time), one line each.
 
-    ``verbosity``: negative shows warnings and worse; 0 adds info; 1 adds sweeper's own debug
-    messages; 2 or more adds every library's debug messages too.
+    ``verbosity``: -2 or less shows errors only; -1 warnings and worse; 0 adds info; 1 adds
+    sweeper's own debug messages; 2 or more adds every library's debug messages too.
     """
     if stream is None:
         stream = sys.stderr
@@ -99,7 +99,9 @@ def configure_logging(
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    if verbosity < 0:
+    if verbosity < -1:
+        root.setLevel(logging.ERROR)
+    elif verbosity < 0:
         root.setLevel(logging.WARNING)
     elif verbosity < 2:
         root.setLevel(logging.INFO)

@@ -136,6 +136,19 @@ def test_plain_lines_on_a_pipe_without_journal_stream() -> None:
         ]
 
 
+def test_verbosity_minus_two_shows_only_errors() -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd) as reader, os.fdopen(write_fd, "w") as stream:
+        configure_logging(-2, stream=stream, environ={})
+        log_one_of_each()
+        stream.close()
+
+        assert untimed(reader.read()).splitlines() == [
+            "ERROR sweeper.test: error 4",
+            "CRITICAL sweeper.test: critical 5",
+        ]
+
+
 def test_verbosity_one_shows_only_sweepers_debug_lines(tmp_path: Path) -> None:
     path = tmp_path / "stderr"
     with path.open("w") as stream:
