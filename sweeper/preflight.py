@@ -45,18 +45,19 @@ class FolderAccess:
         self._answers: dict[tuple[int, int], tuple[bool, int, int]] = {}
 
     def why_not(self, entry: PlanEntry) -> str | None:
-        """Why ``entry`` could not be carried out in its folder, or None when it could."""
-        folder = entry.folder
-        writable, mode, owner = self._folder(folder)
-        if not writable:
-            return f"{CANNOT_WRITE}{folder.display}"
-        if (
-            entry.action is Action.DELETE
-            and mode & stat.S_ISVTX
-            and self._euid not in (0, owner, entry.uid)
-        ):
-            # A sticky folder (like /tmp): only the file's or the folder's owner may unlink.
-            return f"{CANNOT_WRITE}{folder.display} (sticky; it may only delete its own files)"
+        """Why ``entry`` could not be carried out in its folder, or None when it could.  A
+        checkpoint folder's demotion deletes inside it (and its training subfolders)."""
+        for folder in _folders_written(entry):
+            writable, mode, owner = self._folder(folder)
+            if not writable:
+                return f"{CANNOT_WRITE}{folder.display}"
+            if (
+                entry.action is Action.DELETE
+                and mode & stat.S_ISVTX
+                and self._euid not in (0, owner, entry.uid)
+            ):
+                # A sticky folder (like /tmp): only the file's or the folder's owner may unlink.
+                return f"{CANNOT_WRITE}{folder.display} (sticky; it may only delete its own files)"
         return None
 
     def _folder(self, folder: FolderRef) -> tuple[bool, int, int]:
@@ -71,6 +72,30 @@ class FolderAccess:
                 answer = (self._access(folder.display), info.st_mode, info.st_uid)
             self._answers[key] = answer
         return answer
+
+
+def _folders_written(entry: PlanEntry) -> list[FolderRef]:
+    if entry.layout is None or entry.action is not Action.DELETE:
+        return [entry.folder]
+    top = entry.folder
+    inside = FolderRef(
+        top.prefix,
+        (*top.components, entry.name),
+        entry.dev,
+        entry.ino,
+        os.path.join(top.display, entry.name),
+    )
+    below = [
+        FolderRef(
+            inside.prefix,
+            (*inside.components, sub.name),
+            sub.dev,
+            sub.ino,
+            os.path.join(inside.display, sub.name),
+        )
+        for sub in entry.layout.folders
+    ]
+    return [inside, *below]
 
 
 def _may_write(path: str) -> bool:

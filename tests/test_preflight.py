@@ -170,3 +170,27 @@ def test_root_on_a_read_only_mount_is_told_before_it_tries(
     assert swept.json()["failures"] == 0 and swept.json()["outcomes"] == []
     assert "Read-only file system" not in swept.stderr
     assert not ledger.exists() or ledger.stat().st_size == 0  # nothing done, nothing failed
+
+
+def test_a_checkpoint_folder_the_user_cannot_write_in_is_planned_as_a_skip(shared: Path) -> None:
+    """A demotion deletes inside the checkpoint folder: the user's own Trainer run, with one
+    checkpoint folder closed to writing, is planned as a skip there, and the real run reclaims
+    exactly what the dry run said."""
+    from folder_layouts import write
+
+    run = shared / "out"
+    write("hf", run)
+    for path in [run, *run.rglob("*")]:
+        os.chown(path, USER, USER, follow_symlinks=False)
+    (run / "checkpoint-4").chmod(0o555)
+    state = shared / "state"
+    state.mkdir()
+    os.chown(state, USER, USER)
+    args = ("sweep", run, "--ledger", state / "ledger.jsonl", "keep_full=2", "min_age_seconds=0")
+    plan = sweeper_as(USER, *args, "--dry-run", "--json")
+    entries = {Path(p).name: e for p, e in by_path(plan.json()).items()}
+    assert entries["checkpoint-4"]["action"] == "skip"
+    assert entries["checkpoint-4"]["reason"].startswith("skipped: cannot write in ")
+    done = sweeper_as(USER, *args, "--json")
+    assert done.json()["reclaimed_bytes"] == plan.json()["expected_reclaimed_bytes"]
+    assert (run / "checkpoint-4" / "optimizer.pt").exists()
