@@ -48,7 +48,7 @@ from sweeper.torchzip import Mode
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
     from sweeper.execute import SweepReport
-    from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.plan import PlanEntry, Pressure, SweepPlan
 
 log = logging.getLogger("sweeper")
 
@@ -389,7 +389,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper.journal import Journal
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
-    from sweeper.plan import plan_run, plan_sweep
+    from sweeper.plan import plan_run, plan_sweep, plan_under_pressure
     from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
 
@@ -398,30 +398,50 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     install_stop_handlers(stop)
 
     rules = settings.rules()
+    pressured = settings.rules(pressure=True)
     limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
     store = scan_cache.open_beside(settings.ledger) if settings.scan_cache and args.cache else None
     verifier = Verifier(store=store)
     processes = len(os.sched_getaffinity(0))
 
-    def verified(now_ns: int) -> Callable[[RunFolder], RunFolder]:
-        return functools.partial(verify_run, rules=rules, now_ns=now_ns, verifier=verifier)
+    def verified(now_ns: int, under: Sequence[Pressure] = ()) -> Callable[[RunFolder], RunFolder]:
+        usual = functools.partial(verify_run, rules=rules, now_ns=now_ns, verifier=verifier)
+        pressing = {pressure.space.dev for pressure in under}
+        if not pressing:
+            return usual
+        harder = functools.partial(verify_run, rules=pressured, now_ns=now_ns, verifier=verifier)
+        return lambda run: usual(harder(run)) if run.folder.dev in pressing else usual(run)
 
-    def plan_now() -> SweepPlan:
+    def plan_now(under: Sequence[Pressure]) -> SweepPlan:
         now_ns = time.time_ns()
         inventory = scan(
             settings.roots,
             settings.patterns,
             progress=progress.scanned,
             processes=processes,
-            refine=verified(now_ns),
+            refine=verified(now_ns, under),
             should_stop=stop,
             limits=limits,
             memory_limit=settings.classify_memory_limit,
             store=store,
         )
         progress.clear()
-        return check_plan(plan_sweep(inventory, rules, now_ns=now_ns))
+        if under:
+            planned = plan_under_pressure(inventory, rules, pressured, under, now_ns=now_ns)
+        else:
+            planned = plan_sweep(inventory, rules, now_ns=now_ns)
+        return check_plan(planned)
 
+    under = _disk_pressure(settings)
+    if args.dry_run and args.json and under:
+        # Under pressure the largest run folders go first: the plan needs the whole tree.
+        pressed = plan_now(under)
+        report.write_streamed_plan_json(
+            pressed.entries, pressed.problems, sys.stdout, pressure=pressed.pressure
+        )
+        if stop():
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if pressed.failed or refused_count(pressed.entries) else EXIT_OK
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
         now_ns = time.time_ns()
@@ -455,7 +475,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
-        planned = plan_now()
+        planned = plan_now(under)
         _print(report.plan_text(planned, width=_table_width(), show_all=args.all))
         if stop():
             return EXIT_INTERRUPTED
@@ -476,7 +496,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             segments=settings.ledger_segments,
         )
         began = time.monotonic()
-        plan = plan_now()
+        plan = plan_now(_disk_pressure(settings))  # measured again: the lock may have waited
         result = execute_plan(
             plan,
             ledger,
@@ -498,6 +518,20 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         return EXIT_INTERRUPTED
     failed = result.failures or plan.failed or refused_count(plan.entries)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _disk_pressure(settings: Settings) -> tuple[Pressure, ...]:
+    """The roots' filesystems below ``pressure.free_below`` now: a one-shot sweep has no memory
+    of pressure, so only the line that starts it counts."""
+    from sweeper import pressure as disk
+    from sweeper.plan import Pressure
+
+    rules = settings.pressure
+    return tuple(
+        Pressure(space, disk.bytes_needed(space, rules), rules.keep_full)
+        for space in disk.measure_roots(settings.roots)
+        if disk.under_pressure(space, rules, active=False)
+    )
 
 
 def _write_sweep_metrics(

@@ -7,14 +7,16 @@ then reclaims on the same tree.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sweeper import policy
 from sweeper.formats.layouts import FolderCheckpoint, Part
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder
 from sweeper.policy import Action, Candidate, CopyStatus, Rules, Status
+from sweeper.pressure import Space
 from sweeper.torchzip import Kind
 
 
@@ -64,11 +66,22 @@ class PlanEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Pressure:
+    """A filesystem under disk pressure, as the planner is told of it: how much must be freed
+    there to reach ``pressure.free_target``, and what ``keep_full`` is lowered to."""
+
+    space: Space
+    needed_bytes: int
+    keep_full: int
+
+
+@dataclass(frozen=True, slots=True)
 class SweepPlan:
     entries: tuple[PlanEntry, ...]
     problems: tuple[tuple[str, str], ...]
     failed: int = 0  # run folders not planned because classifying them failed: exit 1
     temp_folders: tuple[FolderRef, ...] = ()  # where an interrupted extraction may have left temps
+    pressure: tuple[Pressure, ...] = ()  # the filesystems planned for under disk pressure
 
     @property
     def expected_reclaimed_bytes(self) -> int:
@@ -148,6 +161,72 @@ def plan_sweep(inventory: Inventory, rules: Rules, *, now_ns: int) -> SweepPlan:
     for run in inventory.runs:
         entries.extend(plan_run(run, rules, now_ns=now_ns))
     return SweepPlan(tuple(entries), inventory.problems, inventory.failed, inventory.temp_folders)
+
+
+def plan_under_pressure(
+    inventory: Inventory,
+    rules: Rules,
+    pressured: Rules,
+    pressure: Sequence[Pressure],
+    *,
+    now_ns: int,
+) -> SweepPlan:
+    """The plan for a tree some of whose filesystems are under disk pressure.
+
+    Every run folder is planned with ``rules``; then, on each filesystem in ``pressure``, the
+    run folders that ``pressured`` rules would get most extra bytes back from are planned with
+    those instead, largest first, until what the plan reclaims on that filesystem reaches its
+    ``needed_bytes`` (or no folder has more to give).  Only as much as needed is planned, so
+    the plan stays exact; those folders come first in it, so they are acted on first.  An
+    entry that only the harder pace deletes says so in its reason.  Pure, like
+    :func:`plan_sweep`; ``pressured`` must differ from ``rules`` only in pace
+    (:func:`sweeper.pressure.pressured_rules`).
+    """
+    runs = inventory.runs
+    planned = [plan_run(run, rules, now_ns=now_ns) for run in runs]
+    first: list[int] = []
+    for under in pressure:
+        here = [index for index, run in enumerate(runs) if run.folder.dev == under.space.dev]
+        left = under.needed_bytes - sum(_reclaimed(planned[index]) for index in here)
+        harder = {
+            index: _under_pressure(
+                planned[index], plan_run(runs[index], pressured, now_ns=now_ns), under
+            )
+            for index in here
+        }
+        gains = {index: _reclaimed(harder[index]) - _reclaimed(planned[index]) for index in here}
+        for index in sorted(here, key=lambda index: -gains[index]):
+            if left <= 0 or gains[index] <= 0:
+                break
+            planned[index] = harder[index]
+            left -= gains[index]
+            first.append(index)
+    chosen = set(first)
+    order = first + [index for index in range(len(runs)) if index not in chosen]
+    entries = tuple(entry for index in order for entry in planned[index])
+    return SweepPlan(
+        entries, inventory.problems, inventory.failed, inventory.temp_folders, tuple(pressure)
+    )
+
+
+def _reclaimed(entries: Iterable[PlanEntry]) -> int:
+    return sum(entry.reclaimed_bytes for entry in entries)
+
+
+def _under_pressure(
+    usual: tuple[PlanEntry, ...], harder: tuple[PlanEntry, ...], under: Pressure
+) -> tuple[PlanEntry, ...]:
+    """``harder``, each entry whose action the usual pace would not take saying why it is."""
+    note = (
+        f"disk pressure on {under.space.filesystem}: keep_full lowered to {under.keep_full}, "
+        "min_age_seconds to settle_seconds"
+    )
+    return tuple(
+        entry
+        if entry.action is before.action
+        else dataclasses.replace(entry, reason=f"{entry.reason} ({note})")
+        for before, entry in zip(usual, harder, strict=True)
+    )
 
 
 def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:

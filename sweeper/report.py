@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.execute import SweepReport
     from sweeper.extract import ExtractResult
     from sweeper.ledger import SummaryRow
-    from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.plan import PlanEntry, Pressure, SweepPlan
     from sweeper.status import DaemonStatus
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -260,8 +260,33 @@ def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
     }
 
 
+def pressure_json(pressure: Pressure) -> dict[str, object]:
+    return {
+        "filesystem": pressure.space.filesystem,
+        "free_bytes": pressure.space.free_bytes,
+        "total_bytes": pressure.space.total_bytes,
+        "needed_bytes": pressure.needed_bytes,
+        "keep_full": pressure.keep_full,
+    }
+
+
+def pressure_lines(pressures: Iterable[Pressure]) -> list[str]:
+    """One line per filesystem a plan was made for under disk pressure."""
+    return [
+        f"disk pressure on {printable(p.space.filesystem)}: {human_size(p.space.free_bytes)} "
+        f"free of {human_size(p.space.total_bytes)}; planned with keep_full={p.keep_full}, "
+        f"largest run folders first, to free {human_size(p.needed_bytes)} "
+        f"({p.needed_bytes} bytes)"
+        for p in pressures
+    ]
+
+
 def write_streamed_plan_json(
-    entries: Iterable[PlanEntry], problems: Sequence[tuple[str, str]], stream: TextIO
+    entries: Iterable[PlanEntry],
+    problems: Sequence[tuple[str, str]],
+    stream: TextIO,
+    *,
+    pressure: Sequence[Pressure] = (),
 ) -> None:
     """The dry run's JSON object, written as the entries are planned: the totals come last,
     so no entry is held after it is written."""
@@ -272,11 +297,13 @@ def write_streamed_plan_json(
         stream.write((", " if index else "") + to_json(plan_entry_json(entry)))
         counts[entry.action.value] += 1
         expected += entry.reclaimed_bytes
-    tail = {
+    tail: dict[str, object] = {
         "expected_reclaimed_bytes": expected,
         "counts": counts,
         "problems": [{"path": path, "reason": reason} for path, reason in problems],
     }
+    if pressure:
+        tail["pressure"] = [pressure_json(p) for p in pressure]
     stream.write("], " + to_json(tail)[1:] + "\n")
 
 
@@ -412,6 +439,7 @@ def plan_text(plan: SweepPlan, *, width: int | None = None, show_all: bool = Fal
         if plan.entries
         else ["no checkpoints found"]
     )
+    lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
@@ -464,6 +492,7 @@ def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
             for o in result.outcomes
         ],
         "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
+        **({"pressure": [pressure_json(p) for p in plan.pressure]} if plan.pressure else {}),
     }
 
 
@@ -497,6 +526,7 @@ def sweep_text(plan: SweepPlan, result: SweepReport, *, width: int | None = None
         if result.outcomes
         else ["nothing to do"]
     )
+    lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
     skipped = plan.count(Action.SKIP)
     lines.append(
