@@ -540,10 +540,12 @@ def _write_sweep_metrics(
     """The Prometheus textfile after a sweep: the ledger's totals (read again, so that they
     are the daemon's too), what the plan left to reclaim, when and how long.  A file that
     cannot be written is a warning: the sweep itself went as it went."""
+    from sweeper import pressure as disk
     from sweeper.counters import seeded_from
     from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 
     assert settings.metrics_file is not None
+    spaces = disk.measure_roots(settings.roots)  # after the sweep: what it left free
     counters = seeded_from(str(settings.ledger), lambda message: log.warning("%s", message))
     snapshot = Snapshot(
         totals=counters.totals(),
@@ -551,6 +553,10 @@ def _write_sweep_metrics(
         reclaimable=reclaimable_left(settings.roots, plan.entries, result.outcomes),
         last_sweep=time.time(),
         last_sweep_seconds=seconds,
+        filesystems=tuple(
+            (s.filesystem, s.free_bytes, disk.under_pressure(s, settings.pressure, active=False))
+            for s in spaces
+        ),
     )
     try:
         write_metrics(settings.metrics_file, snapshot)

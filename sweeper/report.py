@@ -734,6 +734,8 @@ def status_line(status: DaemonStatus) -> str:
         f"{status.total_files} files acted on, {status.failed} failed; reclaimed "
         f"{human_size(status.today_bytes)} today, {human_size(status.total_bytes)} in total"
     )
+    if status.pressure:
+        line = f"DISK PRESSURE on {printable(', '.join(status.pressure))}; {line}"
     if status.not_acting is not None:
         line = f"NOT ACTING: {printable(status.not_acting)}; {line}"
     return line
@@ -772,6 +774,11 @@ def status_text(status: DaemonStatus, running: bool) -> str:
         lines.append("last error: none")
     for root, why in status.polled:
         lines.append(f"polled, not watched: {printable(root)} ({printable(why)})")
+    for name, free, total, active in status.filesystems:
+        lines.append(
+            f"disk: {printable(name)}: {human_size(free)} free of {human_size(total)}"
+            + ("; UNDER PRESSURE: sweeping at the harder pace" if active else "")
+        )
     return "\n".join(lines)
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 from checkpoints import full_checkpoint
-from conftest import CliRun
+from conftest import CliRun, run_cli
+from daemon_harness import RESCAN_SECONDS, SETTLE_SECONDS, Daemon, NotifySocket, daemon_status
 from trees import days_ago, set_mtime
 
 from sweeper.policy import Rules
@@ -240,3 +241,60 @@ def test_sweep_under_pressure_with_nothing_allowed_deletes_nothing(
     assert result["pressure"][0]["keep_full"] == 1
     assert result["counts"]["delete"] == 0
     assert only.exists()
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+def test_the_daemon_enters_pressure_frees_space_and_leaves_it(
+    mount_tmpfs: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A writer fills the disk below free_below: the daemon says so (log, STATUS=), sweeps
+    at the harder pace, largest run folder first and only as far as needed, brings free space
+    back to free_target without touching a protected file, and says pressure is over."""
+    disk = mount_tmpfs(64 * MiB)
+    root = disk / "root"
+    root.mkdir()
+    runs = build_runs(root)
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    prom = tmp_path / "sweeper.prom"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    settings = [
+        f"settle_seconds={SETTLE_SECONDS}",
+        f"rescan_seconds={RESCAN_SECONDS * 30}",  # pressure, not the rescan, must do it
+        "storm_rescan_seconds=60",
+        f"metrics_file={prom}",
+        *SETTINGS,
+    ]
+    daemon = Daemon(tmp_path, [*settings, str(root)], notify=notify, ledger=ledger)
+    try:
+        daemon.wait_ready()  # the catch-up wrote every copy; keep_full=3 deleted nothing
+        assert all(p.exists() for paths in runs.values() for p in paths)
+        assert "disk pressure" not in daemon.log()
+
+        fill_to(disk, measure(str(disk)).total_bytes // 20)  # a writer leaves 5% free
+        daemon.wait_for(lambda message: message.startswith("STATUS=DISK PRESSURE on "))
+        daemon.wait_log(f"disk pressure over on {disk}")
+        log = daemon.log()
+        assert log.index(f"WARNING sweeper.daemon: disk pressure on {disk}: ") < log.index(
+            f"WARNING sweeper.daemon: disk pressure over on {disk}"
+        )
+        after = measure(str(disk))
+        assert after.free_bytes >= PressureRules().target_bytes(after.total_bytes)
+        assert [p.exists() for p in runs["big"]] == [False, False, True]  # newest stays
+        assert all(p.with_name(f"{p.stem}_inference.pt").exists() for p in runs["big"])
+        assert (root / "big" / "last.pt").exists()  # a rolling name stays
+        assert all(p.exists() for p in runs["small"])  # big alone was enough
+
+        status = daemon_status(ledger)
+        (filesystem,) = status["filesystems"]
+        assert filesystem["filesystem"] == str(disk) and filesystem["pressure"] is False
+        text = run_cli("status", "--ledger", ledger).stdout
+        assert f"disk: {disk}: " in text and "UNDER PRESSURE" not in text
+        daemon.wait_until(
+            lambda: 'sweeper_pressure_active{filesystem="' + str(disk) + '"} 0' in prom.read_text(),
+            "the metrics to say pressure is over",
+        )
+    finally:
+        daemon.stop()
+        notify.close()
