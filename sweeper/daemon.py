@@ -332,11 +332,14 @@ class Watcher:
         self._state_written: tuple[object, float] | None = None
         self._state_file_said = False
         self._state_files = _StateFiles(self._write_state)
-        # Disk pressure (main thread only): when free space was last measured, after which event
-        # count, and when a filesystem still under pressure may be swept again.
+        # Disk pressure (the disk-space thread only, once it runs): when free space was last
+        # measured, after which event count, and when a filesystem still under pressure may be
+        # swept again.
         self._next_space_check = 0.0
         self._events_measured = 0
         self._next_pressure_sweep = 0.0
+        self._space_thread = threading.Thread(target=self._watch_space, name="disk-space")
+        self._space_thread.daemon = True
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -364,7 +367,8 @@ class Watcher:
             errors = _LastError(self._state)
             logging.getLogger("sweeper").addHandler(errors)
             self._start_observers()
-            self._check_space(time.monotonic())  # a disk already filling: the catch-up says so
+            self._check_space(time.monotonic())  # a disk already filling: the catch-up knows
+            self._space_thread.start()
             log.info("catch-up sweep of %s", ", ".join(self.settings.roots))
             self._publish_status(force=True)
             # Files already there at start are judged by completeness alone (end record, no
@@ -387,6 +391,7 @@ class Watcher:
             self._notifier.stopping()
             log.info("stopping (%s)", self._stop.signal_name or "request")
             self._stop_observers()
+            self._space_thread.join(timeout=30)
             for worker in self._workers:
                 worker.join(timeout=30)
             self._reader.close()
@@ -433,7 +438,6 @@ class Watcher:
                     self._new_pins = False
                 next_rescan = now + self.settings.rescan_seconds
             self._storm_rescan(now)
-            self._check_space(now)
             if not self._new_pins:
                 self._promote_settled(now)
             if interval is not None and now >= next_ping:
@@ -482,6 +486,15 @@ class Watcher:
                 reason,
                 self._next_storm_rescan - now,
             )
+
+    def _watch_space(self) -> None:
+        """The disk-space thread: statvfs may hang on a network filesystem, and must never hold
+        up the main loop, which pings the watchdog."""
+        while not self._stop.wait(_TICK_SECONDS):
+            try:
+                self._check_space(time.monotonic())
+            except Exception:  # never let the thread die silently
+                log.exception("measuring free space failed")
 
     def _check_space(self, now: float) -> None:
         """Measure the free space of every root's filesystem (every few seconds, and at the
@@ -547,7 +560,7 @@ class Watcher:
         found = []
         for space, root in pressured:
             try:
-                fresh = measure(root)
+                fresh = dataclasses.replace(measure(root, named=False), filesystem=space.filesystem)
             except OSError:
                 continue  # no root there now: nothing there to sweep either
             if fresh.dev == space.dev:
@@ -989,14 +1002,13 @@ class Watcher:
                 return False
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
-            pressure = self._pressure_now()
+            found = self._verified(inventory(), rules, now_ns)
+            pressure = self._pressure_now()  # after the scan, which may have taken long
             if pressure:
                 harder = settings.rules(settle=settle, pressure=True)
-                found = self._verified(inventory(), rules, now_ns)
                 found = self._verified(found, harder, now_ns, {p.space.dev for p in pressure})
                 planned = plan_under_pressure(found, rules, harder, pressure, now_ns=now_ns)
             else:
-                found = self._verified(inventory(), rules, now_ns)
                 planned = plan_sweep(found, rules, now_ns=now_ns)
             plan = check_plan(planned)
             for path, reason in plan.problems:

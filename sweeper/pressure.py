@@ -144,8 +144,9 @@ def mount_point(path: str) -> str:
     return current
 
 
-def measure(path: str) -> Space:
-    """The free space of the filesystem holding ``path`` (raises OSError)."""
+def measure(path: str, *, named: bool = True) -> Space:
+    """The free space of the filesystem holding ``path`` (raises OSError); ``named``: with its
+    mount point (else ``path`` stands in for it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         dev = os.fstat(fd).st_dev
@@ -153,7 +154,7 @@ def measure(path: str) -> Space:
     finally:
         os.close(fd)
     return Space(
-        filesystem=mount_point(path),
+        filesystem=mount_point(path) if named else path,
         dev=dev,
         free_bytes=info.f_bavail * info.f_frsize,
         total_bytes=info.f_blocks * info.f_frsize,
@@ -168,8 +169,9 @@ def measure_roots(roots: Sequence[str]) -> tuple[Space, ...]:
         folders = glob.glob(root) if _GLOB_CHARACTERS.intersection(root) else [root]
         for folder in folders:
             try:
-                space = measure(folder)
+                space = measure(folder, named=False)
+                if space.dev not in found:  # its mount point is looked for once
+                    found[space.dev] = dataclasses.replace(space, filesystem=mount_point(folder))
             except OSError:
                 continue  # not there (yet), or not a folder: nothing to sweep there either
-            found.setdefault(space.dev, space)
     return tuple(found.values())

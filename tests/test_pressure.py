@@ -286,9 +286,17 @@ def test_the_daemon_enters_pressure_frees_space_and_leaves_it(
         assert (root / "big" / "last.pt").exists()  # a rolling name stays
         assert all(p.exists() for p in runs["small"])  # big alone was enough
 
-        status = daemon_status(ledger)
-        (filesystem,) = status["filesystems"]
-        assert filesystem["filesystem"] == str(disk) and filesystem["pressure"] is False
+        over = [
+            {
+                "filesystem": str(disk),
+                "free_bytes": after.free_bytes,
+                "total_bytes": after.total_bytes,
+                "pressure": False,
+            }
+        ]
+        daemon.wait_until(
+            lambda: daemon_status(ledger)["filesystems"] == over, "the status file to say so"
+        )
         text = run_cli("status", "--ledger", ledger).stdout
         assert f"disk: {disk}: " in text and "UNDER PRESSURE" not in text
         daemon.wait_until(
