@@ -17,7 +17,7 @@ import torch
 from checkpoints import full_checkpoint
 from conftest import CliRun, run_cli
 from daemon_harness import RESCAN_SECONDS, SETTLE_SECONDS, Daemon, NotifySocket, daemon_status
-from trees import days_ago, set_mtime
+from trees import days_ago, held_by_another_process, set_mtime
 
 from sweeper.policy import Rules
 from sweeper.pressure import (
@@ -306,3 +306,51 @@ def test_the_daemon_enters_pressure_frees_space_and_leaves_it(
     finally:
         daemon.stop()
         notify.close()
+
+
+def test_pressure_never_touches_pinned_open_or_newest_checkpoints(
+    mount_tmpfs: Callable[..., Path], tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """However far below its target the disk is, what the safety rules protect stays: a pin
+    (NAME.keep, a flock), a file another process has open, the newest checkpoint of a run."""
+    disk = mount_tmpfs(64 * MiB)
+    runs = build_runs(disk)
+    assert sweep(run_sweeper, disk, tmp_path).returncode == 0  # copies of all, written first
+    (disk / "big" / "epoch_1.pt.keep").touch()
+    fill_to(disk, measure(str(disk)).total_bytes // 100)  # 1% free: far below the target
+    with (
+        held_by_another_process(runs["big"][1], "read"),
+        held_by_another_process(runs["small"][0], "flock"),
+    ):
+        done = sweep(run_sweeper, disk, tmp_path, "--json")
+        again = sweep(run_sweeper, disk, tmp_path, "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["pressure"][0]["needed_bytes"] > result["expected_reclaimed_bytes"]
+    gone = {str(p.relative_to(disk)) for paths in runs.values() for p in paths if not p.exists()}
+    assert gone == {"small/epoch_2.pt"}  # the only one nothing protects
+    assert (disk / "big" / "last.pt").exists()
+    still = json.loads(again.stdout)
+    assert still["pressure"] and still["counts"]["delete"] == 0  # nothing more is allowed
+
+
+def test_pressure_is_per_filesystem(
+    mount_tmpfs: Callable[..., Path], tmp_path: Path, run_sweeper: Callable[..., CliRun]
+) -> None:
+    """Two roots on two filesystems, one of them filling: only that one's runs are swept at
+    the harder pace."""
+    full, roomy = mount_tmpfs(32 * MiB), mount_tmpfs(32 * MiB)
+    for disk in (full, roomy):
+        (disk / "run").mkdir()
+        for epoch in (1, 2, 3):
+            save_sized(disk / "run" / f"epoch_{epoch}.pt", 362, epoch=epoch, days=4 - epoch)
+    ledger = tmp_path / "ledger.jsonl"
+    first = run_sweeper("sweep", full, roomy, *SETTINGS, "--ledger", ledger)
+    assert first.returncode == 0, first.stderr
+    fill_to(full, measure(str(full)).total_bytes // 20)
+    done = run_sweeper("sweep", full, roomy, *SETTINGS, "--ledger", ledger, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [p["filesystem"] for p in result["pressure"]] == [str(full)]
+    assert sorted(p.name for p in (full / "run").glob("epoch_?.pt")) == ["epoch_3.pt"]
+    assert len(list((roomy / "run").glob("epoch_?.pt"))) == 3
