@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import logging
@@ -389,9 +390,10 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper.journal import Journal
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
-    from sweeper.plan import plan_run, plan_sweep, plan_under_pressure
+    from sweeper.plan import plan_all, plan_run
     from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
+    from sweeper.trash import list_held, tidy_all
 
     settings = _settings(args)
     stop = StopFlag()
@@ -413,6 +415,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
         return lambda run: usual(harder(run)) if run.folder.dev in pressing else usual(run)
 
     def plan_now(under: Sequence[Pressure]) -> SweepPlan:
+        held, refused = list_held(settings.roots)
         now_ns = time.time_ns()
         inventory = scan(
             settings.roots,
@@ -426,18 +429,36 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             store=store,
         )
         progress.clear()
-        if under:
-            planned = plan_under_pressure(inventory, rules, pressured, under, now_ns=now_ns)
-        else:
-            planned = plan_sweep(inventory, rules, now_ns=now_ns)
+        planned = plan_all(
+            inventory,
+            rules,
+            pressured,
+            under,
+            held,
+            now_ns=now_ns,
+            undo_seconds=settings.undo_seconds,
+        )
+        for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
+            log.error("%s: %s", path, reason)
+        planned = dataclasses.replace(
+            planned,
+            problems=(*planned.problems, *refused),
+            failed=planned.failed + len(refused),
+        )
         return check_plan(planned)
 
     under = _disk_pressure(settings)
-    if args.dry_run and args.json and under:
-        # Under pressure the largest run folders go first: the plan needs the whole tree.
+    whole = under or settings.undo_seconds > 0 or list_held(settings.roots)[0]
+    if args.dry_run and args.json and whole:
+        # Under pressure the largest run folders go first, and the trash before them: the plan
+        # needs the whole tree.
         pressed = plan_now(under)
         report.write_streamed_plan_json(
-            pressed.entries, pressed.problems, sys.stdout, pressure=pressed.pressure
+            pressed.entries,
+            pressed.problems,
+            sys.stdout,
+            pressure=pressed.pressure,
+            purges=pressed.purges,
         )
         if stop():
             return EXIT_INTERRUPTED
@@ -495,6 +516,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             max_bytes=settings.ledger_max_bytes,
             segments=settings.ledger_segments,
         )
+        tidy_all(settings.roots)  # what a killed run left half-way in the trash
         began = time.monotonic()
         plan = plan_now(_disk_pressure(settings))  # measured again: the lock may have waited
         result = execute_plan(
@@ -532,6 +554,84 @@ def _disk_pressure(settings: Settings) -> tuple[Pressure, ...]:
         for space in disk.measure_roots(settings.roots)
         if disk.under_pressure(space, rules, active=False)
     )
+
+
+def cmd_trash(args: argparse.Namespace) -> int:
+    from sweeper.trash import list_held
+
+    settings = _settings(args)
+    held, refused = list_held(settings.roots)
+    for path, reason in refused:
+        log.error("%s: %s", path, reason)
+    items = [item for _, item in held]
+    if args.json:
+        _print(report.to_json({"held": [report.trash_item_json(i) for i in items]}))
+    else:
+        _print(report.trash_text(items))
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from sweeper.config import load_settings
+    from sweeper.execute import restore_held
+    from sweeper.ledger import AppendEach, action_lock, check_writable
+    from sweeper.ledger_segments import before_acting
+    from sweeper.signals import StopFlag, install_stop_handlers
+    from sweeper.trash import list_held, tidy_all
+
+    overrides = [word for word in args.items if _is_override(word)]
+    paths = {os.path.abspath(word) for word in args.items if not _is_override(word)}
+    if not paths and args.run_id is None:
+        raise UsageError("name the files to restore, or --run-id ID")
+    if args.ledger is not None:
+        overrides.append(f"ledger={_yaml_literal(args.ledger)}")
+    settings = load_settings(Path(args.config) if args.config else None, overrides)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+    with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
+        if not locked:
+            return EXIT_INTERRUPTED
+        check_writable(settings.ledger)
+        ledger = AppendEach(str(settings.ledger))
+        run_id = uuid.uuid4().hex[:12]
+        before_acting(
+            str(settings.ledger),
+            ledger,
+            run_id=run_id,
+            max_bytes=settings.ledger_max_bytes,
+            segments=settings.ledger_segments,
+        )
+        tidy_all(settings.roots)
+        held, refused = list_held(settings.roots)
+        for path, reason in refused:
+            log.error("%s: %s", path, reason)
+        wanted = [
+            (top, item)
+            for top, item in held
+            if item.path in paths or (args.run_id is not None and item.run_id == args.run_id)
+        ]
+        missing = paths - {item.path for _, item in wanted}
+        for path in sorted(missing):
+            log.error("%s: not held in the trash", path)
+        done = restore_held(wanted, ledger, run_id=run_id)
+    if args.json:
+        _print(
+            report.to_json(
+                {
+                    "restored": [
+                        {**report.trash_item_json(d.item), "ok": d.ok, "detail": d.detail}
+                        for d in done
+                    ]
+                }
+            )
+        )
+    else:
+        _print(report.restore_text([(d.item, d.ok, d.detail) for d in done]))
+    if not wanted and args.run_id is not None and not paths:
+        log.error("nothing held in the trash from run %s", args.run_id)
+        return EXIT_FAILED
+    failed = missing or refused or any(not d.ok for d in done)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _write_sweep_metrics(
@@ -760,6 +860,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", metavar="PATH", help="ledger file (the status file is beside it)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_status, parser=p)
+
+    p = sub.add_parser(
+        "trash", parents=[common], help="what the undo window holds, and when it is purged"
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="ROOT|KEY=VALUE",
+        help="roots whose trash to list (replace config roots) and config overrides",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_trash, parser=p)
+
+    p = sub.add_parser(
+        "restore", parents=[common], help="move files held in the trash back where they were"
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="PATH|KEY=VALUE",
+        help="the files' original paths, and config overrides (roots come from config)",
+    )
+    p.add_argument("--run-id", metavar="ID", help="every file the sweep with this run id trashed")
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_restore, parser=p)
 
     p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")

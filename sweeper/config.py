@@ -114,6 +114,7 @@ class ConfigSchema:
     scan_cache: bool = True
     metrics_file: str = ""
     pressure: PressureSchema = field(default_factory=PressureSchema)
+    undo_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Settings:
     scan_cache: bool = True  # what files hold is kept in <ledger>.scan-cache between runs
     metrics_file: Path | None = None  # the Prometheus textfile; None: none written
     pressure: PressureRules = field(default_factory=PressureRules)
+    undo_seconds: int = 0  # demoted checkpoints wait this long in the trash; 0: deleted at once
 
     def rules(self, *, settle: bool = False, pressure: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
@@ -225,6 +227,7 @@ class Settings:
             if not self.metrics_file.name.endswith(".prom"):
                 # node_exporter's textfile collector reads only *.prom files
                 raise ConfigError("metrics_file", f"{str(self.metrics_file)!r} must end in .prom")
+        _check_at_least("undo_seconds", self.undo_seconds, 0)
         below, target = self.pressure.free_below, self.pressure.free_target
         if (below.percent is None) == (target.percent is None) and _amount(target) < _amount(below):
             raise ConfigError(
@@ -319,6 +322,7 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         scan_cache=schema.scan_cache,
         metrics_file=_metrics_path(schema.metrics_file),
         pressure=_pressure(schema.pressure),
+        undo_seconds=schema.undo_seconds,
     )
 
 

@@ -50,13 +50,14 @@ from sweeper.ledger_segments import before_acting
 from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
-from sweeper.plan import Pressure, SweepPlan, plan_sweep, plan_under_pressure
+from sweeper.plan import Pressure, SweepPlan, plan_all
 from sweeper.policy import Action, Rules
 from sweeper.preflight import check_plan
 from sweeper.pressure import Space, bytes_needed, measure, measure_roots, under_pressure
 from sweeper.scan_cache import PersistentCache
 from sweeper.signals import StopFlag
 from sweeper.status import DaemonStatus, process_start_time, status_path_for, write_status
+from sweeper.trash import list_held, tidy_all
 
 log = logging.getLogger(__name__)
 
@@ -997,6 +998,7 @@ class Watcher:
                         max_bytes=settings.ledger_max_bytes,
                         segments=settings.ledger_segments,
                     )
+                    tidy_all(settings.roots)  # ... and every half-made trash entry
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return False
@@ -1004,12 +1006,27 @@ class Watcher:
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
             pressure = self._pressure_now()  # after the scan, which may have taken long
+            harder = settings.rules(settle=settle, pressure=True)
             if pressure:
-                harder = settings.rules(settle=settle, pressure=True)
                 found = self._verified(found, harder, now_ns, {p.space.dev for p in pressure})
-                planned = plan_under_pressure(found, rules, harder, pressure, now_ns=now_ns)
-            else:
-                planned = plan_sweep(found, rules, now_ns=now_ns)
+            # The trash is purged by full sweeps (they hold the action lock exclusively).
+            held, refused = list_held(settings.roots) if exclusive else ([], [])
+            planned = plan_all(
+                found,
+                rules,
+                harder,
+                pressure,
+                held,
+                now_ns=now_ns,
+                undo_seconds=settings.undo_seconds,
+            )
+            for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
+                log.error("%s: %s", path, reason)
+            planned = dataclasses.replace(
+                planned,
+                problems=(*planned.problems, *refused),
+                failed=planned.failed + len(refused),
+            )
             plan = check_plan(planned)
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.execute import SweepReport
     from sweeper.extract import ExtractResult
     from sweeper.ledger import SummaryRow
-    from sweeper.plan import PlanEntry, Pressure, SweepPlan
+    from sweeper.plan import PlanEntry, Pressure, Purge, SweepPlan
     from sweeper.status import DaemonStatus
+    from sweeper.trash import TrashItem
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _T = TypeVar("_T")
@@ -257,7 +258,88 @@ def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
         "bytes_deleted": entry.bytes_deleted,
         "reclaimed_bytes": entry.reclaimed_bytes,
         "epoch": entry.epoch,
+        **({"trash": True, "undo_seconds": entry.undo_seconds} if entry.trash else {}),
     }
+
+
+def purge_json(purge: Purge) -> dict[str, object]:
+    item = purge.item
+    return {
+        "path": item.path,
+        "root": item.root,
+        "in_trash": item.trash_path,
+        "reason": purge.reason,
+        "bytes": item.size,
+        "reclaimed_bytes": item.size,
+        "trashed": item.trashed,
+        "purge_after": item.purge_after,
+    }
+
+
+def trash_item_json(item: TrashItem) -> dict[str, object]:
+    from sweeper.ledger import user_name
+
+    return {
+        "path": item.path,
+        "root": item.root,
+        "in_trash": item.trash_path,
+        "owner": user_name(item.uid),
+        "uid": item.uid,
+        "bytes": item.size,
+        "trashed": item.trashed,
+        "purge_after": item.purge_after,
+        "run_id": item.run_id,
+    }
+
+
+def trash_text(items: Sequence[TrashItem]) -> str:
+    """``sweeper trash`` for people: what is held, oldest first, and when it goes."""
+    from sweeper.ledger import user_name
+
+    if not items:
+        return "the trash holds nothing"
+    rows = [["PURGED AFTER", "SIZE", "OWNER", "RUN", "FILE"]] + [
+        [
+            _when(item.purge_after),
+            human_size(item.size),
+            printable(user_name(item.uid)),
+            item.run_id,
+            printable(item.path),
+        ]
+        for item in items
+    ]
+    total = sum(item.size for item in items)
+    return table(rows, frozenset({1})) + (
+        f"\nheld: {_files(len(items))}, {human_size(total)} ({total} bytes)"
+    )
+
+
+def restore_text(done: Sequence[tuple[TrashItem, bool, str]]) -> str:
+    if not done:
+        return "nothing restored"
+    return "\n".join(
+        f"restored: {printable(item.path)}"
+        if ok
+        else f"NOT restored: {printable(item.path)}: {printable(detail)}"
+        for item, ok, detail in done
+    )
+
+
+def trash_lines(plan: SweepPlan) -> list[str]:
+    """What a plan does with the trash: files it moves in (not yet freed), files it purges."""
+    lines = []
+    trashed = [e for e in plan.entries if e.trash and e.action is Action.DELETE]
+    if trashed:
+        lines.append(
+            f"into the trash: {_files(len(trashed))}, {human_size(plan.trashed_bytes)} "
+            f"({plan.trashed_bytes} bytes), freed when purged (undo_seconds)"
+        )
+    for purge in plan.purges:
+        lines.append(
+            f"purge: {printable(purge.item.path)} ({human_size(purge.item.size)}): "
+            f"{printable(purge.reason)}"
+        )
+    return lines
 
 
 def pressure_json(pressure: Pressure) -> dict[str, object]:
@@ -287,6 +369,7 @@ def write_streamed_plan_json(
     stream: TextIO,
     *,
     pressure: Sequence[Pressure] = (),
+    purges: Sequence[Purge] = (),
 ) -> None:
     """The dry run's JSON object, written as the entries are planned: the totals come last,
     so no entry is held after it is written."""
@@ -304,6 +387,9 @@ def write_streamed_plan_json(
     }
     if pressure:
         tail["pressure"] = [pressure_json(p) for p in pressure]
+    if purges:
+        tail["purges"] = [purge_json(p) for p in purges]
+        tail["expected_reclaimed_bytes"] = expected + sum(p.reclaimed_bytes for p in purges)
     stream.write("], " + to_json(tail)[1:] + "\n")
 
 
@@ -441,6 +527,7 @@ def plan_text(plan: SweepPlan, *, width: int | None = None, show_all: bool = Fal
     )
     lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
+    lines += trash_lines(plan)
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
         f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
@@ -493,6 +580,16 @@ def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
         ],
         "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
         **({"pressure": [pressure_json(p) for p in plan.pressure]} if plan.pressure else {}),
+        **(
+            {
+                "purges": [
+                    {**purge_json(done.purge), "ok": done.ok, "detail": done.detail}
+                    for done in result.purged
+                ]
+            }
+            if result.purged
+            else {}
+        ),
     }
 
 
@@ -528,6 +625,18 @@ def sweep_text(plan: SweepPlan, result: SweepReport, *, width: int | None = None
     )
     lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
+    trashed = [o for o in result.outcomes if o.ok and o.entry.trash]
+    if trashed:
+        held = sum(o.entry.size for o in trashed)
+        lines.append(
+            f"into the trash: {_files(len(trashed))}, {human_size(held)} ({held} bytes), "
+            "freed when purged (undo_seconds)"
+        )
+    lines += [
+        f"{'ok' if done.ok else 'FAIL'} purge: {printable(done.purge.item.path)} "
+        f"({human_size(done.purge.item.size)}): {printable(done.detail)}"
+        for done in result.purged
+    ]
     skipped = plan.count(Action.SKIP)
     lines.append(
         f"swept: {len(result.outcomes) - result.failures} done, {result.failures} failed, "

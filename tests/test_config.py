@@ -108,6 +108,7 @@ def test_bundled_config_documents_every_key() -> None:
         ("classify_memory_limit=0", "classify_memory_limit", 0),
         ("classify_memory_limit=16777216", "classify_memory_limit", 16 * 1024**2),
         ("ledger=/srv/sweeper/ledger.jsonl", "ledger", Path("/srv/sweeper/ledger.jsonl")),
+        ("undo_seconds=86400", "undo_seconds", 86400),
     ],
 )
 def test_override(override: str, key: str, expected: object) -> None:
@@ -227,6 +228,7 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["pressure.free_below=2GiB", "pressure.free_target=1GiB"], "pressure.free_target"),
         (["pressure.free_target=[1]"], "pressure.free_target"),
         (["pressure.high=3"], "pressure.high"),
+        (["undo_seconds=-1"], "undo_seconds"),
     ],
 )
 def test_unsafe_policy_is_refused(overrides: list[str], key: str) -> None:
