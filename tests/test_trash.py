@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,6 @@ def test_a_real_window_passes(tmp_path: Path, run_sweeper: Callable[..., CliRun]
     assert len(tree.manifests()) == 2
     held = tree.cli("trash", "--json").json()["held"]
     wait = max(h["purge_after"] for h in held)
-    import time
-
     time.sleep(max(0.0, wait - time.time()) + 0.05)
     assert tree.sweep().returncode == 0
     assert tree.manifests() == [] and list(tree.trash.iterdir()) == []
