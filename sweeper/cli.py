@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import logging
@@ -48,7 +49,7 @@ from sweeper.torchzip import Mode
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
     from sweeper.execute import SweepReport
-    from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.plan import PlanEntry, Pressure, SweepPlan
 
 log = logging.getLogger("sweeper")
 
@@ -389,39 +390,79 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper.journal import Journal
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
-    from sweeper.plan import plan_run, plan_sweep
+    from sweeper.plan import plan_all, plan_run
     from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
+    from sweeper.trash import list_held, tidy_all
 
     settings = _settings(args)
     stop = StopFlag()
     install_stop_handlers(stop)
 
     rules = settings.rules()
+    pressured = settings.rules(pressure=True)
     limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
     store = scan_cache.open_beside(settings.ledger) if settings.scan_cache and args.cache else None
     verifier = Verifier(store=store)
     processes = len(os.sched_getaffinity(0))
 
-    def verified(now_ns: int) -> Callable[[RunFolder], RunFolder]:
-        return functools.partial(verify_run, rules=rules, now_ns=now_ns, verifier=verifier)
+    def verified(now_ns: int, under: Sequence[Pressure] = ()) -> Callable[[RunFolder], RunFolder]:
+        usual = functools.partial(verify_run, rules=rules, now_ns=now_ns, verifier=verifier)
+        pressing = {pressure.space.dev for pressure in under}
+        if not pressing:
+            return usual
+        harder = functools.partial(verify_run, rules=pressured, now_ns=now_ns, verifier=verifier)
+        return lambda run: usual(harder(run)) if run.folder.dev in pressing else usual(run)
 
-    def plan_now() -> SweepPlan:
+    def plan_now(under: Sequence[Pressure]) -> SweepPlan:
+        held, refused = list_held(settings.roots)
         now_ns = time.time_ns()
         inventory = scan(
             settings.roots,
             settings.patterns,
             progress=progress.scanned,
             processes=processes,
-            refine=verified(now_ns),
+            refine=verified(now_ns, under),
             should_stop=stop,
             limits=limits,
             memory_limit=settings.classify_memory_limit,
             store=store,
         )
         progress.clear()
-        return check_plan(plan_sweep(inventory, rules, now_ns=now_ns))
+        planned = plan_all(
+            inventory,
+            rules,
+            pressured,
+            under,
+            held,
+            now_ns=now_ns,
+            undo_seconds=settings.undo_seconds,
+        )
+        for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
+            log.error("%s: %s", path, reason)
+        planned = dataclasses.replace(
+            planned,
+            problems=(*planned.problems, *refused),
+            failed=planned.failed + len(refused),
+        )
+        return check_plan(planned)
 
+    under = _disk_pressure(settings)
+    whole = under or settings.undo_seconds > 0 or list_held(settings.roots)[0]
+    if args.dry_run and args.json and whole:
+        # Under pressure the largest run folders go first, and the trash before them: the plan
+        # needs the whole tree.
+        pressed = plan_now(under)
+        report.write_streamed_plan_json(
+            pressed.entries,
+            pressed.problems,
+            sys.stdout,
+            pressure=pressed.pressure,
+            purges=pressed.purges,
+        )
+        if stop():
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if pressed.failed or refused_count(pressed.entries) else EXIT_OK
     if args.dry_run and args.json:
         # Streamed one run folder at a time: memory does not grow with the tree.
         now_ns = time.time_ns()
@@ -455,7 +496,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if walk.failed or refused else EXIT_OK
     if args.dry_run:
-        planned = plan_now()
+        planned = plan_now(under)
         _print(report.plan_text(planned, width=_table_width(), show_all=args.all))
         if stop():
             return EXIT_INTERRUPTED
@@ -475,8 +516,9 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             max_bytes=settings.ledger_max_bytes,
             segments=settings.ledger_segments,
         )
+        tidy_all(settings.roots)  # what a killed run left half-way in the trash
         began = time.monotonic()
-        plan = plan_now()
+        plan = plan_now(_disk_pressure(settings))  # measured again: the lock may have waited
         result = execute_plan(
             plan,
             ledger,
@@ -500,16 +542,110 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _disk_pressure(settings: Settings) -> tuple[Pressure, ...]:
+    """The roots' filesystems below ``pressure.free_below`` now: a one-shot sweep has no memory
+    of pressure, so only the line that starts it counts."""
+    from sweeper import pressure as disk
+    from sweeper.plan import Pressure
+
+    rules = settings.pressure
+    return tuple(
+        Pressure(space, disk.bytes_needed(space, rules), rules.keep_full)
+        for space in disk.measure_roots(settings.roots)
+        if disk.under_pressure(space, rules, active=False)
+    )
+
+
+def cmd_trash(args: argparse.Namespace) -> int:
+    from sweeper.trash import list_held
+
+    settings = _settings(args)
+    held, refused = list_held(settings.roots)
+    for path, reason in refused:
+        log.error("%s: %s", path, reason)
+    items = [item for _, item in held]
+    if args.json:
+        _print(report.to_json({"held": [report.trash_item_json(i) for i in items]}))
+    else:
+        _print(report.trash_text(items))
+    return EXIT_FAILED if refused else EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from sweeper.config import load_settings
+    from sweeper.execute import restore_held
+    from sweeper.ledger import AppendEach, action_lock, check_writable
+    from sweeper.ledger_segments import before_acting
+    from sweeper.signals import StopFlag, install_stop_handlers
+    from sweeper.trash import list_held, tidy_all
+
+    overrides = [word for word in args.items if _is_override(word)]
+    paths = {os.path.abspath(word) for word in args.items if not _is_override(word)}
+    if not paths and args.run_id is None:
+        raise UsageError("name the files to restore, or --run-id ID")
+    if args.ledger is not None:
+        overrides.append(f"ledger={_yaml_literal(args.ledger)}")
+    settings = load_settings(Path(args.config) if args.config else None, overrides)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+    with action_lock(settings.ledger, exclusive=True, should_stop=stop) as locked:
+        if not locked:
+            return EXIT_INTERRUPTED
+        check_writable(settings.ledger)
+        ledger = AppendEach(str(settings.ledger))
+        run_id = uuid.uuid4().hex[:12]
+        before_acting(
+            str(settings.ledger),
+            ledger,
+            run_id=run_id,
+            max_bytes=settings.ledger_max_bytes,
+            segments=settings.ledger_segments,
+        )
+        tidy_all(settings.roots)
+        held, refused = list_held(settings.roots)
+        for path, reason in refused:
+            log.error("%s: %s", path, reason)
+        wanted = [
+            (top, item)
+            for top, item in held
+            if item.path in paths or (args.run_id is not None and item.run_id == args.run_id)
+        ]
+        missing = paths - {item.path for _, item in wanted}
+        for path in sorted(missing):
+            log.error("%s: not held in the trash", path)
+        done = restore_held(wanted, ledger, run_id=run_id)
+    if args.json:
+        _print(
+            report.to_json(
+                {
+                    "restored": [
+                        {**report.trash_item_json(d.item), "ok": d.ok, "detail": d.detail}
+                        for d in done
+                    ]
+                }
+            )
+        )
+    else:
+        _print(report.restore_text([(d.item, d.ok, d.detail) for d in done]))
+    if not wanted and args.run_id is not None and not paths:
+        log.error("nothing held in the trash from run %s", args.run_id)
+        return EXIT_FAILED
+    failed = missing or refused or any(not d.ok for d in done)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _write_sweep_metrics(
     settings: Settings, plan: SweepPlan, result: SweepReport, seconds: float
 ) -> None:
     """The Prometheus textfile after a sweep: the ledger's totals (read again, so that they
     are the daemon's too), what the plan left to reclaim, when and how long.  A file that
     cannot be written is a warning: the sweep itself went as it went."""
+    from sweeper import pressure as disk
     from sweeper.counters import seeded_from
     from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 
     assert settings.metrics_file is not None
+    spaces = disk.measure_roots(settings.roots)  # after the sweep: what it left free
     counters = seeded_from(str(settings.ledger), lambda message: log.warning("%s", message))
     snapshot = Snapshot(
         totals=counters.totals(),
@@ -517,6 +653,10 @@ def _write_sweep_metrics(
         reclaimable=reclaimable_left(settings.roots, plan.entries, result.outcomes),
         last_sweep=time.time(),
         last_sweep_seconds=seconds,
+        filesystems=tuple(
+            (s.filesystem, s.free_bytes, disk.under_pressure(s, settings.pressure, active=False))
+            for s in spaces
+        ),
     )
     try:
         write_metrics(settings.metrics_file, snapshot)
@@ -720,6 +860,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ledger", metavar="PATH", help="ledger file (the status file is beside it)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_status, parser=p)
+
+    p = sub.add_parser(
+        "trash", parents=[common], help="what the undo window holds, and when it is purged"
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="ROOT|KEY=VALUE",
+        help="roots whose trash to list (replace config roots) and config overrides",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_trash, parser=p)
+
+    p = sub.add_parser(
+        "restore", parents=[common], help="move files held in the trash back where they were"
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="PATH|KEY=VALUE",
+        help="the files' original paths, and config overrides (roots come from config)",
+    )
+    p.add_argument("--run-id", metavar="ID", help="every file the sweep with this run id trashed")
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    p.add_argument("--ledger", metavar="PATH", help="ledger file")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_restore, parser=p)
 
     p = sub.add_parser("ledger", parents=[common], help="totals of reclaimed space from the ledger")
     p.add_argument("-c", "--config", metavar="CONFIG", help="config file (for its ledger path)")

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sweeper.errors import ConfigError
 from sweeper.policy import DEFAULT_ROLLING_NAMES, BestMode, InferenceRules, Rules
+from sweeper.pressure import PressureRules, Watermark, parse_watermark, pressured_rules
 from sweeper.workers import READER_MEMORY_LIMIT
 
 __all__ = [
@@ -71,6 +72,15 @@ class KeepInferenceSchema:
 
 
 @dataclass
+class PressureSchema:
+    """When a filesystem counts as filling up, and how much harder sweeps then act."""
+
+    free_below: str = "10%"
+    free_target: str = "15%"
+    keep_full: int = 1
+
+
+@dataclass
 class ConfigSchema:
     """What OmegaConf validates config.yaml and overrides against: types only, not policy.
 
@@ -103,6 +113,8 @@ class ConfigSchema:
     max_folder_entries: int = 100_000
     scan_cache: bool = True
     metrics_file: str = ""
+    pressure: PressureSchema = field(default_factory=PressureSchema)
+    undo_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,11 +150,13 @@ class Settings:
     max_folder_entries: int = 100_000
     scan_cache: bool = True  # what files hold is kept in <ledger>.scan-cache between runs
     metrics_file: Path | None = None  # the Prometheus textfile; None: none written
+    pressure: PressureRules = field(default_factory=PressureRules)
+    undo_seconds: int = 0  # demoted checkpoints wait this long in the trash; 0: deleted at once
 
-    def rules(self, *, settle: bool = False) -> Rules:
+    def rules(self, *, settle: bool = False, pressure: bool = False) -> Rules:
         """The retention policy these settings describe (``settle``: the daemon's quiet time
-        applies)."""
-        return Rules(
+        applies; ``pressure``: at the pace of a filesystem under disk pressure)."""
+        rules = Rules(
             keep_full=self.keep_full,
             min_age_seconds=self.min_age_seconds,
             keep_best=self.keep_best,
@@ -153,6 +167,7 @@ class Settings:
             keep_inference=self.keep_inference,
             settle_seconds=self.settle_seconds if settle else 0,
         )
+        return pressured_rules(rules, self.pressure, self.settle_seconds) if pressure else rules
 
     def __post_init__(self) -> None:
         if not self.roots:
@@ -212,6 +227,14 @@ class Settings:
             if not self.metrics_file.name.endswith(".prom"):
                 # node_exporter's textfile collector reads only *.prom files
                 raise ConfigError("metrics_file", f"{str(self.metrics_file)!r} must end in .prom")
+        _check_at_least("undo_seconds", self.undo_seconds, 0)
+        below, target = self.pressure.free_below, self.pressure.free_target
+        if (below.percent is None) == (target.percent is None) and _amount(target) < _amount(below):
+            raise ConfigError(
+                "pressure.free_target",
+                f"{target.text} is below pressure.free_below ({below.text}): "
+                "pressure would end before it began",
+            )
         # Negative niceness needs privilege and would compete with the training jobs we serve.
         if not 0 <= self.nice <= 19:
             raise ConfigError("nice", f"{self.nice} is outside 0..19")
@@ -298,7 +321,31 @@ def settings_from_schema(schema: ConfigSchema) -> Settings:
         max_folder_entries=schema.max_folder_entries,
         scan_cache=schema.scan_cache,
         metrics_file=_metrics_path(schema.metrics_file),
+        pressure=_pressure(schema.pressure),
+        undo_seconds=schema.undo_seconds,
     )
+
+
+def _pressure(schema: PressureSchema) -> PressureRules:
+    # Keeping no full checkpoint under pressure would delete the one a run resumes from.
+    _check_at_least("pressure.keep_full", schema.keep_full, 1)
+    return PressureRules(
+        free_below=_watermark("pressure.free_below", schema.free_below),
+        free_target=_watermark("pressure.free_target", schema.free_target),
+        keep_full=schema.keep_full,
+    )
+
+
+def _watermark(key: str, text: str) -> Watermark:
+    _check_is_string(key, text)
+    try:
+        return parse_watermark(text)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from exc
+
+
+def _amount(mark: Watermark) -> float:
+    return mark.percent if mark.percent is not None else float(mark.bytes or 0)
 
 
 def _metrics_path(text: str) -> Path | None:
@@ -407,6 +454,8 @@ def known_keys() -> tuple[str, ...]:
         keys.append(name)
         if spec.type == "KeepInferenceSchema":
             keys += [f"{name}.{inner}" for inner in KeepInferenceSchema.__dataclass_fields__]
+        if spec.type == "PressureSchema":
+            keys += [f"{name}.{inner}" for inner in PressureSchema.__dataclass_fields__]
     return tuple(keys)
 
 

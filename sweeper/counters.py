@@ -27,8 +27,16 @@ _OK = {
     Action.DELETE: ("delete", "ok"),
     Action.REMOVE_TEMP: ("remove-temp", "ok"),
     Action.CARRY: ("compacted", "ok"),
+    Action.TRASH: ("trash", "ok"),
+    Action.RESTORE: ("restore", "ok"),
+    Action.PURGE: ("purge", "ok"),
 }
-_INTENDED = {Action.EXTRACT_INTENT: "extract", Action.DELETE_INTENT: "delete"}
+_INTENDED = {
+    Action.EXTRACT_INTENT: "extract",
+    Action.DELETE_INTENT: "delete",
+    Action.TRASH_INTENT: "trash",
+    Action.PURGE_INTENT: "purge",
+}
 
 
 @dataclass(frozen=True)

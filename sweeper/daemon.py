@@ -50,12 +50,14 @@ from sweeper.ledger_segments import before_acting
 from sweeper.metrics import Snapshot, reclaimable_left, write_metrics
 from sweeper.notify import Notifier
 from sweeper.observers import InotifyObserver, PollingObserver
-from sweeper.plan import SweepPlan, plan_sweep
+from sweeper.plan import Pressure, SweepPlan, plan_all
 from sweeper.policy import Action, Rules
 from sweeper.preflight import check_plan
+from sweeper.pressure import Space, bytes_needed, measure, measure_roots, under_pressure
 from sweeper.scan_cache import PersistentCache
 from sweeper.signals import StopFlag
 from sweeper.status import DaemonStatus, process_start_time, status_path_for, write_status
+from sweeper.trash import list_held, tidy_all
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ _QUIET_SKIPS = frozenset(
 _TICK_SECONDS = 0.5
 _STATE_FILE_SECONDS = 1.0  # the status and metrics files are rewritten at most this often
 _STATE_FILE_HEARTBEAT = 60.0  # ... and at least this often (``updated`` shows it is alive)
+_SPACE_SECONDS = 2.0  # free space is measured this often, and at the next tick after events
 
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -154,6 +157,9 @@ class _State:
     last_error: tuple[float, str] | None = None  # (Unix time, message)
     last_scan: tuple[float, float] | None = None  # the last full scan: (ended, seconds)
     reclaimable: dict[str, int] | None = None  # root -> what the last full plan left to do
+    events: int = 0  # checkpoint-named paths changed so far (free space is measured after)
+    spaces: dict[int, tuple[Space, str]] = field(default_factory=dict)  # dev -> (space, a root)
+    pressured: frozenset[int] = frozenset()  # the devices under disk pressure
 
 
 class _LastError(logging.Handler):
@@ -262,6 +268,7 @@ class _EventHandler:
                 self._storm.set()
                 return
             pending[path] = _Pending(time.monotonic(), os.path.dirname(path))
+            self._state.events += 1
 
 
 class Watcher:
@@ -326,6 +333,14 @@ class Watcher:
         self._state_written: tuple[object, float] | None = None
         self._state_file_said = False
         self._state_files = _StateFiles(self._write_state)
+        # Disk pressure (the disk-space thread only, once it runs): when free space was last
+        # measured, after which event count, and when a filesystem still under pressure may be
+        # swept again.
+        self._next_space_check = 0.0
+        self._events_measured = 0
+        self._next_pressure_sweep = 0.0
+        self._space_thread = threading.Thread(target=self._watch_space, name="disk-space")
+        self._space_thread.daemon = True
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -353,6 +368,8 @@ class Watcher:
             errors = _LastError(self._state)
             logging.getLogger("sweeper").addHandler(errors)
             self._start_observers()
+            self._check_space(time.monotonic())  # a disk already filling: the catch-up knows
+            self._space_thread.start()
             log.info("catch-up sweep of %s", ", ".join(self.settings.roots))
             self._publish_status(force=True)
             # Files already there at start are judged by completeness alone (end record, no
@@ -375,6 +392,7 @@ class Watcher:
             self._notifier.stopping()
             log.info("stopping (%s)", self._stop.signal_name or "request")
             self._stop_observers()
+            self._space_thread.join(timeout=30)
             for worker in self._workers:
                 worker.join(timeout=30)
             self._reader.close()
@@ -470,6 +488,86 @@ class Watcher:
                 self._next_storm_rescan - now,
             )
 
+    def _watch_space(self) -> None:
+        """The disk-space thread: statvfs may hang on a network filesystem, and must never hold
+        up the main loop, which pings the watchdog."""
+        while not self._stop.wait(_TICK_SECONDS):
+            try:
+                self._check_space(time.monotonic())
+            except Exception:  # never let the thread die silently
+                log.exception("measuring free space failed")
+
+    def _check_space(self, now: float) -> None:
+        """Measure the free space of every root's filesystem (every few seconds, and at the
+        next tick after events) and move each in or out of disk pressure.  Entering pressure
+        queues a full sweep at once, which plans at the harder pace on that filesystem; while it
+        stays under pressure and a sweep has not brought it back, another follows at most once
+        per ``storm_rescan_seconds`` (each one frees only what is still needed)."""
+        with self._state.lock:
+            events = self._state.events
+        if now < self._next_space_check and events == self._events_measured:
+            return
+        self._next_space_check = now + _SPACE_SECONDS
+        self._events_measured = events
+        rules = self.settings.pressure
+        with self._observers_lock:
+            tops = sorted(self._tops)
+        measured: dict[int, tuple[Space, str]] = {}
+        for root in tops or self.settings.roots:
+            for space in measure_roots([root]):
+                measured.setdefault(space.dev, (space, root))
+        with self._state.lock:
+            before = self._state.pressured
+        pressured = set()
+        entered = False
+        for dev, (space, _) in measured.items():
+            was = dev in before
+            if under_pressure(space, rules, active=was):
+                pressured.add(dev)
+                if not was:
+                    entered = True
+                    log.warning(
+                        "disk pressure on %s: %s free of %s, below pressure.free_below (%s); "
+                        "sweeping its roots with keep_full=%d until %s free",
+                        space.filesystem,
+                        report.human_size(space.free_bytes),
+                        report.human_size(space.total_bytes),
+                        rules.free_below.text,
+                        rules.keep_full,
+                        report.human_size(rules.target_bytes(space.total_bytes)),
+                    )
+            elif was:
+                log.warning(
+                    "disk pressure over on %s: %s free of %s, at pressure.free_target (%s)",
+                    space.filesystem,
+                    report.human_size(space.free_bytes),
+                    report.human_size(space.total_bytes),
+                    rules.free_target.text,
+                )
+        with self._state.lock:
+            self._state.spaces = measured
+            self._state.pressured = frozenset(pressured)
+        if not pressured or self._phase == "catch-up":
+            return  # the catch-up sweep is at the harder pace already where it must be
+        if (entered or now >= self._next_pressure_sweep) and self._enqueue(_FULL_SWEEP):
+            self._next_pressure_sweep = now + self.settings.storm_rescan_seconds
+
+    def _pressure_now(self) -> tuple[Pressure, ...]:
+        """The filesystems under disk pressure, measured again now: a plan frees only what is
+        still needed."""
+        with self._state.lock:
+            pressured = [self._state.spaces[dev] for dev in sorted(self._state.pressured)]
+        rules = self.settings.pressure
+        found = []
+        for space, root in pressured:
+            try:
+                fresh = dataclasses.replace(measure(root, named=False), filesystem=space.filesystem)
+            except OSError:
+                continue  # no root there now: nothing there to sweep either
+            if fresh.dev == space.dev:
+                found.append(Pressure(fresh, bytes_needed(fresh, rules), rules.keep_full))
+        return tuple(found)
+
     def _until_next_due(self, now: float, ping: float | None = None) -> float:
         """Sleep until the next settling file or ping is due (so latency is settle_seconds, not
         settle plus a tick), but at most a tick: signals, reloads and observers' health are
@@ -560,6 +658,17 @@ class Watcher:
                 last_error_time=error[0] if error else None,
                 polled=polled,
                 not_acting=self._state.ledger_problem,
+                filesystems=tuple(
+                    sorted(
+                        (
+                            space.filesystem,
+                            space.free_bytes,
+                            space.total_bytes,
+                            dev in self._state.pressured,
+                        )
+                        for dev, (space, _) in self._state.spaces.items()
+                    )
+                ),
             )
 
     def _publish_status(self, force: bool = False) -> None:
@@ -609,6 +718,7 @@ class Watcher:
             last_sweep_seconds=status.last_full_scan_seconds,
             queue_length=status.queued,
             errors={"ledger": 0, "scan": 0, **errors},
+            filesystems=tuple((name, free, active) for name, free, _, active in status.filesystems),
         )
 
     # -- configuration -------------------------------------------------------------------------
@@ -888,13 +998,36 @@ class Watcher:
                         max_bytes=settings.ledger_max_bytes,
                         segments=settings.ledger_segments,
                     )
+                    tidy_all(settings.roots)  # ... and every half-made trash entry
             except LedgerUnavailable as error:
                 self._ledger_trouble(str(error))
                 return False
             rules = settings.rules(settle=settle)
             now_ns = time.time_ns()
             found = self._verified(inventory(), rules, now_ns)
-            plan = check_plan(plan_sweep(found, rules, now_ns=now_ns))
+            pressure = self._pressure_now()  # after the scan, which may have taken long
+            harder = settings.rules(settle=settle, pressure=True)
+            if pressure:
+                found = self._verified(found, harder, now_ns, {p.space.dev for p in pressure})
+            # The trash is purged by full sweeps (they hold the action lock exclusively).
+            held, refused = list_held(settings.roots) if exclusive else ([], [])
+            planned = plan_all(
+                found,
+                rules,
+                harder,
+                pressure,
+                held,
+                now_ns=now_ns,
+                undo_seconds=settings.undo_seconds,
+            )
+            for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
+                log.error("%s: %s", path, reason)
+            planned = dataclasses.replace(
+                planned,
+                problems=(*planned.problems, *refused),
+                failed=planned.failed + len(refused),
+            )
+            plan = check_plan(planned)
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)
             self._count_error("scan", len(plan.problems))
@@ -921,11 +1054,17 @@ class Watcher:
             with self._state.lock:
                 self._state.errors[kind] = self._state.errors.get(kind, 0) + count
 
-    def _verified(self, inventory: Inventory, rules: Rules, now_ns: int) -> Inventory:
-        """``verify_inventory``, with the heartbeat going between run folders."""
+    def _verified(
+        self, inventory: Inventory, rules: Rules, now_ns: int, devices: set[int] | None = None
+    ) -> Inventory:
+        """``verify_inventory`` (of the run folders on ``devices`` only, when given), with the
+        heartbeat going between run folders."""
         runs = []
         for run in inventory.runs:
             self._should_stop()
+            if devices is not None and run.folder.dev not in devices:
+                runs.append(run)
+                continue
             runs.append(verify_run(run, rules, now_ns=now_ns, verifier=self._verifier))
         return dataclasses.replace(inventory, runs=tuple(runs))
 

@@ -1,7 +1,8 @@
 """Execution: the only step of a sweep that changes disk.
 
-For every entry: extract -> verify -> ledger -> delete, in that order.  A failure on one file is
-logged, recorded in the ledger, and the sweep goes on.
+For every entry: extract -> verify -> ledger -> delete, in that order (with an undo window,
+"delete" is a move into the trash, and the trash's due files are purged first).  A failure on one
+file is logged, recorded in the ledger, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import groupby
 
+from sweeper import trash
 from sweeper.errors import FileRefused, LedgerUnavailable, NotConfirmed
 from sweeper.extract import (
     FileIdentity,
@@ -27,14 +29,24 @@ from sweeper.extract import (
     open_regular,
     output_name,
     remove_stale_temps,
+    trash_if_same,
     verify_existing_copy,
 )
 from sweeper.formats import layouts
-from sweeper.inventory import FolderRef, open_folder
+from sweeper.inventory import FolderRef, open_folder, split_root
 from sweeper.journal import Journal
-from sweeper.ledger import CLOSES, INTENTS, Metric, RecordSink, new_record, user_name, utc_now
+from sweeper.ledger import (
+    CLOSES,
+    INTENTS,
+    LedgerRecord,
+    Metric,
+    RecordSink,
+    new_record,
+    user_name,
+    utc_now,
+)
 from sweeper.ledger import Action as LedgerAction
-from sweeper.plan import Need, PlanEntry, SweepPlan
+from sweeper.plan import Need, PlanEntry, Purge, SweepPlan
 from sweeper.policy import Action
 from sweeper.torchzip import Interrupted, Mode
 
@@ -57,18 +69,34 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class Purged:
+    """What became of one planned purge."""
+
+    purge: Purge
+    ok: bool
+    detail: str
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        return self.purge.item.size if self.ok else 0
+
+
+@dataclass(frozen=True)
 class SweepReport:
     outcomes: tuple[Outcome, ...]
     interrupted: bool
     ledger_error: str | None = None  # the ledger stopped taking records: the run stopped there
+    purged: tuple[Purged, ...] = ()
 
     @property
     def reclaimed_bytes(self) -> int:
-        return sum(outcome.reclaimed_bytes for outcome in self.outcomes)
+        purged = sum(done.reclaimed_bytes for done in self.purged)
+        return purged + sum(outcome.reclaimed_bytes for outcome in self.outcomes)
 
     @property
     def failures(self) -> int:
         failed = sum(1 for outcome in self.outcomes if not outcome.ok)
+        failed += sum(1 for done in self.purged if not done.ok)
         return failed + (1 if self.ledger_error is not None else 0)
 
 
@@ -99,6 +127,32 @@ class _Context:
     ) -> None:
         """Append one record; an intent first leaves the journal's marker, so that a crash
         before its outcome is reconciled at the next start (sweeper.journal)."""
+        metric = Metric(*entry.metric) if entry.metric else None
+        self.append(
+            new_record(
+                now=self.clock(),
+                action=action,
+                path=entry.path,
+                owner=user_name(entry.uid),
+                uid=entry.uid,
+                reason=reason,
+                run_id=self.run_id,
+                root=entry.root,
+                epoch=entry.epoch,
+                metric=metric,
+                output=entry.output,
+                bytes_deleted=deleted,
+                bytes_written=written,
+                reclaimed_bytes=deleted - written if outcome else None,
+                file_id=file_id,
+                folder_id=(entry.folder.dev, entry.folder.ino) if action in INTENTS else None,
+                bytes_shared=shared,
+            )
+        )
+
+    def append(self, record: LedgerRecord) -> None:
+        """Append ``record`` (see :meth:`record`): raises LedgerUnavailable."""
+        action = record.action
         if action in INTENTS and self.journal is not None:
             try:
                 self.journal.begin()
@@ -106,26 +160,6 @@ class _Context:
                 raise LedgerUnavailable(
                     self.journal.ledger_path, f"cannot leave its journal marker: {error.strerror}"
                 ) from None
-        metric = Metric(*entry.metric) if entry.metric else None
-        record = new_record(
-            now=self.clock(),
-            action=action,
-            path=entry.path,
-            owner=user_name(entry.uid),
-            uid=entry.uid,
-            reason=reason,
-            run_id=self.run_id,
-            root=entry.root,
-            epoch=entry.epoch,
-            metric=metric,
-            output=entry.output,
-            bytes_deleted=deleted,
-            bytes_written=written,
-            reclaimed_bytes=deleted - written if outcome else None,
-            file_id=file_id,
-            folder_id=(entry.folder.dev, entry.folder.ino) if action in INTENTS else None,
-            bytes_shared=shared,
-        )
         try:
             self.ledger.append(record)
         except FileRefused as error:
@@ -135,11 +169,11 @@ class _Context:
                 getattr(self.ledger, "path", "?"), error.strerror or str(error)
             ) from None
         if action in INTENTS:
-            self.open_intents.add((entry.path, action))
+            self.open_intents.add((record.path, action))
         else:
             for kind, closing in CLOSES.items():
                 if action in closing:
-                    self.open_intents.discard((entry.path, kind))
+                    self.open_intents.discard((record.path, kind))
 
 
 def execute_plan(
@@ -169,9 +203,16 @@ def execute_plan(
     context = _Context(ledger, run_id, clock, should_stop, journal)
     work = [e for e in plan.entries if e.action in _WORK]
     outcomes: list[Outcome] = []
+    purged: list[Purged] = []
     interrupted = False
     try:
-        for folder, group in groupby(work, key=lambda e: e.folder):
+        # The trash first: under disk pressure its oldest files go before any demotion.
+        for top, purges in groupby(plan.purges, key=lambda p: p.top):
+            if should_stop():
+                interrupted = True
+                break
+            purged.extend(_purge_in(top, list(purges), context))
+        for folder, group in groupby(work if not interrupted else [], key=lambda e: e.folder):
             if should_stop():
                 interrupted = True
                 break
@@ -186,7 +227,7 @@ def execute_plan(
         # Nothing more is done that could not be recorded; the file in hand is reported failed.
         # Its intent stays open (and the journal's marker with it) for the next start.
         log.error("%s", error)
-        return SweepReport(tuple(outcomes), interrupted, str(error))
+        return SweepReport(tuple(outcomes), interrupted, str(error), tuple(purged))
     if journal is not None and not context.open_intents:
         journal.end()
     if not interrupted:
@@ -194,7 +235,178 @@ def execute_plan(
         clean_orphaned_temps(
             (f for f in plan.temp_folders if f not in worked), ledger, run_id=run_id
         )
-    return SweepReport(tuple(outcomes), interrupted)
+    return SweepReport(tuple(outcomes), interrupted, purged=tuple(purged))
+
+
+def _purge_in(top: FolderRef, purges: list[Purge], context: _Context) -> Iterator[Purged]:
+    """Purge these files from the trash of the root folder ``top``: for each, ledger intent ->
+    unlink if the trash still holds that very file -> its manifest entry removed -> ledger
+    outcome, which counts its bytes.  A trash folder that fails its check purges nothing."""
+    try:
+        top_fd = open_folder(top)
+    except (OSError, FileRefused) as error:
+        reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
+        for purge in purges:
+            yield _purge_failed(purge, context, f"cannot open its root folder safely: {reason}")
+        return
+    try:
+        try:
+            trash_fd = trash.open_trash(top_fd, top.display, create=False)
+            if trash_fd is None:
+                raise FileRefused(os.path.join(top.display, trash.TRASH_NAME), "is gone")
+        except (OSError, FileRefused) as error:
+            reason = error.reason if isinstance(error, FileRefused) else str(error.strerror)
+            for purge in purges:
+                yield _purge_failed(purge, context, reason)
+            return
+        try:
+            for purge in purges:
+                if context.should_stop():
+                    return
+                yield _purge_one(purge, trash_fd, context)
+        finally:
+            os.close(trash_fd)
+    finally:
+        os.close(top_fd)
+
+
+def _trash_record(
+    context: _Context, item: trash.TrashItem, action: str, reason: str, *, deleted: int = 0,
+    outcome: bool = True,
+) -> LedgerRecord:  # fmt: skip
+    return new_record(
+        now=context.clock(),
+        action=action,
+        path=item.path,
+        owner=user_name(item.uid),
+        uid=item.uid,
+        reason=reason,
+        run_id=context.run_id,
+        root=item.root,
+        output=item.trash_path,
+        bytes_deleted=deleted,
+        reclaimed_bytes=deleted if outcome else None,
+        file_id=item.identity,
+    )
+
+
+def _purge_one(purge: Purge, trash_fd: int, context: _Context) -> Purged:
+    item = purge.item
+    context.append(
+        _trash_record(
+            context,
+            item,
+            LedgerAction.PURGE_INTENT,
+            purge.reason,
+            deleted=item.size,
+            outcome=False,
+        )
+    )
+    try:
+        trash.purge_item(trash_fd, item)
+    except (OSError, FileRefused) as error:
+        return _purge_failed(purge, context, _why(error))
+    context.append(
+        _trash_record(context, item, LedgerAction.PURGE, purge.reason, deleted=item.size)
+    )
+    log.info("%s: purged from the trash (%d bytes)", item.path, item.size)
+    return Purged(purge, True, "purged")
+
+
+def _purge_failed(purge: Purge, context: _Context, reason: str) -> Purged:
+    log.error("%s: not purged: %s", purge.item.path, reason)
+    context.append(_trash_record(context, purge.item, LedgerAction.FAIL, reason))
+    return Purged(purge, False, reason)
+
+
+def _why(error: OSError | FileRefused) -> str:
+    return error.reason if isinstance(error, FileRefused) else f"{error.strerror or error}"
+
+
+def _move_to_trash(
+    entry: PlanEntry, source: Located, identity: FileIdentity, context: _Context
+) -> None:
+    """Demote by moving into the trash of its root folder (created if need be, checked before
+    use): ledger intent -> manifest entry -> rename if the name still holds the very file
+    planned, one link, open nowhere -> ledger outcome (no bytes: they count at the purge)."""
+    top_fd, top = trash.open_root_folder(entry.folder, entry.root)
+    try:
+        trash_fd = trash.open_trash(top_fd, top, create=True)
+        if trash_fd is None:
+            raise FileRefused(os.path.join(top, trash.TRASH_NAME), "vanished as it was made")
+        try:
+            if os.fstat(trash_fd).st_dev != entry.dev:
+                raise FileRefused(entry.path, "not moved: the trash is on another filesystem")
+            now_ns = time.time_ns()
+            _, rest = split_root(entry.root)
+            item = trash.TrashItem(
+                key=trash.new_key(identity, now_ns),
+                top=top,
+                root=entry.root,
+                path=entry.path,
+                folder=entry.folder.components[len(rest) :],
+                folder_id=(entry.folder.dev, entry.folder.ino),
+                name=entry.name,
+                uid=entry.uid,
+                identity=(identity.dev, identity.ino, identity.size, identity.mtime_ns),
+                trashed=now_ns / 1e9,
+                purge_after=now_ns / 1e9 + entry.undo_seconds,
+                run_id=context.run_id,
+            )
+            context.append(
+                _trash_record(context, item, LedgerAction.TRASH_INTENT, entry.reason, outcome=False)
+            )
+            trash.put_manifest(trash_fd, item)
+            try:
+                trash_if_same(source, identity, trash_fd, item.key)
+            except BaseException:
+                if not trash.holds(trash_fd, item.key):  # not moved: its entry goes too
+                    trash.drop_manifest(trash_fd, item.key)
+                raise
+            context.append(_trash_record(context, item, LedgerAction.TRASH, entry.reason))
+        finally:
+            os.close(trash_fd)
+    finally:
+        os.close(top_fd)
+
+
+@dataclass(frozen=True)
+class Restored:
+    item: trash.TrashItem
+    ok: bool
+    detail: str
+
+
+def restore_held(
+    held: Iterable[tuple[FolderRef, trash.TrashItem]], ledger: RecordSink, *, run_id: str
+) -> list[Restored]:
+    """Move each item back where it was (:func:`sweeper.trash.restore_item`: refused when its
+    folder is gone or its name taken) and record a ``restore`` (no bytes: none were counted
+    when it was moved in).  Callers hold the action lock exclusively, the journal reconciled."""
+    context = _Context(ledger, run_id, utc_now, lambda: False)
+    done = []
+    for top, item in held:
+        try:
+            top_fd = open_folder(top)
+            try:
+                trash_fd = trash.open_trash(top_fd, top.display, create=False)
+                if trash_fd is None:
+                    raise FileRefused(item.path, "its trash folder is gone")
+                try:
+                    trash.restore_item(top_fd, trash_fd, item)
+                finally:
+                    os.close(trash_fd)
+            finally:
+                os.close(top_fd)
+        except (OSError, FileRefused) as error:
+            log.error("%s: %s", item.path, _why(error))
+            done.append(Restored(item, False, _why(error)))
+            continue
+        reason = f"restored from the trash (moved there by run {item.run_id})"
+        context.append(_trash_record(context, item, LedgerAction.RESTORE, reason))
+        log.info("%s: restored from the trash", item.path)
+        done.append(Restored(item, True, "restored"))
+    return done
 
 
 def _execute_folder(
@@ -293,6 +505,15 @@ def _execute_entry(entry: PlanEntry, dir_fd: int, context: _Context) -> Outcome:
                 stale = Located(dir_fd, output_name(entry.name, Mode.INFERENCE), entry.path)
                 move_aside(stale, entry.keep_as, FileIdentity(*entry.replaces))
                 log.info("%s: stale inference copy kept as %s", entry.path, entry.keep_as)
+            if entry.trash:
+                _move_to_trash(entry, source, identity, context)
+                log.info(
+                    "%s: moved into the trash (%d bytes) for %d s; inference copy verified",
+                    entry.path,
+                    entry.size,
+                    entry.undo_seconds,
+                )
+                return Outcome(entry, True, "moved into the trash", written, replaced)
             context.record(
                 entry,
                 LedgerAction.DELETE_INTENT,
@@ -467,7 +688,8 @@ def _write_copy(
         replace=False,
         replacing=stale,
         keep_aside=entry.keep_as,
-        frees_after=entry.size if entry.action is Action.DELETE else 0,
+        # root's reserve is borrowed only for a copy whose source is unlinked right after
+        frees_after=entry.size if entry.action is Action.DELETE and not entry.trash else 0,
     )
     written, shared = result.bytes_out, result.bytes_shared
     if stale is None:

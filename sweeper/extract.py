@@ -469,15 +469,17 @@ _RENAME_NOREPLACE = 1
 _renameat2: Callable[..., int] | None = None
 
 
-def _rename_no_replace(dir_fd: int, old: str, new: str) -> None:
+def _rename_no_replace(dir_fd: int, old: str, new: str, new_dir_fd: int | None = None) -> None:
     """rename(2) that fails with FileExistsError rather than replace ``new``: renameat2 with
     RENAME_NOREPLACE, one atomic step; where the filesystem or libc lacks it, link then unlink
-    (a crash between leaves a second link to a sweeper temp name, which the next sweep sees)."""
+    (a crash between leaves a second link to a sweeper temp name, which the next sweep sees).
+    ``new`` is in ``new_dir_fd`` when given (same filesystem), else in ``dir_fd``."""
     global _renameat2
     if _renameat2 is None:
         libc = ctypes.CDLL(None, use_errno=True)
         _renameat2 = getattr(libc, "renameat2", None) or (lambda *args: -2)
-    result = _renameat2(dir_fd, os.fsencode(old), dir_fd, os.fsencode(new), _RENAME_NOREPLACE)
+    to_fd = dir_fd if new_dir_fd is None else new_dir_fd
+    result = _renameat2(dir_fd, os.fsencode(old), to_fd, os.fsencode(new), _RENAME_NOREPLACE)
     if result == 0:
         return
     error = ctypes.get_errno() if result == -1 else errno.ENOSYS
@@ -485,7 +487,7 @@ def _rename_no_replace(dir_fd: int, old: str, new: str) -> None:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
     if error not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         raise OSError(error, os.strerror(error), old)
-    os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    os.link(old, new, src_dir_fd=dir_fd, dst_dir_fd=to_fd, follow_symlinks=False)
     os.unlink(old, dir_fd=dir_fd)
 
 
@@ -640,6 +642,35 @@ def delete_if_same(source: Located, expected: FileIdentity) -> None:
     and verified, the files that justify the deletion re-checked, and the intent recorded in
     the ledger.
     """
+    _require_unused(source, expected)
+    os.unlink(source.name, dir_fd=source.dir_fd)
+    try:
+        os.fsync(source.dir_fd)
+    except OSError as error:
+        # Done in memory either way, and a deletion lost in a crash only brings the file back:
+        # the deletion is recorded as done.
+        log.warning("%s: deleted; fsync of its folder failed: %s", source.display, error.strerror)
+
+
+def trash_if_same(source: Located, expected: FileIdentity, trash_fd: int, key: str) -> None:
+    """Move ``source`` into the trash folder ``trash_fd`` as ``key`` (one rename on the same
+    filesystem, never over a file) on exactly the conditions :func:`delete_if_same` unlinks
+    it; then fsync both folders.  Owner, mode and mtime travel with the inode."""
+    _require_unused(source, expected)
+    try:
+        _rename_no_replace(source.dir_fd, source.name, key, trash_fd)
+    except FileExistsError:
+        raise FileRefused(source.display, f"{key} is taken in the trash; not moved") from None
+    try:
+        os.fsync(trash_fd)
+        os.fsync(source.dir_fd)
+    except OSError as error:
+        # Moved either way; a move lost in a crash leaves the file where it was.
+        log.warning("%s: moved; fsync of the folders failed: %s", source.display, error.strerror)
+
+
+def _require_unused(source: Located, expected: FileIdentity) -> None:
+    """Raise FileRefused unless ``source`` is still ``expected``, one link, open nowhere."""
     try:
         fd, now = open_regular(source.name, source.dir_fd, source.display)
     except FileRefused as error:
@@ -665,13 +696,6 @@ def delete_if_same(source: Located, expected: FileIdentity) -> None:
         raise FileRefused(source.display, "vanished before it could be deleted") from None
     if FileIdentity.of(last) != expected or last.st_nlink != 1:
         raise FileRefused(source.display, "replaced since it was read; not deleted")
-    os.unlink(source.name, dir_fd=source.dir_fd)
-    try:
-        os.fsync(source.dir_fd)
-    except OSError as error:
-        # Done in memory either way, and a deletion lost in a crash only brings the file back:
-        # the deletion is recorded as done.
-        log.warning("%s: deleted; fsync of its folder failed: %s", source.display, error.strerror)
 
 
 def lease_conflict(fd: int, lease: int) -> bool | None:

@@ -655,6 +655,10 @@ class Listed:
         return stat.S_ISLNK(self.info.st_mode)
 
 
+# The undo window's trash folder at the top of each root folder (sweeper.trash): never walked.
+TRASH_NAME = ".sweeper-trash"
+
+
 def _list(fd: int) -> list[Listed]:
     listed = []
     for entry in os.scandir(fd):
@@ -863,6 +867,8 @@ def walk_folders(
                     "not walked",
                 )
                 continue
+            if depth == 0:  # sweeper's trash (sweeper.trash): what it holds is no checkpoint
+                entries = [e for e in entries if e.name != TRASH_NAME]
             children = [
                 folder.child(e.name, e.info)
                 for e in entries

@@ -12,8 +12,12 @@ ledger's tail after that offset may hold a dead run's open intents.
 outcome: ``delete`` when the checkpoint is gone (the run stopped after the unlink, before
 recording it), ``extract``/``refresh`` when the copy it was writing is in place (its durability
 is confirmed first: the copy and its folder are fsynced), ``abandon`` (no bytes) when the tree
-shows nothing happened.  After any crash the ledger's totals then equal the bytes actually
-freed.  Reconciliation only reads, fsyncs and appends: it never removes or renames a file.
+shows nothing happened.  The undo window's intents (:mod:`sweeper.trash`) close the same way:
+``purge-intent`` as ``purge`` (its bytes counted) once the trash no longer holds its file, else
+``abandon`` (the next sweep purges it again); ``trash-intent`` as ``trash`` when the trash holds
+the file, else ``abandon`` -- neither with bytes, since a move frees nothing.  After any crash
+the ledger's totals then equal the bytes actually freed.  Reconciliation only reads, fsyncs
+and appends: it never removes or renames a file.
 Callers hold the action lock, so no other sweeper is half-way through an action.
 """
 
@@ -43,6 +47,7 @@ from sweeper.ledger import (
     new_record,
 )
 from sweeper.torchzip import Mode
+from sweeper.trash import open_trash
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +223,10 @@ def _abandoned(intent: LedgerRecord, run_id: str, now: datetime, why: str) -> Le
 def _resolve(intent: LedgerRecord, run_id: str, now: datetime) -> LedgerRecord:
     interrupted = f"run {intent.run_id} was interrupted"
     outcome = functools.partial(_closing, intent, run_id, now)
+    if intent.action == Action.PURGE_INTENT:
+        return _resolve_purge(intent, interrupted, outcome)
+    if intent.action == Action.TRASH_INTENT:
+        return _resolve_trash(intent, interrupted, outcome)
     try:
         dir_fd = _open_record_folder(intent)
     except (OSError, FileRefused):
@@ -254,6 +263,65 @@ def _resolve_delete(
         return outcome(Action.ABANDON, f"{interrupted} before deleting it; it is now {elsewhere}")
     # Gone from its folder (or the name holds another file): the intent's unlink happened.
     return outcome(Action.DELETE, f"{interrupted} after deleting it", deleted=size)
+
+
+def _open_trash_of(record: LedgerRecord) -> int:
+    """The trash folder a trash or purge record names (its ``output``'s folder), reopened below
+    its root's trusted prefix without following a symlink, and checked as before any use."""
+    if record.output is None:
+        raise FileRefused(record.path, "the record names no file in the trash")
+    top = os.path.dirname(os.path.dirname(record.output))
+    prefix, _ = split_root(record.root)
+    relative = os.path.relpath(top, prefix)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise FileRefused(record.path, "outside its root")
+    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in (p for p in relative.split(os.sep) if p not in ("", os.curdir)):
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        trash_fd = open_trash(fd, top, create=False)
+    finally:
+        os.close(fd)
+    if trash_fd is None:
+        raise FileRefused(record.path, "its trash folder is gone")
+    return trash_fd
+
+
+def _in_trash(record: LedgerRecord) -> bool:
+    """Whether the trash still holds the very file ``record`` names."""
+    assert record.output is not None and record.file_id is not None
+    trash_fd = _open_trash_of(record)
+    try:
+        info = os.stat(os.path.basename(record.output), dir_fd=trash_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(trash_fd)
+    return (info.st_dev, info.st_ino) == record.file_id[:2]
+
+
+def _resolve_purge(
+    intent: LedgerRecord, interrupted: str, outcome: Callable[..., LedgerRecord]
+) -> LedgerRecord:
+    """A purge is counted once its file is gone from the trash; while the trash still holds it,
+    nothing was freed (the next sweep purges it again, under an intent of its own)."""
+    if intent.file_id is None or intent.output is None:
+        return outcome(Action.ABANDON, f"{interrupted}; the intent names no file")
+    if _in_trash(intent):
+        return outcome(Action.ABANDON, f"{interrupted} before purging it; it is still held")
+    return outcome(Action.PURGE, f"{interrupted} after purging it", deleted=intent.file_id[2])
+
+
+def _resolve_trash(
+    intent: LedgerRecord, interrupted: str, outcome: Callable[..., LedgerRecord]
+) -> LedgerRecord:
+    """A move into the trash frees nothing, so it is never counted: the record only says where
+    the file is.  Its manifest entry, if the move never happened, is tidied by the next run."""
+    if intent.file_id is not None and intent.output is not None and _in_trash(intent):
+        return outcome(Action.TRASH, f"{interrupted} after moving it into the trash")
+    return outcome(Action.ABANDON, f"{interrupted} before moving it into the trash")
 
 
 def _resolve_extract(

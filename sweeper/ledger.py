@@ -74,14 +74,25 @@ class Action:
     FAIL: Final = "fail"
     CARRY: Final = "carry"  # the totals of records compacted away (sweeper.ledger_segments)
     ABANDON: Final = "abandon"  # an interrupted run's intent that the tree shows came to nothing
+    # The undo window (sweeper.trash): a demoted checkpoint moved into the trash (no bytes
+    # freed yet), moved back by ``sweeper restore``, or purged (its bytes freed: counted here).
+    TRASH_INTENT: Final = "trash-intent"
+    TRASH: Final = "trash"
+    RESTORE: Final = "restore"
+    PURGE_INTENT: Final = "purge-intent"
+    PURGE: Final = "purge"
 
 
-INTENTS: Final = frozenset({Action.EXTRACT_INTENT, Action.DELETE_INTENT})
+INTENTS: Final = frozenset(
+    {Action.EXTRACT_INTENT, Action.DELETE_INTENT, Action.TRASH_INTENT, Action.PURGE_INTENT}
+)
 # The records that close an intent of the same run and path: its outcome, its failure, or what
 # start-up reconciliation found (see sweeper.journal).
 CLOSES: Final = {
     Action.EXTRACT_INTENT: frozenset({Action.EXTRACT, Action.REFRESH, Action.FAIL, Action.ABANDON}),
     Action.DELETE_INTENT: frozenset({Action.DELETE, Action.FAIL, Action.ABANDON}),
+    Action.TRASH_INTENT: frozenset({Action.TRASH, Action.FAIL, Action.ABANDON}),
+    Action.PURGE_INTENT: frozenset({Action.PURGE, Action.FAIL, Action.ABANDON}),
 }
 
 

@@ -10,7 +10,7 @@ come from the ledger (:mod:`sweeper.counters`), so they survive restarts.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,8 @@ class Snapshot:
     last_sweep_seconds: float | None = None
     queue_length: int | None = None  # the daemon's; None for a one-shot sweep
     errors: Mapping[str, int] = field(default_factory=dict)  # kind -> count, besides "action"
+    # (mount point, free bytes, under disk pressure) per filesystem the roots are on
+    filesystems: Sequence[tuple[str, int, bool]] | None = None
 
 
 def reclaimable_left(
@@ -149,6 +151,20 @@ def render(snapshot: Snapshot) -> str:
             "gauge",
             "Folders (or full scans) waiting in the daemon's work queue.",
             [({}, snapshot.queue_length)],
+        )
+    if snapshot.filesystems is not None:
+        text.family(
+            "sweeper_pressure_active",
+            "gauge",
+            "1 while the filesystem is under disk pressure (free space fell below "
+            "pressure.free_below and is not yet back at pressure.free_target), else 0.",
+            [({"filesystem": name}, int(active)) for name, _, active in snapshot.filesystems],
+        )
+        text.family(
+            "sweeper_free_bytes",
+            "gauge",
+            "Bytes free to unprivileged users on the filesystem, when last measured.",
+            [({"filesystem": name}, free) for name, free, _ in snapshot.filesystems],
         )
     text.family(
         "sweeper_build_info",

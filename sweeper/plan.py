@@ -7,15 +7,18 @@ then reclaims on the same tree.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sweeper import policy
 from sweeper.formats.layouts import FolderCheckpoint, Part
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder
 from sweeper.policy import Action, Candidate, CopyStatus, Rules, Status
+from sweeper.pressure import Space
 from sweeper.torchzip import Kind
+from sweeper.trash import TrashItem
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +60,41 @@ class PlanEntry:
     # A checkpoint folder: DELETE removes its training state only (bytes_deleted), after its
     # weights verify; they stay in place.
     layout: FolderCheckpoint | None = None
+    # DELETE: moved into the trash for this long, not unlinked (the undo window); its bytes are
+    # freed, and counted, when it is purged, so they are not in bytes_deleted
+    undo_seconds: int = 0
+
+    @property
+    def trash(self) -> bool:
+        return self.undo_seconds > 0
 
     @property
     def reclaimed_bytes(self) -> int:
         return self.bytes_deleted - self.bytes_written
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """A file in a trash folder to unlink now: its undo window has passed, or its filesystem is
+    under disk pressure.  ``top`` is its root folder, as a scan reopens one."""
+
+    item: TrashItem
+    top: FolderRef
+    reason: str
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        return self.item.size
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """A filesystem under disk pressure, as the planner is told of it: how much must be freed
+    there to reach ``pressure.free_target``, and what ``keep_full`` is lowered to."""
+
+    space: Space
+    needed_bytes: int
+    keep_full: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +103,18 @@ class SweepPlan:
     problems: tuple[tuple[str, str], ...]
     failed: int = 0  # run folders not planned because classifying them failed: exit 1
     temp_folders: tuple[FolderRef, ...] = ()  # where an interrupted extraction may have left temps
+    pressure: tuple[Pressure, ...] = ()  # the filesystems planned for under disk pressure
+    purges: tuple[Purge, ...] = ()  # trashed files to unlink, before any entry is acted on
 
     @property
     def expected_reclaimed_bytes(self) -> int:
-        return sum(entry.reclaimed_bytes for entry in self.entries)
+        entries = sum(entry.reclaimed_bytes for entry in self.entries)
+        return entries + sum(purge.reclaimed_bytes for purge in self.purges)
+
+    @property
+    def trashed_bytes(self) -> int:
+        """What the plan moves into the trash: freed only when purged, in a later run."""
+        return sum(e.size for e in self.entries if e.trash and e.action is Action.DELETE)
 
     def count(self, action: Action) -> int:
         return sum(1 for entry in self.entries if entry.action is action)
@@ -149,6 +191,147 @@ def plan_sweep(inventory: Inventory, rules: Rules, *, now_ns: int) -> SweepPlan:
     for run in inventory.runs:
         entries.extend(plan_run(run, rules, now_ns=now_ns))
     return SweepPlan(tuple(entries), inventory.problems, inventory.failed, inventory.temp_folders)
+
+
+def plan_under_pressure(
+    inventory: Inventory,
+    rules: Rules,
+    pressured: Rules,
+    pressure: Sequence[Pressure],
+    *,
+    now_ns: int,
+) -> SweepPlan:
+    """The plan for a tree some of whose filesystems are under disk pressure.
+
+    Every run folder is planned with ``rules``; then, on each filesystem in ``pressure``, the
+    run folders that ``pressured`` rules would get most extra bytes back from are planned with
+    those instead, largest first, until what the plan reclaims on that filesystem reaches its
+    ``needed_bytes`` (or no folder has more to give).  Only as much as needed is planned, so
+    the plan stays exact; those folders come first in it, so they are acted on first.  An
+    entry that only the harder pace deletes says so in its reason.  Pure, like
+    :func:`plan_sweep`; ``pressured`` must differ from ``rules`` only in pace
+    (:func:`sweeper.pressure.pressured_rules`).
+    """
+    runs = inventory.runs
+    planned = [plan_run(run, rules, now_ns=now_ns) for run in runs]
+    first: list[int] = []
+    for under in pressure:
+        here = [index for index, run in enumerate(runs) if run.folder.dev == under.space.dev]
+        left = under.needed_bytes - sum(_reclaimed(planned[index]) for index in here)
+        harder = {
+            index: _under_pressure(
+                planned[index], plan_run(runs[index], pressured, now_ns=now_ns), under
+            )
+            for index in here
+        }
+        gains = {index: _reclaimed(harder[index]) - _reclaimed(planned[index]) for index in here}
+        for index in sorted(here, key=lambda index: -gains[index]):
+            if left <= 0 or gains[index] <= 0:
+                break
+            planned[index] = harder[index]
+            left -= gains[index]
+            first.append(index)
+    chosen = set(first)
+    order = first + [index for index in range(len(runs)) if index not in chosen]
+    entries = tuple(entry for index in order for entry in planned[index])
+    return SweepPlan(
+        entries, inventory.problems, inventory.failed, inventory.temp_folders, tuple(pressure)
+    )
+
+
+def plan_purges(
+    held: Iterable[tuple[FolderRef, TrashItem]],
+    pressure: Sequence[Pressure],
+    *,
+    now: float,
+) -> tuple[tuple[Purge, ...], tuple[Pressure, ...]]:
+    """The trashed files to purge: those whose undo window has passed, and, on a filesystem
+    under disk pressure, the oldest others until what they free reaches what is needed there
+    (before any further demotion).  Returns them and the pressure left for demotions to
+    relieve (``needed_bytes`` less what the purges free).  Pure."""
+    purges = []
+    left = {under.space.dev: under.needed_bytes for under in pressure}
+    for top, item in sorted(held, key=lambda pair: (pair[1].trashed, pair[1].key)):
+        dev = item.identity[0]
+        if item.purge_after <= now:
+            reason = "purged: its undo window has passed"
+        elif left.get(dev, 0) > 0:
+            reason = "purged early: its filesystem is under disk pressure"
+        else:
+            continue
+        purges.append(Purge(item, top, reason))
+        if dev in left:
+            left[dev] -= item.size
+    remaining = tuple(
+        dataclasses.replace(under, needed_bytes=max(0, left[under.space.dev])) for under in pressure
+    )
+    return tuple(purges), remaining
+
+
+def with_undo(plan: SweepPlan, undo_seconds: int, *, purges: tuple[Purge, ...] = ()) -> SweepPlan:
+    """``plan`` with an undo window of ``undo_seconds`` (0: none): each full checkpoint it
+    demotes is moved into the trash instead of unlinked, its bytes counted when it is purged.
+    Not on a filesystem under disk pressure (a trashed byte frees nothing: those delete at
+    once), nor a checkpoint folder's training state (deleted at once).  ``purges`` are added."""
+    if undo_seconds <= 0:
+        return dataclasses.replace(plan, purges=purges)
+    pressing = {under.space.dev for under in plan.pressure}
+    note = f"; held in the trash for {undo_seconds} s (undo_seconds)"
+    entries = tuple(
+        dataclasses.replace(
+            entry,
+            undo_seconds=undo_seconds,
+            bytes_deleted=entry.bytes_deleted - entry.size,
+            reason=entry.reason + note,
+        )
+        if entry.action is Action.DELETE and entry.layout is None and entry.dev not in pressing
+        else entry
+        for entry in plan.entries
+    )
+    return dataclasses.replace(plan, entries=entries, purges=purges)
+
+
+def plan_all(
+    inventory: Inventory,
+    rules: Rules,
+    pressured: Rules,
+    pressure: Sequence[Pressure],
+    held: Iterable[tuple[FolderRef, TrashItem]],
+    *,
+    now_ns: int,
+    undo_seconds: int,
+) -> SweepPlan:
+    """The whole plan of a sweep: due purges of the trash first (and, under disk pressure, the
+    oldest others), then demotions at the pace each filesystem calls for, with the undo window
+    where it applies.  Pure: :func:`plan_purges`, :func:`plan_under_pressure` (or
+    :func:`plan_sweep`) and :func:`with_undo` in turn."""
+    purges, left = plan_purges(held, pressure, now=now_ns / 1e9)
+    if pressure:
+        planned = plan_under_pressure(inventory, rules, pressured, left, now_ns=now_ns)
+        planned = dataclasses.replace(planned, pressure=tuple(pressure))
+    else:
+        planned = plan_sweep(inventory, rules, now_ns=now_ns)
+    return with_undo(planned, undo_seconds, purges=purges)
+
+
+def _reclaimed(entries: Iterable[PlanEntry]) -> int:
+    return sum(entry.reclaimed_bytes for entry in entries)
+
+
+def _under_pressure(
+    usual: tuple[PlanEntry, ...], harder: tuple[PlanEntry, ...], under: Pressure
+) -> tuple[PlanEntry, ...]:
+    """``harder``, each entry whose action the usual pace would not take saying why it is."""
+    note = (
+        f"disk pressure on {under.space.filesystem}: keep_full lowered to {under.keep_full}, "
+        "min_age_seconds to settle_seconds"
+    )
+    return tuple(
+        entry
+        if entry.action is before.action
+        else dataclasses.replace(entry, reason=f"{entry.reason} ({note})")
+        for before, entry in zip(usual, harder, strict=True)
+    )
 
 
 def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:

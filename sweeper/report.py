@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # the sweep's modules stay unimported when extracting one fil
     from sweeper.execute import SweepReport
     from sweeper.extract import ExtractResult
     from sweeper.ledger import SummaryRow
-    from sweeper.plan import PlanEntry, SweepPlan
+    from sweeper.plan import PlanEntry, Pressure, Purge, SweepPlan
     from sweeper.status import DaemonStatus
+    from sweeper.trash import TrashItem
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _T = TypeVar("_T")
@@ -257,11 +258,118 @@ def plan_entry_json(entry: PlanEntry) -> dict[str, object]:
         "bytes_deleted": entry.bytes_deleted,
         "reclaimed_bytes": entry.reclaimed_bytes,
         "epoch": entry.epoch,
+        **({"trash": True, "undo_seconds": entry.undo_seconds} if entry.trash else {}),
     }
 
 
+def purge_json(purge: Purge) -> dict[str, object]:
+    item = purge.item
+    return {
+        "path": item.path,
+        "root": item.root,
+        "in_trash": item.trash_path,
+        "reason": purge.reason,
+        "bytes": item.size,
+        "reclaimed_bytes": item.size,
+        "trashed": item.trashed,
+        "purge_after": item.purge_after,
+    }
+
+
+def trash_item_json(item: TrashItem) -> dict[str, object]:
+    from sweeper.ledger import user_name
+
+    return {
+        "path": item.path,
+        "root": item.root,
+        "in_trash": item.trash_path,
+        "owner": user_name(item.uid),
+        "uid": item.uid,
+        "bytes": item.size,
+        "trashed": item.trashed,
+        "purge_after": item.purge_after,
+        "run_id": item.run_id,
+    }
+
+
+def trash_text(items: Sequence[TrashItem]) -> str:
+    """``sweeper trash`` for people: what is held, oldest first, and when it goes."""
+    from sweeper.ledger import user_name
+
+    if not items:
+        return "the trash holds nothing"
+    rows = [["PURGED AFTER", "SIZE", "OWNER", "RUN", "FILE"]] + [
+        [
+            _when(item.purge_after),
+            human_size(item.size),
+            printable(user_name(item.uid)),
+            item.run_id,
+            printable(item.path),
+        ]
+        for item in items
+    ]
+    total = sum(item.size for item in items)
+    return table(rows, frozenset({1})) + (
+        f"\nheld: {_files(len(items))}, {human_size(total)} ({total} bytes)"
+    )
+
+
+def restore_text(done: Sequence[tuple[TrashItem, bool, str]]) -> str:
+    if not done:
+        return "nothing restored"
+    return "\n".join(
+        f"restored: {printable(item.path)}"
+        if ok
+        else f"NOT restored: {printable(item.path)}: {printable(detail)}"
+        for item, ok, detail in done
+    )
+
+
+def trash_lines(plan: SweepPlan) -> list[str]:
+    """What a plan does with the trash: files it moves in (not yet freed), files it purges."""
+    lines = []
+    trashed = [e for e in plan.entries if e.trash and e.action is Action.DELETE]
+    if trashed:
+        lines.append(
+            f"into the trash: {_files(len(trashed))}, {human_size(plan.trashed_bytes)} "
+            f"({plan.trashed_bytes} bytes), freed when purged (undo_seconds)"
+        )
+    for purge in plan.purges:
+        lines.append(
+            f"purge: {printable(purge.item.path)} ({human_size(purge.item.size)}): "
+            f"{printable(purge.reason)}"
+        )
+    return lines
+
+
+def pressure_json(pressure: Pressure) -> dict[str, object]:
+    return {
+        "filesystem": pressure.space.filesystem,
+        "free_bytes": pressure.space.free_bytes,
+        "total_bytes": pressure.space.total_bytes,
+        "needed_bytes": pressure.needed_bytes,
+        "keep_full": pressure.keep_full,
+    }
+
+
+def pressure_lines(pressures: Iterable[Pressure]) -> list[str]:
+    """One line per filesystem a plan was made for under disk pressure."""
+    return [
+        f"disk pressure on {printable(p.space.filesystem)}: {human_size(p.space.free_bytes)} "
+        f"free of {human_size(p.space.total_bytes)}; planned with keep_full={p.keep_full}, "
+        f"largest run folders first, to free {human_size(p.needed_bytes)} "
+        f"({p.needed_bytes} bytes)"
+        for p in pressures
+    ]
+
+
 def write_streamed_plan_json(
-    entries: Iterable[PlanEntry], problems: Sequence[tuple[str, str]], stream: TextIO
+    entries: Iterable[PlanEntry],
+    problems: Sequence[tuple[str, str]],
+    stream: TextIO,
+    *,
+    pressure: Sequence[Pressure] = (),
+    purges: Sequence[Purge] = (),
 ) -> None:
     """The dry run's JSON object, written as the entries are planned: the totals come last,
     so no entry is held after it is written."""
@@ -272,11 +380,16 @@ def write_streamed_plan_json(
         stream.write((", " if index else "") + to_json(plan_entry_json(entry)))
         counts[entry.action.value] += 1
         expected += entry.reclaimed_bytes
-    tail = {
+    tail: dict[str, object] = {
         "expected_reclaimed_bytes": expected,
         "counts": counts,
         "problems": [{"path": path, "reason": reason} for path, reason in problems],
     }
+    if pressure:
+        tail["pressure"] = [pressure_json(p) for p in pressure]
+    if purges:
+        tail["purges"] = [purge_json(p) for p in purges]
+        tail["expected_reclaimed_bytes"] = expected + sum(p.reclaimed_bytes for p in purges)
     stream.write("], " + to_json(tail)[1:] + "\n")
 
 
@@ -412,7 +525,9 @@ def plan_text(plan: SweepPlan, *, width: int | None = None, show_all: bool = Fal
         if plan.entries
         else ["no checkpoints found"]
     )
+    lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
+    lines += trash_lines(plan)
     counts = ", ".join(f"{plan.count(a)} {a.value}" for a in Action)
     lines.append(
         f"plan: {counts}; expected to reclaim {human_size(plan.expected_reclaimed_bytes)} "
@@ -464,6 +579,17 @@ def sweep_json(plan: SweepPlan, result: SweepReport) -> dict[str, object]:
             for o in result.outcomes
         ],
         "problems": [{"path": path, "reason": reason} for path, reason in plan.problems],
+        **({"pressure": [pressure_json(p) for p in plan.pressure]} if plan.pressure else {}),
+        **(
+            {
+                "purges": [
+                    {**purge_json(done.purge), "ok": done.ok, "detail": done.detail}
+                    for done in result.purged
+                ]
+            }
+            if result.purged
+            else {}
+        ),
     }
 
 
@@ -497,7 +623,20 @@ def sweep_text(plan: SweepPlan, result: SweepReport, *, width: int | None = None
         if result.outcomes
         else ["nothing to do"]
     )
+    lines = pressure_lines(plan.pressure) + lines
     lines += [f"problem: {printable(path)}: {printable(reason)}" for path, reason in plan.problems]
+    trashed = [o for o in result.outcomes if o.ok and o.entry.trash]
+    if trashed:
+        held = sum(o.entry.size for o in trashed)
+        lines.append(
+            f"into the trash: {_files(len(trashed))}, {human_size(held)} ({held} bytes), "
+            "freed when purged (undo_seconds)"
+        )
+    lines += [
+        f"{'ok' if done.ok else 'FAIL'} purge: {printable(done.purge.item.path)} "
+        f"({human_size(done.purge.item.size)}): {printable(done.detail)}"
+        for done in result.purged
+    ]
     skipped = plan.count(Action.SKIP)
     lines.append(
         f"swept: {len(result.outcomes) - result.failures} done, {result.failures} failed, "
@@ -704,6 +843,8 @@ def status_line(status: DaemonStatus) -> str:
         f"{status.total_files} files acted on, {status.failed} failed; reclaimed "
         f"{human_size(status.today_bytes)} today, {human_size(status.total_bytes)} in total"
     )
+    if status.pressure:
+        line = f"DISK PRESSURE on {printable(', '.join(status.pressure))}; {line}"
     if status.not_acting is not None:
         line = f"NOT ACTING: {printable(status.not_acting)}; {line}"
     return line
@@ -742,6 +883,11 @@ def status_text(status: DaemonStatus, running: bool) -> str:
         lines.append("last error: none")
     for root, why in status.polled:
         lines.append(f"polled, not watched: {printable(root)} ({printable(why)})")
+    for name, free, total, active in status.filesystems:
+        lines.append(
+            f"disk: {printable(name)}: {human_size(free)} free of {human_size(total)}"
+            + ("; UNDER PRESSURE: sweeping at the harder pace" if active else "")
+        )
     return "\n".join(lines)
 
 

@@ -61,11 +61,22 @@ class DaemonStatus:
     last_error_time: float | None = None
     polled: tuple[tuple[str, str], ...] = ()  # (root, why it is polled, not watched)
     not_acting: str | None = None  # why no action is taken (the ledger takes no records)
+    # (filesystem's mount point, free bytes, total bytes, under disk pressure) per filesystem
+    filesystems: tuple[tuple[str, int, int, bool], ...] = ()
+
+    @property
+    def pressure(self) -> tuple[str, ...]:
+        """The filesystems under disk pressure."""
+        return tuple(name for name, _, _, active in self.filesystems if active)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["working_on"] = list(self.working_on)
         data["polled"] = [{"root": root, "why": why} for root, why in self.polled]
+        data["filesystems"] = [
+            {"filesystem": name, "free_bytes": free, "total_bytes": total, "pressure": active}
+            for name, free, total, active in self.filesystems
+        ]
         return data
 
     @classmethod
@@ -79,6 +90,15 @@ class DaemonStatus:
             values["working_on"] = tuple(str(item) for item in values.get("working_on", ()))
             values["polled"] = tuple(
                 (str(item["root"]), str(item["why"])) for item in values.get("polled", ())
+            )
+            values["filesystems"] = tuple(
+                (
+                    str(item["filesystem"]),
+                    int(item["free_bytes"]),
+                    int(item["total_bytes"]),
+                    item["pressure"] is True,
+                )
+                for item in values.get("filesystems", ())
             )
             status = cls(**values)
         except (TypeError, KeyError) as error:

@@ -39,7 +39,8 @@ T = TypeVar("T")
 
 # STATUS=, in the words `sweeper status` uses (sweeper.report.status_line).
 _STATUS = re.compile(
-    r"^STATUS=(?:NOT ACTING: .*; )?(?P<phase>[^;]+); (?P<queued>\d+) queued, "
+    r"^STATUS=(?:NOT ACTING: .*; )?(?:DISK PRESSURE on .*?; )?"
+    r"(?P<phase>[^;]+); (?P<queued>\d+) queued, "
     r"(?P<settling>\d+) settling; (?P<actions>\d+) files acted on, (?P<failed>\d+) failed; "
     r"reclaimed (?P<today>-?[\d.]+ [KMGTP]?i?B) today, (?P<total>-?[\d.]+ [KMGTP]?i?B) in total$"
 )

@@ -108,6 +108,7 @@ def test_bundled_config_documents_every_key() -> None:
         ("classify_memory_limit=0", "classify_memory_limit", 0),
         ("classify_memory_limit=16777216", "classify_memory_limit", 16 * 1024**2),
         ("ledger=/srv/sweeper/ledger.jsonl", "ledger", Path("/srv/sweeper/ledger.jsonl")),
+        ("undo_seconds=86400", "undo_seconds", 86400),
     ],
 )
 def test_override(override: str, key: str, expected: object) -> None:
@@ -219,6 +220,15 @@ def test_relative_roots_are_judged_from_the_working_directory(
         (["keep_inference.all=false"], "keep_inference"),  # would delete every orphan copy
         (["keep_inference.last=3"], "keep_inference"),  # all=true: silently nothing
         (["keep_inference.some=3"], "keep_inference.some"),
+        (["pressure.keep_full=0"], "pressure.keep_full"),  # the newest checkpoint stays
+        (["pressure.free_below=0%"], "pressure.free_below"),
+        (["pressure.free_below=ten"], "pressure.free_below"),
+        (["pressure.free_target=100%"], "pressure.free_target"),
+        (["pressure.free_target=5%"], "pressure.free_target"),  # below free_below's 10%
+        (["pressure.free_below=2GiB", "pressure.free_target=1GiB"], "pressure.free_target"),
+        (["pressure.free_target=[1]"], "pressure.free_target"),
+        (["pressure.high=3"], "pressure.high"),
+        (["undo_seconds=-1"], "undo_seconds"),
     ],
 )
 def test_unsafe_policy_is_refused(overrides: list[str], key: str) -> None:
@@ -364,3 +374,25 @@ def test_ledger_is_resolved_against_cwd_and_home(plain_environment: Path) -> Non
 def test_overrides_must_be_a_sequence_not_a_string() -> None:
     with pytest.raises(TypeError):
         load_settings(None, "keep_full=3")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], ("10%", "15%", 1)),
+        (["pressure.free_below=5%", "pressure.free_target=7.5%"], ("5%", "7.5%", 1)),
+        (["pressure.free_below=50GiB", "pressure.free_target=80GiB"], ("50GiB", "80GiB", 1)),
+        (["pressure.free_below=1073741824"], ("1073741824", "15%", 1)),  # kinds may mix
+        (["pressure.keep_full=2"], ("10%", "15%", 2)),
+    ],
+)
+def test_pressure_settings(overrides: list[str], expected: tuple[str, str, int]) -> None:
+    pressure = load_settings(None, overrides).pressure
+    assert (pressure.free_below.text, pressure.free_target.text, pressure.keep_full) == expected
+
+
+def test_pressure_rules_lower_the_pace() -> None:
+    settings = load_settings(None, ["keep_full=3", "min_age_seconds=600", "settle_seconds=20"])
+    harder = settings.rules(pressure=True)
+    assert (harder.keep_full, harder.min_age_seconds) == (1, 20)
+    assert dataclasses.replace(harder, keep_full=3, min_age_seconds=600) == settings.rules()

@@ -184,7 +184,12 @@ def test_the_daemon_writes_metrics_whose_counters_survive_a_restart(
     assert first[("sweeper_build_info", (("version", __version__),))] == 1
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
     assert sorted(os.listdir(textfiles)) == ["sweeper.prom"]  # no temporary file left behind
-    assert not any("/" in value for key in first for _, value in key[1] if _ != "root")
+    # labels name configured roots and the filesystems they are on, never a file
+    paths = {"root", "filesystem"}
+    assert not any("/" in value for key in first for _, value in key[1] if _ not in paths)
+    (filesystem,) = [key[1] for key in first if key[0] == "sweeper_pressure_active"]
+    assert first[("sweeper_pressure_active", filesystem)] in (0, 1)
+    assert first[("sweeper_free_bytes", filesystem)] > 0
 
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
