@@ -605,12 +605,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         held, refused = list_held(settings.roots)
         for path, reason in refused:
             log.error("%s: %s", path, reason)
+        # (a relative root records relative paths: compared as absolute, from here)
         wanted = [
             (top, item)
             for top, item in held
-            if item.path in paths or (args.run_id is not None and item.run_id == args.run_id)
+            if os.path.abspath(item.path) in paths
+            or (args.run_id is not None and item.run_id == args.run_id)
         ]
-        missing = paths - {item.path for _, item in wanted}
+        missing = paths - {os.path.abspath(item.path) for _, item in wanted}
         for path in sorted(missing):
             log.error("%s: not held in the trash", path)
         done = restore_held(wanted, ledger, run_id=run_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import time
@@ -356,6 +357,9 @@ def _move_to_trash(
             context.append(
                 _trash_record(context, item, LedgerAction.TRASH_INTENT, entry.reason, outcome=False)
             )
+            # Shared lock on the trash while its entry exists without its file: a sweep of
+            # another ledger over the same root tidies only a trash nobody is moving into.
+            fcntl.flock(trash_fd, fcntl.LOCK_SH)
             trash.put_manifest(trash_fd, item)
             try:
                 trash_if_same(source, identity, trash_fd, item.key)

@@ -661,6 +661,10 @@ def trash_if_same(source: Located, expected: FileIdentity, trash_fd: int, key: s
         _rename_no_replace(source.dir_fd, source.name, key, trash_fd)
     except FileExistsError:
         raise FileRefused(source.display, f"{key} is taken in the trash; not moved") from None
+    moved = os.stat(key, dir_fd=trash_fd, follow_symlinks=False)
+    if FileIdentity.of(moved) != expected:  # swapped in at the last moment: it goes back
+        _rename_no_replace(trash_fd, key, source.name, source.dir_fd)
+        raise FileRefused(source.display, "replaced as it was moved; put back, not trashed")
     try:
         os.fsync(trash_fd)
         os.fsync(source.dir_fd)

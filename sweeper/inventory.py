@@ -867,8 +867,9 @@ def walk_folders(
                     "not walked",
                 )
                 continue
-            if depth == 0:  # sweeper's trash (sweeper.trash): what it holds is no checkpoint
-                entries = [e for e in entries if e.name != TRASH_NAME]
+            # sweeper's trash (sweeper.trash), at any depth (another root's, when roots nest):
+            # what it holds is no checkpoint
+            entries = [e for e in entries if e.name != TRASH_NAME]
             children = [
                 folder.child(e.name, e.info)
                 for e in entries

@@ -19,6 +19,7 @@ ledger says); the ledger's intents (``trash-intent``, ``purge-intent``) are reco
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -242,7 +243,12 @@ def tidy(trash_fd: int) -> list[str]:
     """Remove the manifest entries whose file is not in the trash (a crash came between writing
     one and moving its file in, or between purging or restoring a file and removing its entry)
     and leftover temporary entries; returns their keys.  Callers hold the action lock and have
-    reconciled the journal first."""
+    reconciled the journal first.  A trash another sweep is moving a file into (it holds a
+    shared flock on it: another ledger's sweep over the same root) is left for later."""
+    try:
+        fcntl.flock(trash_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return []
     removed = []
     for entry in os.scandir(trash_fd):
         name = entry.name

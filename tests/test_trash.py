@@ -488,3 +488,66 @@ def test_killed_between_purge_steps_nothing_is_lost_or_double_counted(
         sizes = sum(m["identity"][2] for m in tree.manifests())
     assert hits > 6
     assert states == {"file gone", "file held"}  # killed before and after the unlink
+
+
+# ---------------------------------------------------------------------------------------------
+# What an adversarial review found
+
+
+def test_a_trash_another_sweep_is_moving_into_is_not_tidied(tree: Tree) -> None:
+    """A sweep of another ledger over the same root, between a manifest entry and its move:
+    the shared flock the mover holds keeps ``tidy`` from removing the live entry."""
+    import fcntl
+
+    from sweeper import trash
+
+    assert tree.sweep().returncode == 0
+    fd = os.open(tree.trash, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (tree.trash / "live.json").write_text("{}")  # an entry whose file is still on its way
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        other = os.open(tree.trash, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert trash.tidy(other) == []
+        finally:
+            os.close(other)
+        assert (tree.trash / "live.json").exists()
+    finally:
+        os.close(fd)
+    other = os.open(tree.trash, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert trash.tidy(other) == ["live"]  # once no one moves: a crash's leftover, tidied
+    finally:
+        os.close(other)
+
+
+def test_a_root_inside_another_never_sweeps_its_trash(tree: Tree) -> None:
+    """Nested roots: the outer root's sweep never walks the inner root folder's trash, even
+    with patterns that match its keys."""
+    assert tree.sweep().returncode == 0
+    held = sorted(p.name for p in tree.trash.iterdir())
+    outer = tree.root.parent
+    done = tree._run(
+        "sweep", outer, "keep_full=1", "min_age_seconds=0", 'patterns=["*"]',
+        "--ledger", outer / "other" / "ledger.jsonl", "--dry-run", "--json",
+    )  # fmt: skip
+    assert all(TRASH not in entry["path"] for entry in done.json()["entries"]), done.stdout
+    assert sorted(p.name for p in tree.trash.iterdir()) == held
+
+
+def test_restore_finds_a_path_given_relative_to_a_relative_root(tree: Tree) -> None:
+    """A root given relative to the working folder records relative paths; restore finds
+    the file by the path a user gives, relative or absolute."""
+    top = tree.root.parent
+    done = run_cli(
+        "sweep", "root", "keep_full=1", "min_age_seconds=0", f"undo_seconds={tree.undo}",
+        "--ledger", tree.ledger, cwd=top,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert not tree.epochs[0].exists()
+    restored = run_cli(
+        "restore", os.path.relpath(tree.epochs[0], top), "roots=[root]", "--ledger", tree.ledger,
+        cwd=top,
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stderr
+    assert tree.epochs[0].exists()
