@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import difflib
 import functools
 import logging
@@ -437,14 +436,10 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             held,
             now_ns=now_ns,
             undo_seconds=settings.undo_seconds,
+            refused=refused,
         )
         for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
             log.error("%s: %s", path, reason)
-        planned = dataclasses.replace(
-            planned,
-            problems=(*planned.problems, *refused),
-            failed=planned.failed + len(refused),
-        )
         return check_plan(planned)
 
     under = _disk_pressure(settings)

@@ -1019,14 +1019,10 @@ class Watcher:
                 held,
                 now_ns=now_ns,
                 undo_seconds=settings.undo_seconds,
+                refused=refused,
             )
             for path, reason in refused:  # nothing is purged from it: exit 1, as for a bad file
                 log.error("%s: %s", path, reason)
-            planned = dataclasses.replace(
-                planned,
-                problems=(*planned.problems, *refused),
-                failed=planned.failed + len(refused),
-            )
             plan = check_plan(planned)
             for path, reason in plan.problems:
                 log.warning("%s: %s", path, reason)

@@ -300,18 +300,28 @@ def plan_all(
     *,
     now_ns: int,
     undo_seconds: int,
+    refused: Sequence[tuple[str, str]] = (),
 ) -> SweepPlan:
     """The whole plan of a sweep: due purges of the trash first (and, under disk pressure, the
     oldest others), then demotions at the pace each filesystem calls for, with the undo window
     where it applies.  Pure: :func:`plan_purges`, :func:`plan_under_pressure` (or
-    :func:`plan_sweep`) and :func:`with_undo` in turn."""
+    :func:`plan_sweep`) and :func:`with_undo` in turn.  ``refused``: (path, why) of trash
+    folders refused (nothing purged from them): problems that fail the sweep, as a bad file
+    does."""
     purges, left = plan_purges(held, pressure, now=now_ns / 1e9)
     if pressure:
         planned = plan_under_pressure(inventory, rules, pressured, left, now_ns=now_ns)
         planned = dataclasses.replace(planned, pressure=tuple(pressure))
     else:
         planned = plan_sweep(inventory, rules, now_ns=now_ns)
-    return with_undo(planned, undo_seconds, purges=purges)
+    planned = with_undo(planned, undo_seconds, purges=purges)
+    if not refused:
+        return planned
+    return dataclasses.replace(
+        planned,
+        problems=(*planned.problems, *refused),
+        failed=planned.failed + len(refused),
+    )
 
 
 def _reclaimed(entries: Iterable[PlanEntry]) -> int:

@@ -17,16 +17,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from checkpoints import TEMP_MARK, assert_same_tensors
-from conftest import REPO_ROOT, CliRun
-from trees import ledger_lines, outcome_total, save_full, set_mtime, write_history
+from conftest import CliRun
+from trees import (
+    ledger_lines,
+    open_intents,
+    outcome_total,
+    run_fault_driver,
+    save_full,
+    set_mtime,
+    write_history,
+)
 
 from sweeper.journal import markers_of
 
@@ -68,28 +74,6 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def _run_driver(
-    tmp_path: Path, template: Path, modes: list[str], args: list[str]
-) -> list[dict[str, Any]]:
-    """Every point of ``fault_driver.py`` over copies of ``template``, as it reported them."""
-    spec = tmp_path / "spec.json"
-    work = tmp_path / "work"
-    work.mkdir()
-    spec.write_text(
-        json.dumps({"template": str(template), "work": str(work), "modes": modes, "args": args})
-    )
-    driver = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert driver.returncode == 0, driver.stderr
-    return [json.loads(line) for line in driver.stdout.splitlines()]
-
-
 def _check_point(
     point: dict[str, Any],
     saved: dict[str, dict[str, Any]],
@@ -119,16 +103,8 @@ def _check_point(
     freed = start_bytes - _tree_bytes(tree / "root")
     counted = outcome_total(records) - start_total  # carry records hold compacted totals
     assert counted == freed, f"{where}: ledger {counted} != {freed}"
-    closes = {"extract-intent": {"extract", "refresh", "fail", "abandon"}}
-    closes["delete-intent"] = {"delete", "fail", "abandon"}
-    open_intents: set[tuple[str, str, str]] = set()
-    for record in records:
-        if record["action"] in closes:
-            open_intents.add((record["run_id"], record["path"], record["action"]))
-        for kind, closing in closes.items():
-            if record["action"] in closing:
-                open_intents.discard((record["run_id"], record["path"], kind))
-    assert not open_intents, f"{where}: intents left open: {open_intents}"
+    left = open_intents(records)
+    assert not left, f"{where}: intents left open: {left}"
     assert markers_of(tree / "state" / "ledger.jsonl") == [], where
 
 
@@ -162,7 +138,7 @@ def test_every_filesystem_call_of_a_sweep_can_fail_or_be_killed(
     summary = json.loads(done.stdout)
     assert summary["counts"]["delete"] == 2 and summary["counts"]["refresh"] == 1
 
-    points = _run_driver(tmp_path, template, modes, args)
+    points = run_fault_driver(tmp_path, template, modes, args)
     for mode in modes:
         hit = [p for p in points if p["mode"] == mode and p["hit"]]
         assert len(hit) > 50, f"{mode}: only {len(hit)} calls faulted"
@@ -215,7 +191,7 @@ def test_a_checkpoint_folder_demotion_can_fail_or_be_killed_at_every_call(
     assert json.loads(done.stdout)["counts"]["delete"] == 1
     reference = set(_digests(clean / "root"))
 
-    points = _run_driver(tmp_path, template, modes, args)
+    points = run_fault_driver(tmp_path, template, modes, args)
     for mode in modes:
         assert len([p for p in points if p["mode"] == mode and p["hit"]]) > 20, mode
     for point in points:
@@ -232,11 +208,6 @@ def test_a_checkpoint_folder_demotion_can_fail_or_be_killed_at_every_call(
         records = ledger_lines(tree / "state" / "ledger.jsonl")
         freed = start_bytes - _tree_bytes(tree / "root")
         assert outcome_total(records) == freed, f"{where}: ledger != {freed}"
-        open_intents: set[tuple[str, str]] = set()
-        for record in records:
-            if record["action"] == "delete-intent":
-                open_intents.add((record["run_id"], record["path"]))
-            elif record["action"] in ("delete", "fail", "abandon"):
-                open_intents.discard((record["run_id"], record["path"]))
-        assert not open_intents, f"{where}: intents left open: {open_intents}"
+        left = open_intents(records)
+        assert not left, f"{where}: intents left open: {left}"
         assert markers_of(tree / "state" / "ledger.jsonl") == [], where

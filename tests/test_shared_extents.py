@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -25,9 +24,9 @@ from typing import Any
 import pytest
 import torch
 from checkpoints import flip_byte, folder_state, record_span, save_full_checkpoint, temp_files
-from conftest import REPO_ROOT, CliRun
+from conftest import CliRun
 from test_faults import _check_point, _tree_bytes
-from trees import ledger_lines, outcome_total, set_mtime
+from trees import ledger_lines, outcome_total, run_fault_driver, set_mtime
 
 from sweeper import extents, torchzip
 from sweeper.errors import FileRefused
@@ -506,25 +505,11 @@ def test_on_xfs_every_filesystem_call_of_a_demotion_can_fail_or_be_killed(
     shared = ledger_lines(clean / "state" / "l")
     assert all(r["bytes_shared"] >= 60 * 1024 for r in shared if r["action"] == "extract")
 
-    spec = disk / "spec.json"
-    work = disk / "work"
-    work.mkdir()
     modes = ["kill", "EIO"]  # EIO strikes every call ENOSPC does (and the reads), alike
     # The calls that write a copy and read it back (test_faults.py strikes every call of a
     # sweep, on ext4; here that would take minutes).
     only = ["ioctl", "posix_fallocate", "copy_file_range", "pwrite", "fsync", "preadv"]
-    settings = {"template": str(template), "work": str(work), "modes": modes, "args": args}
-    spec.write_text(json.dumps({**settings, "only": only}))
-    driver = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert driver.returncode == 0, driver.stderr
-    points = [json.loads(line) for line in driver.stdout.splitlines()]
+    points = run_fault_driver(disk, template, modes, args, only)
     for mode in modes:
         assert len([p for p in points if p["mode"] == mode and p["hit"]]) > 20, mode
     start_bytes = _tree_bytes(template / "root")

@@ -22,7 +22,15 @@ import pytest
 from conftest import REPO_ROOT, CliRun, run_cli
 from daemon_harness import RESCAN_SECONDS, SETTLE_SECONDS, Daemon, NotifySocket
 from test_pressure import MiB, fill_to, save_sized
-from trees import DAY_NS, days_ago, ledger_lines, outcome_total, save_full
+from trees import (
+    DAY_NS,
+    days_ago,
+    ledger_lines,
+    open_intents,
+    outcome_total,
+    run_fault_driver,
+    save_full,
+)
 
 from sweeper.journal import markers_of
 from sweeper.pressure import measure
@@ -336,45 +344,6 @@ def test_under_pressure_demotions_delete_at_once(
 # -- kill -9 -------------------------------------------------------------------------------
 
 
-def _driver(
-    tmp_path: Path, template: Path, args: list[str], only: list[str]
-) -> list[dict[str, Any]]:
-    spec = tmp_path / "spec.json"
-    work = tmp_path / "work"
-    work.mkdir()
-    spec.write_text(json.dumps(
-        {"template": str(template), "work": str(work), "modes": ["kill"], "args": args,
-         "only": only}
-    ))  # fmt: skip
-    driver = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
-        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
-    )
-    assert driver.returncode == 0, driver.stderr
-    return [json.loads(line) for line in driver.stdout.splitlines()]
-
-
-def _intents_closed(records: list[dict[str, Any]]) -> bool:
-    closes = {
-        "extract-intent": {"extract", "refresh", "fail", "abandon"},
-        "delete-intent": {"delete", "fail", "abandon"},
-        "trash-intent": {"trash", "fail", "abandon"},
-        "purge-intent": {"purge", "fail", "abandon"},
-    }
-    open_intents: set[tuple[str, str, str]] = set()
-    for record in records:
-        if record["action"] in closes:
-            open_intents.add((record["run_id"], record["path"], record["action"]))
-        for kind, closing in closes.items():
-            if record["action"] in closing:
-                open_intents.discard((record["run_id"], record["path"], kind))
-    return not open_intents
-
-
 def test_killed_between_trash_and_manifest_nothing_is_lost_or_double_counted(
     tmp_path: Path, run_sweeper: Callable[..., CliRun]
 ) -> None:
@@ -398,7 +367,7 @@ def test_killed_between_trash_and_manifest_nothing_is_lost_or_double_counted(
         "undo_seconds=3600", "--json",
     ]  # fmt: skip
     only = ["open", "write", "fsync", "rename", "renameat2", "unlink", "mkdir", "link"]
-    points = [p for p in _driver(tmp_path, template, args, only) if p["hit"]]
+    points = [p for p in run_fault_driver(tmp_path, template, ["kill"], args, only) if p["hit"]]
     assert len(points) > 15
     sizes = {p.name: p.stat().st_size for p in tree.epochs}
     for point in points:
@@ -421,7 +390,7 @@ def test_killed_between_trash_and_manifest_nothing_is_lost_or_double_counted(
         assert held == {"epoch1.pt", "epoch2.pt"}, where  # the rerun finished the job
         records = ledger_lines(top / "state" / "ledger.jsonl")
         assert outcome_total(records) - counted == start - tree_bytes(top / "root") == 0, where
-        assert _intents_closed(records), where
+        assert not open_intents(records), where
         assert markers_of(top / "state" / "ledger.jsonl") == [], where
 
 
@@ -471,7 +440,7 @@ def test_killed_between_purge_steps_nothing_is_lost_or_double_counted(
         where = f"kill at call {point}"
         assert outcome_total(records) - counted == start - tree_bytes(tree.root) == sizes, where
         assert [r["action"] for r in records[seen:]].count("purge") == 2, where
-        assert _intents_closed(records), where
+        assert not open_intents(records), where
         assert list(tree.trash.iterdir()) == [], where
         assert tree.epochs[2].exists(), where
         if not hit:

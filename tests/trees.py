@@ -227,3 +227,55 @@ def _assert_flocked(path: Path) -> None:
             return
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
     raise AssertionError(f"{path} is not flocked by the holder")
+
+
+def run_fault_driver(
+    tmp_path: Path,
+    template: Path,
+    modes: list[str],
+    args: list[str],
+    only: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Every point of ``fault_driver.py`` over copies of ``template`` (``only``: the calls to
+    strike, else every one), as it reported them."""
+    from conftest import REPO_ROOT
+
+    spec = tmp_path / "spec.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    settings: dict[str, Any] = {
+        "template": str(template), "work": str(work), "modes": modes, "args": args,
+    }  # fmt: skip
+    if only is not None:
+        settings["only"] = only
+    spec.write_text(json.dumps(settings))
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("fault_driver.py")), str(spec)],
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{Path(__file__).parent}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert driver.returncode == 0, driver.stderr
+    return [json.loads(line) for line in driver.stdout.splitlines()]
+
+
+_CLOSES = {
+    "extract-intent": {"extract", "refresh", "fail", "abandon"},
+    "delete-intent": {"delete", "fail", "abandon"},
+    "trash-intent": {"trash", "fail", "abandon"},
+    "purge-intent": {"purge", "fail", "abandon"},
+}
+
+
+def open_intents(records: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(run id, path, intent) of every intent in ``records`` no outcome closed."""
+    left: set[tuple[str, str, str]] = set()
+    for record in records:
+        if record["action"] in _CLOSES:
+            left.add((record["run_id"], record["path"], record["action"]))
+        for kind, closing in _CLOSES.items():
+            if record["action"] in closing:
+                left.discard((record["run_id"], record["path"], kind))
+    return left

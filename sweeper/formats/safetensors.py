@@ -10,8 +10,8 @@ overlap, and the buffer ends exactly at the end of the file.  A file cut short b
 writer, or padded, fails that.
 
 The header is read in full, so its size is bounded: :data:`MAX_HEADER_BYTES` (the library
-allows 100 MB; real models stay far below one, a 671B-parameter model's largest shard header
-is under 200 KB).
+allows 100 MB; a header holds a few dozen bytes per tensor, so 8 MiB is room for some hundred
+thousand tensors in one file).
 """
 
 from __future__ import annotations
