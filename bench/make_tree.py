@@ -25,14 +25,20 @@ import argparse
 import io
 import os
 import shutil
+import struct
 import sys
 import time
+import zlib
 
 CHECKPOINT_NAME = "checkpoint_epoch_{}.pt"
 RUNS_PER_PROJECT = 10
 PROJECTS_PER_USER = 10
 BACKDATE_S = 10 * 24 * 3600
 MARKER = ".complete"
+# With --distinct, each file's pickle carries its own run and epoch in the config's experiment
+# name: this placeholder (fixed width) is overwritten in the serialised bytes, and the record's
+# CRC in the local header and the central directory patched to match.
+RUN_STAMP = "r000000000e0000"
 
 
 def serialise_epochs(epochs: int) -> list[bytes]:
@@ -51,7 +57,7 @@ def serialise_epochs(epochs: int) -> list[bytes]:
     optimizer.zero_grad(set_to_none=True)
     config = OmegaConf.create(
         {
-            "experiment": "bench-sweep",
+            "experiment": "bench-sweep-" + RUN_STAMP,
             "model": {"name": "linear", "width": 16},
             "data": {"root": "${oc.env:HOME}/data", "batch_size": 4},
             "optim": {"name": "adamw", "lr": 3e-4, "weight_decay": 0.05},
@@ -89,19 +95,54 @@ def glob_root(top: str) -> str:
     return os.path.join(top, "data", "*", "*", "results", "checkpoints")
 
 
-def is_built(top: str, files: int, per_run: int) -> bool:
+def _marker(files: int, per_run: int, distinct: bool) -> list[str]:
+    return [str(files), str(per_run)] + (["distinct"] if distinct else [])
+
+
+def is_built(top: str, files: int, per_run: int, distinct: bool = False) -> bool:
     try:
         with open(os.path.join(top, MARKER)) as marker:
-            return marker.read().split() == [str(files), str(per_run)]
+            return marker.read().split() == _marker(files, per_run, distinct)
     except OSError:
         return False
 
 
-def build_tree(top: str, files: int, per_run: int = 10) -> bool:
-    """Build the tree unless a finished one is there; True when it was built now."""
+def distinguish(blob: bytes, index: int, epoch: int) -> bytes:
+    """``blob`` with its config naming run ``index``, epoch ``epoch``: a distinct pickle.  The
+    data.pkl record is stored, so the bytes are overwritten in place and its CRC patched in the
+    central directory and in the local header or the data descriptor after the data."""
+    new = f"r{index:09d}e{epoch:04d}".encode()
+    at = blob.index(RUN_STAMP.encode())
+    data = bytearray(blob)
+    data[at : at + len(new)] = new
+    central = blob.index(b"PK\x01\x02")
+    while True:
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", blob, central + 28)
+        if blob[central + 46 : central + 46 + name_len].endswith(b"/data.pkl"):
+            break
+        central = blob.index(b"PK\x01\x02", central + 46)
+    size, _ = struct.unpack_from("<II", blob, central + 20)
+    (local,) = struct.unpack_from("<I", blob, central + 42)
+    flags = struct.unpack_from("<H", blob, local + 6)[0]
+    name_len, extra_len = struct.unpack_from("<HH", blob, local + 26)
+    start = local + 30 + name_len + extra_len
+    assert start <= at < start + size, "the stamp is not in data.pkl"
+    crc = zlib.crc32(data[start : start + size])
+    struct.pack_into("<I", data, central + 16, crc)
+    if flags & 0x08:  # sizes and CRC in a descriptor after the data (torch's writer)
+        assert blob[start + size : start + size + 4] == b"PK\x07\x08"
+        struct.pack_into("<I", data, start + size + 4, crc)
+    else:
+        struct.pack_into("<I", data, local + 14, crc)
+    return bytes(data)
+
+
+def build_tree(top: str, files: int, per_run: int = 10, *, distinct: bool = False) -> bool:
+    """Build the tree unless a finished one is there; True when it was built now.  With
+    ``distinct``, no two files' pickles are the same (the run and epoch are in the config)."""
     if files % per_run:
         raise ValueError(f"--files {files} is not a multiple of --per-run {per_run}")
-    if is_built(top, files, per_run):
+    if is_built(top, files, per_run, distinct):
         return False
     marker = os.path.join(top, MARKER)
     if os.path.lexists(marker):
@@ -116,14 +157,14 @@ def build_tree(top: str, files: int, per_run: int = 10) -> bool:
             path = os.path.join(folder, CHECKPOINT_NAME.format(epoch))
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                os.write(fd, blob)
+                os.write(fd, distinguish(blob, index, epoch) if distinct else blob)
             finally:
                 os.close(fd)
             stamp = base_s + epoch * 3600
             os.utime(path, (stamp, stamp))
     os.sync()  # the timed runs should not pay for this tree's writeback
     with open(marker, "w") as out:
-        out.write(f"{files} {per_run}\n")
+        out.write(" ".join(_marker(files, per_run, distinct)) + "\n")
     return True
 
 
@@ -132,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("top", help="folder to build the tree in")
     parser.add_argument("--files", type=int, default=10_000, help="checkpoints in all (10000)")
     parser.add_argument("--per-run", type=int, default=10, help="checkpoints per run (10)")
+    parser.add_argument("--distinct", action="store_true", help="no two pickles the same")
     args = parser.parse_args(argv)
     if args.files < 1 or args.per_run < 1 or args.files % args.per_run:
         parser.error("--files must be a positive multiple of --per-run")
     started = time.perf_counter()
-    built = build_tree(args.top, args.files, args.per_run)
+    built = build_tree(args.top, args.files, args.per_run, distinct=args.distinct)
     verb = "built" if built else "reused"
     print(f"{verb} {args.files} checkpoints under {glob_root(args.top)} "
           f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)  # fmt: skip

@@ -954,7 +954,11 @@ def _classify_folder(
     except (OSError, FileRefused):
         return ()
     try:
-        files = [_classify_safely(fd, folder, entry, names, probes) for entry in wanted]
+        known = probes.known(wanted, entries)
+        files = [
+            _classify_safely(fd, folder, entry, names, probes, known.get(entry.name))
+            for entry in wanted
+        ]
         here = mount_id(fd)
         for entry in subfolders:
             found = _classify_checkpoint_folder(fd, folder, entry, names, probes, here, patterns)
@@ -1098,11 +1102,16 @@ def _replace(file: FileEntry, **changes: object) -> FileEntry:
 
 
 def _classify_safely(
-    dir_fd: int, folder: FolderRef, entry: Listed, names: set[str], probes: _Probes
+    dir_fd: int,
+    folder: FolderRef,
+    entry: Listed,
+    names: set[str],
+    probes: _Probes,
+    known: _Known | None = None,
 ) -> FileEntry:
     """One file that breaks the classifier in an unforeseen way is reported, never fatal."""
     try:
-        return _classify_file(dir_fd, folder, entry, names, probes)
+        return _classify_file(dir_fd, folder, entry, names, probes, known)
     except MemoryError:  # past the worker's address-space limit: the file asks too much
         display = os.path.join(folder.display, entry.name)
         log.warning("%s: %s", display, MEMORY_REFUSAL)
@@ -1125,7 +1134,10 @@ def _classify_file(
     entry: Listed,
     names: set[str],
     probes: _Probes,
+    known: _Known | None = None,
 ) -> FileEntry:
+    """``known``: the cache's key and answer for the file as the folder's listing saw it
+    (looked up for the whole folder at once), used if the opened file is still that file."""
     display = os.path.join(folder.display, entry.name)
     info = entry.info
     found: dict[str, Any] = {}
@@ -1155,8 +1167,11 @@ def _classify_file(
             found.update(problem="open for writing by a process", writing=True)
         else:
             found["in_use"] = held == "open"
-            key = probes.cache_key(dir_fd, entry.name, opened, names)
-            cached = probes.cache.get(key) if probes.cache is not None else None
+            if known is not None and _identity(opened) == _identity(entry.info):
+                key, cached = known
+            else:  # changed since it was listed: asked again, as it is now
+                key = probes.cache_key(dir_fd, entry.name, opened, names)
+                cached = probes.cache.get(key) if probes.cache is not None else None
             if cached is not None:
                 found.update(cached)
             else:
@@ -1460,6 +1475,9 @@ class ScanCache:
             self._seen.add(key)
         return found
 
+    def get_many(self, keys: list[tuple[object, ...]]) -> list[dict[str, Any] | None]:
+        return [self.get(key) for key in keys]
+
     def put(self, key: tuple[object, ...], found: dict[str, Any]) -> None:
         self._entries[key] = found
         self._seen.add(key)
@@ -1474,6 +1492,10 @@ class ScanCache:
 Cache = ScanCache | PersistentCache
 
 
+# A file's key in the scan cache, and what the cache holds under it (None: not known).
+_Known = tuple[tuple[object, ...], dict[str, Any] | None]
+
+
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
@@ -1483,6 +1505,20 @@ class _Probes:
     writers: _OpenForWriting
     cache: Cache | None
     read: _Read = _read_here  # what reads a file's contents: here, or a FileReader's worker
+
+    def known(self, wanted: list[Listed], entries: list[Listed]) -> dict[str, _Known]:
+        """The cache's key and answer for each file of ``wanted`` by its listed identity and
+        its copy's (from ``entries``, the same listing), in one lookup for the folder."""
+        if self.cache is None or not wanted:
+            return {}
+        infos = {entry.name: entry.info for entry in entries}
+        keys: list[tuple[object, ...]] = []
+        for entry in wanted:
+            copy = infos.get(output_name(entry.name, Mode.INFERENCE))
+            copied = None if copy is None else _identity(copy)
+            keys.append((entry.name, _identity(entry.info), copied))
+        answers = self.cache.get_many(keys)
+        return {str(key[0]): (key, found) for key, found in zip(keys, answers, strict=True)}
 
     def cache_key(
         self, dir_fd: int, name: str, info: os.stat_result, names: set[str]

@@ -43,7 +43,7 @@ from sweeper.policy import CopyStatus
 log = logging.getLogger(__name__)
 
 SUFFIX = ".scan-cache"
-_SCHEMA = 1
+_SCHEMA = 2
 # Rows no scan has met for this long are dropped (a file deleted, or a root removed).
 FORGET_SECONDS = 30 * 86_400
 # Results that say more about this run than about the file: never stored.
@@ -168,21 +168,26 @@ class PersistentCache:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID"
             )
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS files (dev INTEGER, ino INTEGER, size INTEGER, "
-                "mtime INTEGER, ctime INTEGER, copy INTEGER, found TEXT, verified INTEGER, "
-                "seen INTEGER, PRIMARY KEY (dev, ino)) WITHOUT ROWID"
-            )
             identity = {"schema": str(_SCHEMA), "code": _code_version(), "host": self.host}
             stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if stored != identity:
                 if stored:
                     log.info("%s: scan cache from another host or version; emptied", self.path)
                 db.execute("BEGIN IMMEDIATE")
-                db.execute("DELETE FROM files")
+                db.execute("DROP TABLE IF EXISTS files")
                 db.execute("DELETE FROM meta")
                 db.executemany("INSERT INTO meta VALUES (?, ?)", identity.items())
                 db.execute("COMMIT")
+            # One row per file, ~80 bytes on disk: ctime is stored as its distance from mtime
+            # (0, so no bytes at all, for a file last changed by a write), the copy's identity
+            # as a hash (NULL: no copy), and what reading found as a kind letter, three numbers
+            # and compact JSON for the rest (NULL when there is none).
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS files (dev INTEGER, ino INTEGER, size INTEGER, "
+                "mtime INTEGER, ctime INTEGER, copy INTEGER, kind TEXT, epoch INTEGER, "
+                "step INTEGER, output INTEGER, rest TEXT, verified INTEGER, seen INTEGER, "
+                "PRIMARY KEY (dev, ino)) WITHOUT ROWID"
+            )
         except BaseException:
             db.close()
             raise
@@ -199,15 +204,22 @@ class PersistentCache:
 
     # -- what ScanCache does -------------------------------------------------------------------
 
-    @_locked
     def get(self, key: tuple[object, ...]) -> dict[str, Any] | None:
-        row = self._row(key)
-        if row is None:
-            return None
-        try:
-            return _decode(row[0], str(key[0]))
-        except (ValueError, KeyError, TypeError, IndexError):
-            return None  # forged or damaged: a miss
+        return self.get_many([key])[0]
+
+    @_locked
+    def get_many(self, keys: list[tuple[object, ...]]) -> list[dict[str, Any] | None]:
+        """What each key's file was found to hold, or None (a miss): one query for the files
+        of a folder."""
+        found: list[dict[str, Any] | None] = [None] * len(keys)
+        rows = self._rows(keys)
+        for index, key in enumerate(keys):
+            row = rows.get(_columns(key))
+            if row is None:
+                continue
+            with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
+                found[index] = _decode(row, str(key[0]))  # (forged or damaged: a miss)
+        return found
 
     @_locked
     def put(self, key: tuple[object, ...], found: dict[str, Any]) -> None:
@@ -220,7 +232,7 @@ class PersistentCache:
             return
         dev, ino, size, mtime, ctime, copy = _columns(key)
         with self._lock:
-            self._pending.append((dev, ino, size, mtime, ctime, copy, encoded, _today()))
+            self._pending.append((dev, ino, size, mtime, ctime - mtime, copy, *encoded, _today()))
             full = len(self._pending) >= _BATCH
         if full:
             self.flush()
@@ -256,7 +268,7 @@ class PersistentCache:
             row = db.execute(
                 "SELECT verified FROM files "
                 "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ? AND ctime = ?",
-                (dev, ino, size, mtime_ns, ctime_ns),
+                (dev, ino, size, mtime_ns, ctime_ns - mtime_ns),
             ).fetchone()
         except sqlite3.Error as error:
             self._failed(error)
@@ -273,32 +285,44 @@ class PersistentCache:
             db.execute(
                 "UPDATE files SET verified = 1 "
                 "WHERE dev = ? AND ino = ? AND size = ? AND mtime = ? AND ctime = ?",
-                (dev, ino, size, mtime_ns, ctime_ns),
+                (dev, ino, size, mtime_ns, ctime_ns - mtime_ns),
             )
         except sqlite3.Error as error:
             self._failed(error)
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def _row(self, key: tuple[object, ...]) -> tuple[str] | None:
-        dev, ino, size, mtime, ctime, copy = _columns(key)
+    def _rows(self, keys: list[tuple[object, ...]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        """The stored rows of ``keys`` whose identity still matches, by their columns."""
+        wanted = [_columns(key) for key in keys]
         db = self._connect()
-        if db is None:
-            return None
+        if db is None or not wanted:
+            return {}
+        today = _today()
+        matched: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        stale: list[tuple[int, int, int]] = []
         try:
-            row = db.execute(
-                "SELECT found, seen FROM files WHERE dev = ? AND ino = ? AND size = ? AND "
-                "mtime = ? AND ctime = ? AND copy IS ?",
-                (dev, ino, size, mtime, ctime, copy),
-            ).fetchone()
-            if row is not None and row[1] < _today():  # met again: kept another 30 days
-                db.execute(
-                    "UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", (_today(), dev, ino)
-                )
+            for dev in {columns[0] for columns in wanted}:
+                inodes = [columns[1] for columns in wanted if columns[0] == dev]
+                for start in range(0, len(inodes), _BATCH):
+                    some = inodes[start : start + _BATCH]
+                    query = (
+                        "SELECT ino, size, mtime, mtime + ctime, copy, kind, epoch, step, "
+                        "output, rest, seen FROM files WHERE dev = ? AND ino IN "
+                        f"({', '.join('?' * len(some))})"
+                    )
+                    for ino, size, mtime, ctime, copy, *found, seen in db.execute(
+                        query, (dev, *some)
+                    ):
+                        matched[(dev, ino, size, mtime, ctime, copy)] = tuple(found)
+                        if seen < today:
+                            stale.append((today, dev, ino))
+            if stale:  # met again: kept another FORGET_SECONDS
+                db.executemany("UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", stale)
         except sqlite3.Error as error:
             self._failed(error)
-            return None
-        return None if row is None else (row[0],)
+            return {}
+        return matched
 
     @_locked
     def flush(self) -> None:
@@ -312,9 +336,11 @@ class PersistentCache:
         try:
             db.execute("BEGIN IMMEDIATE")
             db.executemany(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?) ON CONFLICT (dev, ino) DO "
-                "UPDATE SET size = excluded.size, mtime = excluded.mtime, ctime = excluded.ctime, "
-                "copy = excluded.copy, found = excluded.found, seen = excluded.seen, "
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?) "
+                "ON CONFLICT (dev, ino) DO UPDATE SET size = excluded.size, "
+                "mtime = excluded.mtime, ctime = excluded.ctime, copy = excluded.copy, "
+                "kind = excluded.kind, epoch = excluded.epoch, step = excluded.step, "
+                "output = excluded.output, rest = excluded.rest, seen = excluded.seen, "
                 "verified = CASE WHEN files.size = excluded.size AND files.mtime = excluded.mtime "
                 "AND files.ctime = excluded.ctime THEN files.verified ELSE 0 END",
                 rows,
@@ -353,27 +379,29 @@ def _columns(key: tuple[object, ...]) -> tuple[int, int, int, int, int, int | No
     return dev, ino, size, mtime, ctime, None if copy is None else hash(copy)
 
 
-# -- values: compact JSON ------------------------------------------------------------------------
+# -- values: a kind letter, three numbers and compact JSON ------------------------------------
 #
-# One short object per file, defaults left out: {"k":"F","e":3,"m":[["val_loss",0.2]],"o":3887}.
-# The headline metric and the copy's name are not stored: both follow from what is.
+# The usual full checkpoint is ("F", 3, None, 3887, '{"m":[["val_loss",0.2]]}'): its copy (not
+# made yet) and the headline metric are not stored, as both follow from what is.
 
 _KINDS = {kind: kind.name[0] for kind in Kind}
 _KIND_OF = {letter: kind for kind, letter in _KINDS.items()}
-_SHORT = {"epoch": "e", "step": "s", "output_bytes": "o", "problem": "p", "source_name": "n"}
+_NUMBERS = ("epoch", "step", "output_bytes")
+_SHORT = {"problem": "p", "source_name": "n"}
 _LONG = {short: key for key, short in _SHORT.items()}
 _FLAGS = {"own_output": "w", "symlink": "l", "writing": "r", "in_use": "u", "pinned": "q"}
 _FLAG_OF = {short: key for key, short in _FLAGS.items()}
+_Encoded = tuple[str | None, int | None, int | None, int | None, str | None]
 
 
-def _encode(found: dict[str, Any]) -> str:
+def _encode(found: dict[str, Any]) -> _Encoded:
+    kind = found.get("kind")
+    epoch, step, output = (found.get(key) for key in _NUMBERS)
     out: dict[str, Any] = {}
     for key, value in found.items():
-        if value is None or value is False or value == ():
+        if value is None or value is False or value == () or key in _NUMBERS or key == "kind":
             continue
-        if key == "kind":
-            out["k"] = _KINDS[value]
-        elif key == "metric":
+        if key == "metric":
             continue  # the headline of metrics
         elif key == "metrics":
             out["m"] = [list(pair) for pair in value]
@@ -386,7 +414,8 @@ def _encode(found: dict[str, Any]) -> str:
                 None,
                 None,
             ) and not (copy.made_here or copy.pinned):
-                out["c"] = status  # the usual case: no copy yet, or its name alone
+                if copy.status is not CopyStatus.NONE or output is None:
+                    out["c"] = status  # its name alone ("none" goes without saying)
             else:
                 identity = list(copy.identity) if copy.identity is not None else None
                 details = [copy.problem, copy.size, identity, copy.made_here, copy.aside]
@@ -397,27 +426,42 @@ def _encode(found: dict[str, Any]) -> str:
             out[_FLAGS[key]] = value if key == "pinned" else 1
         else:
             raise ValueError(key)  # something this cache does not know how to keep
-    return json.dumps(out, separators=(",", ":"), allow_nan=True)
+    rest = json.dumps(out, separators=(",", ":"), allow_nan=True) if out else None
+    return (
+        None if kind is None else _KINDS[kind],
+        None if epoch is None else int(epoch),
+        None if step is None else int(step),
+        None if output is None else int(output),
+        rest,
+    )
 
 
 _STATUS = {status.value[0]: status for status in CopyStatus}
 
 
-def _decode(text: str, name: str) -> dict[str, Any]:
+def _decode(row: tuple[Any, ...], name: str) -> dict[str, Any]:
     inventory = sys.modules["sweeper.inventory"]  # (which imports this module)
-    raw = json.loads(text)
+    kind, epoch, step, output, rest = row
+    found: dict[str, Any] = {}
+    if kind is not None:
+        found["kind"] = _KIND_OF[kind]
+    for key, value in zip(_NUMBERS, (epoch, step, output), strict=True):
+        if value is not None:
+            if not isinstance(value, int):
+                raise TypeError(key)
+            found[key] = value
+    raw = json.loads(rest) if rest is not None else {}
     if not isinstance(raw, dict):
         raise ValueError("not an object")
-    found: dict[str, Any] = {}
+    copy_name = inventory.output_name(name, inventory.Mode.INFERENCE)
+    if output is not None and "c" not in raw:
+        found["copy"] = inventory.CopyState(copy_name, CopyStatus.NONE)
     for key, value in raw.items():
-        if key == "k":
-            found["kind"] = _KIND_OF[value]
-        elif key == "m":
+        if key == "m":
             metrics = tuple((str(k), float(v)) for k, v in value)
             found["metrics"] = metrics
             found["metric"] = inventory.headline_metric(metrics)
         elif key == "c":
-            copy_name = inventory.output_name(name, inventory.Mode.INFERENCE)
             if isinstance(value, str):
                 found["copy"] = inventory.CopyState(copy_name, _STATUS[value])
                 continue
@@ -432,9 +476,7 @@ def _decode(text: str, name: str) -> dict[str, Any]:
                 None if aside is None else str(aside),
                 bool(pinned),
             )
-        elif key in ("e", "s", "o"):
-            found[_LONG[key]] = int(value)
-        elif key in ("p", "n"):
+        elif key in _LONG:
             found[_LONG[key]] = str(value)
         elif key in _FLAG_OF:
             found[_FLAG_OF[key]] = str(value) if key == "q" else bool(value)

@@ -41,7 +41,7 @@ def _cache(sweeper: Sweeper) -> Path:
 
 def _rows(sweeper: Sweeper) -> list[tuple[Any, ...]]:
     with sqlite3.connect(_cache(sweeper)) as db:
-        return db.execute("SELECT ino, verified, found FROM files ORDER BY ino").fetchall()
+        return db.execute("SELECT ino, verified, kind FROM files ORDER BY ino").fetchall()
 
 
 def _plan(sweeper: Sweeper, *args: str) -> dict[str, str]:
@@ -85,10 +85,21 @@ def test_a_changed_file_is_read_again(sweeper: Sweeper) -> None:
     assert "(epoch 0)" in _plan(sweeper)["epoch4.pt"]
 
 
-def _forge(sweeper: Sweeper, name: str, found: str, verified: int | None = None) -> None:
+def _forge(
+    sweeper: Sweeper,
+    name: str,
+    kind: str,
+    epoch: int,
+    output: int | None = None,
+    rest: str | None = None,
+    verified: int | None = None,
+) -> None:
     ino = (sweeper.root / "run" / name).stat().st_ino
     with sqlite3.connect(_cache(sweeper)) as db:
-        db.execute("UPDATE files SET found = ? WHERE ino = ?", (found, ino))
+        db.execute(
+            "UPDATE files SET kind = ?, epoch = ?, output = ?, rest = ? WHERE ino = ?",
+            (kind, epoch, output, rest, ino),
+        )
         if verified is not None:
             db.execute("UPDATE files SET verified = ? WHERE ino = ?", (verified, ino))
 
@@ -99,8 +110,8 @@ def test_a_forged_entry_cannot_make_sweeper_delete_a_checkpoint(sweeper: Sweeper
     and the deletion fails its execute-time check (the copy is not there): nothing is lost."""
     _tree(sweeper.root)
     _plan(sweeper)
-    _forge(sweeper, "epoch4.pt", '{"k":"I","e":4}')
-    _forge(sweeper, "epoch1.pt", '{"k":"F","e":1,"o":3887,"c":"c"}')
+    _forge(sweeper, "epoch4.pt", "I", 4)
+    _forge(sweeper, "epoch1.pt", "F", 1, 3887, '{"c":"c"}')
     plan = _plan(sweeper)
     assert plan["epoch4.pt"].startswith("skip")
     assert plan["epoch1.pt"].startswith("delete")
@@ -130,9 +141,9 @@ def test_a_damaged_or_foreign_cache_is_replaced_and_the_plan_is_the_same(
     elif damage == "another host":
         with sqlite3.connect(cache) as db:
             db.execute("UPDATE meta SET value = 'elsewhere' WHERE key = 'host'")
-        _forge(sweeper, "epoch1.pt", '{"k":"I","e":1}')
+        _forge(sweeper, "epoch1.pt", "I", 1)
     else:
-        _forge(sweeper, "epoch1.pt", '{"k":"Z","nonsense":[')
+        _forge(sweeper, "epoch1.pt", "Z", 1, None, '{"nonsense":[')
     before = snapshot(sweeper.root)
     assert _plan(sweeper) == first
     assert snapshot(sweeper.root) == before
