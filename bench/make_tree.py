@@ -117,7 +117,7 @@ def distinguish(blob: bytes, index: int, epoch: int) -> bytes:
     data[at : at + len(new)] = new
     central = blob.index(b"PK\x01\x02")
     while True:
-        name_len, extra_len, comment_len = struct.unpack_from("<HHH", blob, central + 28)
+        (name_len,) = struct.unpack_from("<H", blob, central + 28)
         if blob[central + 46 : central + 46 + name_len].endswith(b"/data.pkl"):
             break
         central = blob.index(b"PK\x01\x02", central + 46)

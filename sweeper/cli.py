@@ -48,7 +48,7 @@ from sweeper.torchzip import Mode
 if TYPE_CHECKING:  # the sweep's and the daemon's modules load only for their commands
     from sweeper.config import Settings
     from sweeper.execute import SweepReport
-    from sweeper.plan import PlanEntry, Pressure, SweepPlan
+    from sweeper.plan import Pressure, SweepPlan
 
 log = logging.getLogger("sweeper")
 
@@ -389,8 +389,8 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     from sweeper.journal import Journal
     from sweeper.ledger import AppendEach, action_lock, check_writable
     from sweeper.ledger_segments import before_acting
-    from sweeper.plan import plan_all, plan_run
-    from sweeper.preflight import check_entries, check_plan, is_refused, refused_count
+    from sweeper.plan import plan_all
+    from sweeper.preflight import check_plan, refused_count
     from sweeper.signals import StopFlag, install_stop_handlers
     from sweeper.trash import list_held, tidy_all
 
@@ -459,33 +459,24 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if pressed.failed or refused_count(pressed.entries) else EXIT_OK
     if args.dry_run and args.json:
-        # Streamed one run folder at a time: memory does not grow with the tree.
+        # Streamed one run folder at a time, each planned and written as JSON where it was
+        # classified (sweeper.dryrun): memory does not grow with the tree.
+        from sweeper.dryrun import Piece, plan_piece, write_pieces
+
         now_ns = time.time_ns()
         walk = Scan(
             settings.roots,
             settings.patterns,
             processes=processes,
-            refine=verified(now_ns),
             limits=limits,
             memory_limit=settings.classify_memory_limit,
             store=store,
         )
-        refused = 0
-
-        def counted(entries: Iterator[PlanEntry]) -> Iterator[PlanEntry]:
-            nonlocal refused
-            for entry in entries:
-                refused += is_refused(entry)
-                yield entry
-
-        entries = counted(
-            check_entries(
-                entry
-                for run in walk.runs(progress.scanned, stop)
-                for entry in plan_run(run, rules, now_ns=now_ns)
-            )
+        render = functools.partial(plan_piece, rules=rules, now_ns=now_ns, verifier=verifier)
+        pieces = (done.value for done in walk.rendered(render, progress.scanned, stop))
+        refused = write_pieces(
+            (piece for piece in pieces if isinstance(piece, Piece)), walk.problems, sys.stdout
         )
-        report.write_streamed_plan_json(entries, walk.problems, sys.stdout)
         progress.clear()
         if stop():
             return EXIT_INTERRUPTED

@@ -21,7 +21,7 @@ from sweeper.errors import FileRefused
 from sweeper.extract import open_regular
 from sweeper.formats import layouts
 from sweeper.inventory import FileEntry, FolderRef, Inventory, RunFolder, open_folder
-from sweeper.plan import to_candidates
+from sweeper.plan import Decided, to_candidates
 from sweeper.policy import Rules
 from sweeper.scan_cache import PersistentCache
 
@@ -143,14 +143,24 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
     """``run`` with every full checkpoint that a planned deletion counts on verified: marked
     ``verified``, or made unusable (``problem``) when it is corrupt, so that planning ``run``
     never deletes a file because a corrupt one was counted as a newer intact copy."""
+    return verified_decisions(run, rules, now_ns=now_ns, verifier=verifier)[0]
+
+
+def verified_decisions(
+    run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier
+) -> tuple[RunFolder, Decided | None]:
+    """:func:`verify_run`, and the candidates and decisions it ended on when they are still
+    those of the run it returns (nothing had to be read): ``plan_run`` need not decide again."""
     files = {file.name: file for file in run.files}
     folder = _OpenedOnce(run.folder)
+    decided: Decided | None = None
     try:
         while True:
             candidates = to_candidates(files.values())
             decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
             todo = policy.needs_verification(candidates, decisions)
             if not todo:
+                decided = (tuple(candidates), decisions)
                 break
             corrupt = False
             for name in sorted(todo):
@@ -166,7 +176,9 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
                 break
     finally:
         folder.close()
-    return dataclasses.replace(run, files=tuple(files.values()))
+    if decided is not None:
+        return run, decided  # (files unchanged)
+    return dataclasses.replace(run, files=tuple(files.values())), None
 
 
 def verify_inventory(

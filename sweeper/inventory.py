@@ -362,6 +362,7 @@ class Scan:
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
         self._folders: list[tuple[str, FolderRef]] = []
+        self._sizes: list[int] = []  # checkpoint-named files in each of _folders, as walked
         self._queued: set[tuple[int, int]] = set()
         # Checkpoint folders met so far (the names they hold), folders that are parts of one
         # (a Trainer checkpoint's global_step500/), and every folder walked, by path.
@@ -395,13 +396,15 @@ class Scan:
                         continue  # its files are parts of one checkpoint, swept with it
                     if any(is_sweeper_temp(e.name) for e in files):
                         self.temp_folders.append(folder)
-                    if any(_is_candidate(e, patterns) for e in files):
-                        self._queue(pattern, folder)
+                    wanted = sum(_is_candidate(e, patterns) for e in files)
+                    if wanted:
+                        self._queue(pattern, folder, wanted)
 
-    def _queue(self, pattern: str, folder: FolderRef) -> None:
+    def _queue(self, pattern: str, folder: FolderRef, files: int = 1) -> None:
         if (folder.dev, folder.ino) not in self._queued:
             self._queued.add((folder.dev, folder.ino))
             self._folders.append((pattern, folder))
+            self._sizes.append(files)
 
     def _checkpoint_folder(self, pattern: str, folder: FolderRef, files: list[Listed]) -> bool:
         """Whether ``folder`` is a checkpoint folder (its parent is then a run folder, swept
@@ -447,6 +450,29 @@ class Scan:
         """Each run folder with its files classified, in walk order; stops early (yielding
         nothing more) once ``should_stop`` turns true.  A folder whose worker died is
         recorded in ``problems`` and counted in ``failed``; the others go on."""
+        for run in self._classified(None, progress, should_stop):
+            assert isinstance(run, RunFolder)
+            yield run
+
+    def rendered(
+        self,
+        render: Callable[[RunFolder], object],
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[Rendered]:
+        """``runs()``, each run folder (with files) turned by ``render`` into what the caller
+        needs of it, in the classifier that classified it: the run folder itself never
+        travels back.  Without forked classifiers (a ``reader`` or ``cache``) it is rendered
+        here."""
+        for run in self._classified(render, progress, should_stop):
+            yield run if isinstance(run, Rendered) else Rendered(len(run.files), render(run))
+
+    def _classified(
+        self,
+        render: Callable[[RunFolder], object] | None,
+        progress: Callable[[int], None] | None,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[RunFolder | Rendered]:
         files_seen = 0
         refine, targets = self.refine, self.symlink_targets
 
@@ -462,7 +488,7 @@ class Scan:
                 log.exception("%s: unexpected error while verifying", run.folder.display)
                 return pinned  # unverified: the plan deletes nothing that counts on it
 
-        classified: Iterator[RunFolder | tuple[str, str]]
+        classified: Iterator[RunFolder | Rendered | tuple[str, str]]
         if self.reader is not None or self.cache is not None:
             classified = _classify_here(
                 self._folders, self.patterns, self.cache, finish, should_stop, self.reader,
@@ -470,21 +496,23 @@ class Scan:
             )  # fmt: skip
         else:
             classified = _classify_in_workers(
-                self._folders,
+                _chunks(self._folders, self._sizes),
                 self.patterns,
                 self.processes,
                 finish,
                 should_stop,
                 self.memory_limit,
                 self.store,
+                render,
             )
         for run in classified:
             if isinstance(run, tuple):
                 self.problems.append(run)
                 self._failed += 1
                 continue
-            if run.files:
-                files_seen += len(run.files)
+            files = run.files if isinstance(run, Rendered) else len(run.files)
+            if files:
+                files_seen += files
                 if progress is not None:
                     progress(files_seen)
                 yield run
@@ -517,38 +545,85 @@ def _classify_here(
             read.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """What a classifier made of one run folder for :meth:`Scan.rendered`."""
+
+    files: int  # the checkpoints the run folder held
+    value: object
+
+
+# Run folders go to the classifiers a few at a time: one message each way per chunk, not per
+# folder, and what is in flight (chunks x the pool's window) stays small whatever the tree.
+_CHUNK_FOLDERS = 16
+_CHUNK_FILES = 256
+
+_Task = tuple[str, FolderRef]
+_Chunk = tuple[_Task, ...]
+
+
+def _chunks(tasks: list[_Task], sizes: list[int]) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    chunk: list[_Task] = []
+    files = 0
+    for task, size in zip(tasks, sizes, strict=True):
+        if chunk and (len(chunk) >= _CHUNK_FOLDERS or files + size > _CHUNK_FILES):
+            chunks.append(tuple(chunk))
+            chunk, files = [], 0
+        chunk.append(task)
+        files += size
+    if chunk:
+        chunks.append(tuple(chunk))
+    return chunks
+
+
 def _classify_in_workers(
-    tasks: list[tuple[str, FolderRef]],
+    chunks: list[_Chunk],
     patterns: Sequence[str],
     processes: int,
     finish: Callable[[RunFolder], RunFolder],
     should_stop: Callable[[], bool],
     memory_limit: int,
     store: PersistentCache | None = None,
-) -> Iterator[RunFolder | tuple[str, str]]:
-    """Classified run folders in task order, or (path, reason) for a folder that failed."""
-    if not tasks:
+    render: Callable[[RunFolder], object] | None = None,
+) -> Iterator[RunFolder | Rendered | tuple[str, str]]:
+    """Classified (or rendered) run folders in task order, or (path, reason) for a folder
+    that failed.  When a classifier dies on a chunk, each of its folders is tried again on its
+    own, so that only the folder that kills it is lost."""
+    if not chunks:
         return
     warn_if_memory_unlimited(memory_limit)
-    # Forked: ``finish`` (a closure) reaches the workers by inheritance, never pickled.
-    pool: WorkerPool[tuple[str, FolderRef], RunFolder] = WorkerPool(
-        min(processes, len(tasks)),
-        _classify_task,
-        lambda: _init_worker(tuple(patterns), finish, memory_limit, store),
-    )
+
+    def pool(size: int) -> WorkerPool[_Chunk, list[RunFolder | Rendered | tuple[str, str]]]:
+        # Forked: ``finish`` and ``render`` (closures) reach the workers by inheritance.
+        return WorkerPool(
+            size,
+            _classify_chunk,
+            lambda: _init_worker(tuple(patterns), finish, memory_limit, store, render),
+        )
+
     try:
-        for (_, folder), run in pool.map(tasks, should_stop):
-            if isinstance(run, WorkerDied):
-                log.error("%s: classifying it failed (%s); not swept", folder.display, run.how)
-                yield (folder.display, f"not swept: its classifier {run.how}")
+        for chunk, runs in pool(min(processes, len(chunks))).map(chunks, should_stop):
+            if not isinstance(runs, WorkerDied):
+                yield from runs
+            elif len(chunk) == 1:
+                yield _died(chunk[0][1], runs)
             else:
-                yield run
+                alone = [(task,) for task in chunk]
+                for (task,), run in pool(1).map(alone, should_stop):
+                    yield from run if not isinstance(run, WorkerDied) else [_died(task[1], run)]
     except Stopped:
         return
 
 
+def _died(folder: FolderRef, died: WorkerDied) -> tuple[str, str]:
+    log.error("%s: classifying it failed (%s); not swept", folder.display, died.how)
+    return (folder.display, f"not swept: its classifier {died.how}")
+
+
 _worker_patterns: tuple[str, ...] = ()
 _worker_finish: Callable[[RunFolder], RunFolder] | None = None
+_worker_render: Callable[[RunFolder], object] | None = None
 _worker_probes: _Probes | None = None
 
 
@@ -557,15 +632,17 @@ def _init_worker(
     finish: Callable[[RunFolder], RunFolder],
     memory_limit: int,
     store: PersistentCache | None = None,
+    render: Callable[[RunFolder], object] | None = None,
 ) -> None:
     """A forked classifier (signal handling is the pool's: ``sweeper.workers``).  Under its
     address-space limit a huge memo fails as a MemoryError (a refused file) too, so the opcode
     walk may skip pickles too small to pass a bound: ~0.2 ms a file, on trees of thousands."""
     if limit_reading_memory(memory_limit):
         torchzip.rely_on_address_space_limit()
-    global _worker_patterns, _worker_probes, _worker_finish
+    global _worker_patterns, _worker_probes, _worker_finish, _worker_render
     _worker_patterns = patterns
     _worker_finish = finish
+    _worker_render = render
     _worker_probes = _Probes(_OpenForWriting(), store)
 
 
@@ -594,14 +671,27 @@ def _warn_unlimited(problem: str) -> None:
     )
 
 
-def _classify_task(task: tuple[str, FolderRef]) -> RunFolder:
-    """One run folder, in a worker process."""
+def _classify_chunk(chunk: _Chunk) -> list[RunFolder | Rendered | tuple[str, str]]:
+    """A few run folders, in a worker process: each classified, finished and (for
+    :meth:`Scan.rendered`) rendered; one that raises is reported as failed, the rest go on."""
     assert _worker_probes is not None and _worker_finish is not None
+    results: list[RunFolder | Rendered | tuple[str, str]] = []
     try:
-        return _worker_finish(_classify_listed(task[0], task[1], _worker_patterns, _worker_probes))
+        for pattern, folder in chunk:
+            try:
+                run = _worker_finish(
+                    _classify_listed(pattern, folder, _worker_patterns, _worker_probes)
+                )
+                if _worker_render is not None and run.files:
+                    results.append(Rendered(len(run.files), _worker_render(run)))
+                else:
+                    results.append(run)
+            except Exception as error:  # (as a task that raised: this folder is not swept)
+                results.append(_died(folder, WorkerDied(f"raised {type(error).__name__}: {error}")))
     finally:
         if isinstance(_worker_probes.cache, PersistentCache):
-            _worker_probes.cache.flush()  # one transaction per run folder
+            _worker_probes.cache.flush()  # one transaction per chunk
+    return results
 
 
 def _classify_listed(
@@ -1549,12 +1639,15 @@ class _OpenForWriting:
 
     def held(self, fd: int, info: os.stat_result) -> str | None:
         """ "writing", "open" (by some other process, for reading), or None."""
-        writer = lease_conflict(fd, fcntl.F_RDLCK)
-        if writer:
-            return "writing"
-        reader = lease_conflict(fd, fcntl.F_WRLCK) if writer is not None else None
-        if reader is not None:
-            return "open" if reader else None
+        # A write lease is granted only while no other open file description exists: the
+        # usual answer in one probe.  Refused, a read lease tells a writer from a reader.
+        anyone = lease_conflict(fd, fcntl.F_WRLCK)
+        if anyone is False:
+            return None
+        if anyone:
+            writer = lease_conflict(fd, fcntl.F_RDLCK)
+            if writer is not None:
+                return "writing" if writer else "open"
         if self._proc is None:  # leases refused here: ask /proc, once per sweep
             self._proc = opened_by_processes(exclude_self=True)
         opened, writing = self._proc

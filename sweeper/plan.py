@@ -344,12 +344,22 @@ def _under_pressure(
     )
 
 
-def plan_run(run: RunFolder, rules: Rules, *, now_ns: int) -> tuple[PlanEntry, ...]:
+# A run folder's candidates and the decisions made on them (for the same rules and time).
+Decided = tuple[tuple[Candidate, ...], tuple[policy.Decision, ...]]
+
+
+def plan_run(
+    run: RunFolder, rules: Rules, *, now_ns: int, decided: Decided | None = None
+) -> tuple[PlanEntry, ...]:
     """The plan entries of one run folder (retention is decided per run folder).  Run folders
     should come through :func:`sweeper.intact.verify_run` first: a deletion that counts on a
-    full checkpoint not yet read in full is planned as keep."""
-    candidates = to_candidates(run.files)
-    decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
+    full checkpoint not yet read in full is planned as keep.  ``decided``: what
+    :func:`sweeper.intact.verified_decisions` decided for this very run, not decided again."""
+    if decided is not None:
+        candidates, decisions = decided
+    else:
+        candidates = tuple(to_candidates(run.files))
+        decisions = policy.decide(candidates, rules, now_ns=now_ns, folder_uid=run.owner_uid)
     unverified = policy.needs_verification(candidates, decisions)
     if unverified:  # fail safe: a deletion never rests on a file nobody read in full
         decisions = tuple(_hold(d, unverified) for d in decisions)

@@ -375,11 +375,26 @@ def write_streamed_plan_json(
     so no entry is held after it is written."""
     counts = dict.fromkeys((action.value for action in Action), 0)
     expected = 0
-    stream.write('{"dry_run": true, "entries": [')
+    stream.write(PLAN_JSON_HEAD)
     for index, entry in enumerate(entries):
         stream.write((", " if index else "") + to_json(plan_entry_json(entry)))
         counts[entry.action.value] += 1
         expected += entry.reclaimed_bytes
+    stream.write(plan_json_tail(counts, expected, problems, pressure=pressure, purges=purges))
+
+
+PLAN_JSON_HEAD = '{"dry_run": true, "entries": ['
+
+
+def plan_json_tail(
+    counts: dict[str, int],
+    expected: int,
+    problems: Sequence[tuple[str, str]],
+    *,
+    pressure: Sequence[Pressure] = (),
+    purges: Sequence[Purge] = (),
+) -> str:
+    """The end of the dry run's JSON object, after its entries: the totals and problems."""
     tail: dict[str, object] = {
         "expected_reclaimed_bytes": expected,
         "counts": counts,
@@ -390,7 +405,7 @@ def write_streamed_plan_json(
     if purges:
         tail["purges"] = [purge_json(p) for p in purges]
         tail["expected_reclaimed_bytes"] = expected + sum(p.reclaimed_bytes for p in purges)
-    stream.write("], " + to_json(tail)[1:] + "\n")
+    return "], " + to_json(tail)[1:] + "\n"
 
 
 OWN_OUTPUT = "skipped: sweeper's own output"

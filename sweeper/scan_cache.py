@@ -308,7 +308,7 @@ class PersistentCache:
                     some = inodes[start : start + _BATCH]
                     query = (
                         "SELECT ino, size, mtime, mtime + ctime, copy, kind, epoch, step, "
-                        "output, rest, seen FROM files WHERE dev = ? AND ino IN "
+                        "output, rest, verified, seen FROM files WHERE dev = ? AND ino IN "
                         f"({', '.join('?' * len(some))})"
                     )
                     for ino, size, mtime, ctime, copy, *found, seen in db.execute(
@@ -440,8 +440,10 @@ _STATUS = {status.value[0]: status for status in CopyStatus}
 
 
 def _decode(row: tuple[Any, ...], name: str) -> dict[str, Any]:
+    """What a row says, as the reader found it; ``verified``: its CRCs were all read (for
+    this very identity: the row matched it)."""
     inventory = sys.modules["sweeper.inventory"]  # (which imports this module)
-    kind, epoch, step, output, rest = row
+    kind, epoch, step, output, rest, verified = row
     found: dict[str, Any] = {}
     if kind is not None:
         found["kind"] = _KIND_OF[kind]
@@ -450,17 +452,16 @@ def _decode(row: tuple[Any, ...], name: str) -> dict[str, Any]:
             if not isinstance(value, int):
                 raise TypeError(key)
             found[key] = value
-    raw = json.loads(rest) if rest is not None else {}
-    if not isinstance(raw, dict):
-        raise ValueError("not an object")
+    raw = _parsed(rest) if rest is not None else {}
     copy_name = inventory.output_name(name, inventory.Mode.INFERENCE)
     if output is not None and "c" not in raw:
         found["copy"] = inventory.CopyState(copy_name, CopyStatus.NONE)
+    if verified == 1:
+        found["verified"] = True
     for key, value in raw.items():
         if key == "m":
-            metrics = tuple((str(k), float(v)) for k, v in value)
-            found["metrics"] = metrics
-            found["metric"] = inventory.headline_metric(metrics)
+            found["metrics"] = value
+            found["metric"] = inventory.headline_metric(value)
         elif key == "c":
             if isinstance(value, str):
                 found["copy"] = inventory.CopyState(copy_name, _STATUS[value])
@@ -483,6 +484,18 @@ def _decode(row: tuple[Any, ...], name: str) -> dict[str, Any]:
         else:
             raise KeyError(key)
     return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(rest: str) -> dict[str, Any]:
+    """The JSON of a row's rest, metrics made a tuple (many files share the same text: their
+    metric names, a flag; each is parsed once)."""
+    raw = json.loads(rest)
+    if not isinstance(raw, dict):
+        raise ValueError("not an object")
+    if "m" in raw:
+        raw["m"] = tuple((str(k), float(v)) for k, v in raw["m"])
+    return raw
 
 
 def _four(values: list[object]) -> tuple[int, int, int, int]:

@@ -44,8 +44,8 @@ OWNS: tuple[str, ...] = (*TRAINING_STATE, *WEIGHT_PATTERNS, "custom_checkpoint_*
 def recognises(names: frozenset[str]) -> bool:
     """``random_states_*.pkl`` beside ``optimizer*.bin`` or model weights: what
     ``save_state`` writes, or what an interrupted demotion of it left."""
-    if not any(fnmatch.fnmatchcase(n, "random_states_*.pkl") for n in names):
-        return False
+    if not any(n.startswith("random_states_") and n.endswith(".pkl") for n in names):
+        return False  # (as fnmatch's "random_states_*.pkl", cheaply: every folder is asked)
     return any(
         fnmatch.fnmatchcase(n, p) for n in names for p in ("optimizer*.bin", *WEIGHT_PATTERNS)
     )

@@ -8,8 +8,6 @@ Inside a Hugging Face checkpoint the ``global_stepN/`` folder is that layout's t
 
 from __future__ import annotations
 
-import fnmatch
-
 from sweeper.formats.family import Kind
 from sweeper.formats.layouts.base import FolderCheckpoint, Tree, number_in
 
@@ -21,8 +19,11 @@ name = "DeepSpeed"
 OWNS: tuple[str, ...] = ("*_optim_states.pt", "*_model_states.pt", "*-model_states.pt")
 
 
+_ENDINGS = tuple(pattern[1:] for pattern in OWNS)  # (each pattern is "*" and a literal ending)
+
+
 def is_shard(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNS)
+    return name.endswith(_ENDINGS)
 
 
 def recognises(names: frozenset[str]) -> bool:
