@@ -17,11 +17,12 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import functools
+import itertools
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -326,10 +327,22 @@ def scan(
     )
 
 
+@dataclass(slots=True)
+class _OnPath:
+    """A folder on the walk's current path, and what its children need to know of it."""
+
+    folder: FolderRef
+    layout_names: frozenset[str] | None = None  # a checkpoint folder: the names it holds
+    part: bool = False  # a part of a checkpoint folder (a Trainer checkpoint's global_step500/)
+    queued: bool = False  # to be classified as a run folder
+
+
 class Scan:
-    """The walk of the roots, done up front (it finds the run folders and every symlink's
-    target), then ``runs()``: each run folder listed and classified as it is consumed.  Memory
-    holds folders, not files, so a caller can plan and print one run folder at a time."""
+    """The walk of the roots, done twice: once up front (it finds every symlink's target, the
+    problems and the temporary files' folders), and once more as ``runs()`` is consumed, each
+    run folder listed and classified as the walk reaches it.  Memory holds the folders on the
+    walk's path and a few chunks in flight, never the tree: a caller can plan and print one
+    run folder at a time, at any size of tree."""
 
     def __init__(
         self,
@@ -353,6 +366,7 @@ class Scan:
         self.store = store  # the persistent scan cache, shared by forked workers
         self.reader = reader
         self.memory_limit = memory_limit
+        self.limits = limits
         # Applied to each run folder where it is classified (in the worker processes, in
         # parallel): sweeps pass the verification of the files their deletions count on.
         self.refine = refine
@@ -361,15 +375,8 @@ class Scan:
         self.temp_folders: list[FolderRef] = []
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
-        self._folders: list[tuple[str, FolderRef]] = []
-        self._sizes: list[int] = []  # checkpoint-named files in each of _folders, as walked
-        self._queued: set[tuple[int, int]] = set()
-        # Checkpoint folders met so far (the names they hold), folders that are parts of one
-        # (a Trainer checkpoint's global_step500/), and every folder walked, by path.
-        self._layout_names: dict[tuple[str, tuple[str, ...]], frozenset[str]] = {}
-        self._parts: set[tuple[str, tuple[str, ...]]] = set()
-        self._path: dict[int, FolderRef] = {}  # the walk's current folder at each depth
-        seen: set[tuple[int, int]] = set()
+        self._path: dict[int, _OnPath] = {}  # the walk's current folder at each depth
+        self._tops: list[tuple[str, FolderRef]] = []
         for pattern in roots:
             try:
                 folders = list(expand_root(pattern))
@@ -378,64 +385,86 @@ class Scan:
                 continue
             if not folders:
                 self.problems.append((pattern, "root matches no folder"))
-            for top in folders:
-                walk = walk_folders(
-                    top,
-                    self.problems,
-                    limits,
-                    opened=opened,
-                    capped=capped,
-                    should_stop=should_stop,
-                )
-                for folder, files in walk:
-                    if (folder.dev, folder.ino) in seen:
-                        continue
-                    seen.add((folder.dev, folder.ino))
+            self._tops.extend((pattern, top) for top in folders)
+        for _ in self._walk(opened, capped, should_stop, first=True):
+            pass
+
+    def _walk(
+        self,
+        opened: FolderOpened | None,
+        capped: FolderCapped | None,
+        should_stop: Callable[[], bool],
+        *,
+        first: bool,
+    ) -> Iterator[tuple[str, FolderRef, int]]:
+        """Each run folder (its root, itself, how many checkpoint-named files it held when
+        listed), in walk order.  The first walk records symlink targets, temporary files'
+        folders and problems; the next ones only find run folders again.  A root folder
+        inside another root's tree is walked as its own root, not as part of the other."""
+        problems = self.problems if first else []
+        tops = {(top.dev, top.ino) for _, top in self._tops}
+        walked: set[tuple[int, int]] = set()
+        for pattern, top in self._tops:
+            if (top.dev, top.ino) in walked:
+                continue  # (two patterns matching one folder)
+            walked.add((top.dev, top.ino))
+            self._path.clear()
+            walk = walk_folders(
+                top,
+                problems,
+                self.limits,
+                opened=opened if first else None,
+                capped=capped if first else _not_again,
+                should_stop=should_stop,
+                skip=tops - {(top.dev, top.ino)},
+            )
+            for folder, files in walk:
+                if first:
                     self.symlink_targets |= _folder_symlink_targets(folder, files)
-                    if self._checkpoint_folder(pattern, folder, files):
-                        continue  # its files are parts of one checkpoint, swept with it
-                    if any(is_sweeper_temp(e.name) for e in files):
-                        self.temp_folders.append(folder)
-                    wanted = sum(_is_candidate(e, patterns) for e in files)
-                    if wanted:
-                        self._queue(pattern, folder, wanted)
+                queued = self._checkpoint_folder(pattern, folder, files)
+                if queued is not None:
+                    yield queued
+                here = self._path[len(folder.components)]
+                if here.part or here.layout_names is not None:
+                    continue  # its files are parts of one checkpoint, swept with it
+                if first and any(is_sweeper_temp(e.name) for e in files):
+                    self.temp_folders.append(folder)
+                wanted = sum(_is_candidate(e, self.patterns) for e in files)
+                if wanted:
+                    self._path[len(folder.components)].queued = True
+                    yield pattern, folder, wanted
 
-    def _queue(self, pattern: str, folder: FolderRef, files: int = 1) -> None:
-        if (folder.dev, folder.ino) not in self._queued:
-            self._queued.add((folder.dev, folder.ino))
-            self._folders.append((pattern, folder))
-            self._sizes.append(files)
-
-    def _checkpoint_folder(self, pattern: str, folder: FolderRef, files: list[Listed]) -> bool:
-        """Whether ``folder`` is a checkpoint folder (its parent is then a run folder, swept
-        with it as one checkpoint) or a part of one; either way its own files are not swept
-        one by one.  The walk goes on below it: a Trainer's output folder may hold its final
-        model and trainer state (a checkpoint folder to its parent) and checkpoint-N folders."""
-        key = (folder.prefix, folder.components)
-        parent = (folder.prefix, folder.components[:-1]) if folder.components else None
-        if parent is not None and (
-            parent in self._parts
+    def _checkpoint_folder(
+        self, pattern: str, folder: FolderRef, files: list[Listed]
+    ) -> tuple[str, FolderRef, int] | None:
+        """Put ``folder`` on the walk's path, noting whether it is a checkpoint folder (its
+        parent is then a run folder, swept with it as one checkpoint: returned, to be queued,
+        unless it already is) or a part of one; either way its own files are not swept one by
+        one.  The walk goes on below it: a Trainer's output folder may
+        hold its final model and trainer state (a checkpoint folder to its parent) and
+        checkpoint-N folders."""
+        depth = len(folder.components)  # the walk is depth first: its parent is on the path
+        for deeper in [d for d in self._path if d >= depth]:
+            del self._path[deeper]
+        here = self._path[depth] = _OnPath(folder)
+        above = self._path.get(depth - 1)
+        if above is not None and (
+            above.part
             or (
-                parent in self._layout_names
-                and layouts.claimed(
-                    self._layout_names[parent], folder.components[-1], self.patterns
-                )
+                above.layout_names is not None
+                and layouts.claimed(above.layout_names, folder.components[-1], self.patterns)
             )
         ):
-            self._parts.add(key)
-            return True
-        depth = len(folder.components)  # the walk is depth first: its parent is on the path
-        run = self._path.get(depth - 1)
-        self._path[depth] = folder
-        for deeper in [d for d in self._path if d > depth]:
-            del self._path[deeper]
+            here.part = True
+            return None
         names = frozenset(e.name for e in files)
         if layouts.recognise(names, self.patterns) is None:
-            return False
-        self._layout_names[key] = names
-        if run is not None and (run.prefix, run.components) == parent:
-            self._queue(pattern, run)
-        return True
+            return None
+        here.layout_names = names
+        if above is not None and not above.queued:
+            above.queued = True
+            return pattern, above.folder, 1
+        return None
 
     @property
     def failed(self) -> int:
@@ -489,14 +518,15 @@ class Scan:
                 return pinned  # unverified: the plan deletes nothing that counts on it
 
         classified: Iterator[RunFolder | Rendered | tuple[str, str]]
+        folders = self._walk(None, None, should_stop, first=False)
         if self.reader is not None or self.cache is not None:
             classified = _classify_here(
-                self._folders, self.patterns, self.cache, finish, should_stop, self.reader,
-                self.memory_limit,
+                ((root, folder) for root, folder, _ in folders), self.patterns, self.cache,
+                finish, should_stop, self.reader, self.memory_limit,
             )  # fmt: skip
         else:
             classified = _classify_in_workers(
-                _chunks(self._folders, self._sizes),
+                _chunks(folders),
                 self.patterns,
                 self.processes,
                 finish,
@@ -521,7 +551,7 @@ class Scan:
 
 
 def _classify_here(
-    tasks: list[tuple[str, FolderRef]],
+    tasks: Iterable[tuple[str, FolderRef]],
     patterns: Sequence[str],
     cache: Cache | None,
     finish: Callable[[RunFolder], RunFolder],
@@ -557,28 +587,32 @@ class Rendered:
 # folder, and what is in flight (chunks x the pool's window) stays small whatever the tree.
 _CHUNK_FOLDERS = 16
 _CHUNK_FILES = 256
+_WINDOW = 4  # chunks in flight or held back for order, per classifier
 
 _Task = tuple[str, FolderRef]
 _Chunk = tuple[_Task, ...]
 
 
-def _chunks(tasks: list[_Task], sizes: list[int]) -> list[_Chunk]:
-    chunks: list[_Chunk] = []
+def _chunks(folders: Iterable[tuple[str, FolderRef, int]]) -> Iterator[_Chunk]:
+    """Run folders (root, folder, checkpoint-named files) a few at a time, as they come."""
     chunk: list[_Task] = []
     files = 0
-    for task, size in zip(tasks, sizes, strict=True):
+    for root, folder, size in folders:
         if chunk and (len(chunk) >= _CHUNK_FOLDERS or files + size > _CHUNK_FILES):
-            chunks.append(tuple(chunk))
+            yield tuple(chunk)
             chunk, files = [], 0
-        chunk.append(task)
+        chunk.append((root, folder))
         files += size
     if chunk:
-        chunks.append(tuple(chunk))
-    return chunks
+        yield tuple(chunk)
+
+
+def _not_again(path: str, reason: str) -> None:
+    """(A folder left out is reported by the first walk, not again by the next.)"""
 
 
 def _classify_in_workers(
-    chunks: list[_Chunk],
+    chunks: Iterator[_Chunk],
     patterns: Sequence[str],
     processes: int,
     finish: Callable[[RunFolder], RunFolder],
@@ -590,7 +624,8 @@ def _classify_in_workers(
     """Classified (or rendered) run folders in task order, or (path, reason) for a folder
     that failed.  When a classifier dies on a chunk, each of its folders is tried again on its
     own, so that only the folder that kills it is lost."""
-    if not chunks:
+    first = next(chunks, None)
+    if first is None:
         return
     warn_if_memory_unlimited(memory_limit)
 
@@ -603,7 +638,8 @@ def _classify_in_workers(
         )
 
     try:
-        for chunk, runs in pool(min(processes, len(chunks))).map(chunks, should_stop):
+        every = itertools.chain((first,), chunks)
+        for chunk, runs in pool(processes).map(every, should_stop, window=_WINDOW * processes):
             if not isinstance(runs, WorkerDied):
                 yield from runs
             elif len(chunk) == 1:
@@ -909,13 +945,15 @@ def walk_folders(
     opened: FolderOpened | None = None,
     capped: FolderCapped | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    skip: Collection[tuple[int, int]] = (),
 ) -> Iterator[tuple[FolderRef, list[Listed]]]:
     """Folders below ``top`` on its filesystem and its mount, with their entries, depth first;
     symlinks are not entered, nor bind mounts (the same filesystem, so the same ``st_dev``,
     reached through another mount: a way into folders outside the roots), nor folders past
     ``limits`` (each reported to ``capped``; below one root folder, only the first folder too
     deep is).  ``opened`` sees each folder's descriptor before it is listed; ``should_stop`` is
-    asked before each folder and ends the walk early.
+    asked before each folder and ends the walk early.  Folders whose (dev, ino) is in
+    ``skip`` are not entered.
 
     Each folder is opened once, by name relative to its parent's descriptor with O_NOFOLLOW:
     the descriptors along the current path stay open (at most ``max_depth`` + 1), so the walk
@@ -963,7 +1001,9 @@ def walk_folders(
             children = [
                 folder.child(e.name, e.info)
                 for e in entries
-                if e.is_dir and e.info.st_dev == top.dev  # never cross into another filesystem
+                if e.is_dir
+                and e.info.st_dev == top.dev  # never cross into another filesystem
+                and (e.info.st_dev, e.info.st_ino) not in skip
             ]
             if children and depth >= limits.max_depth:
                 if not reported_depth:

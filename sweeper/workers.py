@@ -26,7 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, wait
@@ -135,30 +135,53 @@ class WorkerPool(Generic[T, R]):
         return _Worker(process, parent)
 
     def map(
-        self, tasks: Sequence[T], should_stop: Callable[[], bool] = lambda: False
+        self,
+        tasks: Iterable[T],
+        should_stop: Callable[[], bool] = lambda: False,
+        *,
+        window: int | None = None,
     ) -> Iterator[tuple[T, R | WorkerDied]]:
-        """Each task with its result (or :class:`WorkerDied`), in the order of ``tasks``.
-        Raises :class:`Stopped` when ``should_stop`` turns true first."""
-        # Results held back for order stay bounded, with room to work past one slow folder.
-        window = max(64, self._processes * 16)
+        """Each task with its result (or :class:`WorkerDied`), in the order of ``tasks``, which
+        are taken from the iterable only as workers are ready for them.  At most ``window``
+        tasks are in flight or held back for order (by default 16 per process, at least 64:
+        room to work past one slow task).  Raises :class:`Stopped` when ``should_stop`` turns
+        true first."""
+        window = window if window is not None else max(64, self._processes * 16)
+        source = iter(tasks)
+        pending: dict[int, T] = {}  # sent, and not yet yielded
         results: dict[int, R | WorkerDied] = {}
-        workers = [self._start() for _ in range(min(self._processes, len(tasks)))]
+        workers: list[_Worker] = []
         sent = done = 0
+        exhausted = False
         try:
-            while done < len(tasks):
+            while True:
                 if should_stop():
                     raise Stopped()
                 for position, worker in enumerate(workers):
                     if worker.task is None and not worker.process.is_alive():
                         worker.process.join()  # died idle: replaced, no task blamed
                         worker.conn.close()
-                        workers[position] = worker = self._start()
-                    if worker.task is None and sent < len(tasks) and sent - done < window:
-                        worker.task = sent
-                        # if it died, its sentinel says so below, and the task fails
-                        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                            worker.conn.send((sent, tasks[sent]))
-                        sent += 1
+                        workers[position] = self._start()
+                while not exhausted and sent - done < window:
+                    idle = next((w for w in workers if w.task is None), None)
+                    if idle is None and len(workers) >= self._processes:
+                        break
+                    try:
+                        task = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if idle is None:  # workers start as tasks come: none for none
+                        idle = self._start()
+                        workers.append(idle)
+                    pending[sent] = task
+                    idle.task = sent
+                    # if it died, its sentinel says so below, and the task fails
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        idle.conn.send((sent, task))
+                    sent += 1
+                if exhausted and done == sent:
+                    return
                 busy = [w for w in workers if w.task is not None]
                 ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
                                  timeout=_POLL_SECONDS))  # fmt: skip
@@ -175,7 +198,7 @@ class WorkerPool(Generic[T, R]):
                         worker.conn.close()
                         workers[position] = self._start()
                 while done in results:
-                    yield tasks[done], results.pop(done)
+                    yield pending.pop(done), results.pop(done)
                     done += 1
         finally:
             self._end(workers)

@@ -20,6 +20,7 @@ from conftest import REPO_ROOT
 from trees import days_ago, save_full
 from worker_tasks import exec_task
 
+from sweeper.inventory import RunFolder, Scan
 from sweeper.workers import ExecWorker, Stopped, WorkerDied, WorkerPool, limit_address_space
 
 
@@ -67,10 +68,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_a_sweep_whose_classifier_is_killed_finishes(tmp_path: Path) -> None:
-    """Many run folders, classified in forked workers; one is killed mid-scan (the whole sweep
-    is frozen with SIGSTOP so the kill lands while there is work).  The sweep must finish, not
-    wait for ever; a folder whose worker died is named, and the sweep exits 1."""
+def test_a_sweep_whose_classifiers_are_killed_finishes_and_loses_no_folder(tmp_path: Path) -> None:
+    """Many run folders, classified in forked workers a chunk at a time; the workers are killed
+    mid-scan (the whole sweep is frozen with SIGSTOP so the kill lands while there is work).
+    The sweep must finish, not wait for ever; the killed chunks' folders are classified again
+    one by one, so every folder is planned (a folder that kills its classifier each time is
+    named: the next test)."""
     root = tmp_path / "root"
     for run in range(120):
         (root / f"run{run:03d}").mkdir(parents=True)
@@ -112,9 +115,33 @@ def test_a_sweep_whose_classifier_is_killed_finishes(tmp_path: Path) -> None:
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
     assert workers, "the sweep ended before its workers could be seen"
-    assert sweep.returncode == 1, stderr
-    assert "its classifier killed by SIGKILL" in stdout
-    assert "plan:" in stdout  # the other folders were planned
+    assert sweep.returncode == 0, stderr
+    assert "not swept" not in stdout
+    assert all(f"run{run:03d}" in stdout for run in range(120)), stdout
+
+
+def _render_or_die(run: RunFolder) -> str:
+    if run.folder.display.endswith("run007"):
+        os.kill(os.getpid(), signal.SIGKILL)  # each time this folder is classified
+    return run.folder.display
+
+
+def test_a_run_folder_that_kills_its_classifier_is_named_and_the_rest_are_classified(
+    tmp_path: Path,
+) -> None:
+    """The chunk holding it dies; its folders are tried again one by one: only the folder
+    that kills its classifier every time is lost, and named (the sweep then exits 1)."""
+    root = tmp_path / "root"
+    for run in range(40):
+        (root / f"run{run:03d}").mkdir(parents=True)
+        save_full(root / f"run{run:03d}" / "e1.pt", epoch=1, mtime_ns=days_ago(1))
+    walk = Scan([str(root)], ("*.pt",), processes=2)
+
+    done = [rendered.value for rendered in walk.rendered(_render_or_die)]
+
+    assert sorted(done) == [str(root / f"run{run:03d}") for run in range(40) if run != 7]
+    assert walk.failed == 1
+    assert walk.problems == [(str(root / "run007"), "not swept: its classifier killed by SIGKILL")]
 
 
 def _die_by_realtime_signal(task: int) -> int:
