@@ -741,9 +741,9 @@ def _classify_listed(
     try:
         entries = _list(fd)
         owner = os.fstat(fd).st_uid
+        files = _classify_folder(folder, entries, patterns, probes, fd)
     finally:
         os.close(fd)
-    files = _classify_folder(folder, entries, patterns, probes)
     return RunFolder(pattern, folder, files, owner)
 
 
@@ -1066,7 +1066,10 @@ def _classify_folder(
     entries: list[Listed],
     patterns: Sequence[str],
     probes: _Probes,
+    opened: int | None = None,
 ) -> tuple[FileEntry, ...]:
+    """The checkpoints among ``entries``, the listing of ``folder`` (``opened``, when the
+    caller has it open: the descriptor it was listed through)."""
     names = {entry.name for entry in entries}
     own = layouts.recognise(names, patterns)  # a checkpoint folder: its files are its parts
     wanted = [] if own is not None else [e for e in entries if _is_candidate(e, patterns)]
@@ -1080,7 +1083,7 @@ def _classify_folder(
     if not wanted and not subfolders:
         return ()
     try:
-        fd = open_folder(folder)
+        fd = open_folder(folder) if opened is None else opened
     except (OSError, FileRefused):
         return ()
     try:
@@ -1089,14 +1092,15 @@ def _classify_folder(
             _classify_safely(fd, folder, entry, names, probes, known.get(entry.name))
             for entry in wanted
         ]
-        here = mount_id(fd)
+        here = mount_id(fd) if subfolders else None
         for entry in subfolders:
             found = _classify_checkpoint_folder(fd, folder, entry, names, probes, here, patterns)
             if found is not None:
                 files.append(found)
         owner = os.fstat(fd).st_uid
     finally:
-        os.close(fd)
+        if opened is None:
+            os.close(fd)
     return tuple(_pin_best(files, owner))
 
 
