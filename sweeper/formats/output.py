@@ -147,6 +147,8 @@ def _plain_config(value: object, path: str, budget: list[int] | None = None) -> 
 def _portable_metadata(value: object, key: str, path: str) -> object:
     """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts: configs,
     namespaces and Lightning's ``AttributeDict`` anywhere in it make it all plain data."""
+    if type(value) in _PLAIN_SCALARS and key != "config":  # an epoch, a score: nothing to walk
+        return value
     foreign = (InertObject, InertDict)
     if key == "config" or any(isinstance(item, foreign) for item in walk_values(value)):
         try:
