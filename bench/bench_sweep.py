@@ -7,16 +7,22 @@ Builds (with bench/make_tree.py) a tree of N / 10 run folders x 10 small full ch
 (default N = 10,000) under DIR/N/data/user*/proj*/results/checkpoints/run*, plus one tree per
 extra scale, then times, as whole processes, interleaved for R rounds:
 
-  sweeper        sweeper sweep 'DIR/N/data/*/*/results/checkpoints' --dry-run --json --ledger ...
-                 (the root is a glob, so root expansion is part of the timing)
+  sweeper        sweeper sweep 'DIR/N/data/*/*/results/checkpoints' --dry-run --json --no-cache
+                 --ledger ...  (the root is a glob, so root expansion is part of the timing; no
+                 scan cache, so every run is cold: every file's pickle is read and planned)
   naive          python bench/naive_classify.py 'DIR/N/data/*/*/results/checkpoints'
                  (os.walk + torch.load(weights_only=False) on every file, classified by its keys)
+  floor          python bench/floor_read.py 'DIR/N/data/*/*/results/checkpoints'
+                 (scandir, and per file the zip's end records, central directory and data.pkl
+                 read, in as many forked processes as sweeper classifies with: what any cold
+                 classifier must do)
   sweeper@A ...  the same dry run on the smaller trees: does peak RSS stay flat as trees grow?
   baseline       with --baseline SRC: the same dry run by the sweeper source tree at SRC (e.g.
                  `git worktree add /tmp/base REV`), side by side, to see what a change costs
 
 Every run's stdout is parsed and checked: sweeper must plan every file of its tree (one entry
-each, none skipped, and write no ledger), naive must classify every file as full.  Wall time is
+each, none skipped, and write no ledger), naive must classify every file as full, the floor
+must read every file.  Wall time is
 taken around each process, spawn to reap.  Peak RSS and CPU time are the command's own, from GNU
 time's wait4 (``run_process`` says why not this process's wait4).  The page cache is warm for
 every method: one untimed run of each comes first.
@@ -125,6 +131,10 @@ class Result:
         return self.find("naive", self.files)
 
     @property
+    def floor(self) -> Series:
+        return self.find("floor", self.files)
+
+    @property
     def baseline(self) -> Series | None:
         return next((s for s in self.series if s.method == "baseline"), None)
 
@@ -188,6 +198,13 @@ def check_naive(stdout_path: str, files: int) -> dict[str, int]:
     return counts
 
 
+def check_floor(stdout_path: str, files: int) -> None:
+    with open(stdout_path, "rb") as out:
+        result = json.load(out)
+    if result["files"] != files:
+        raise CommandFailed(f"the floor read {result['files']} files, expected {files}")
+
+
 def build_trees(workdir: str, sizes: Sequence[int], log: str) -> None:
     maker = os.path.join(BENCH_DIR, "make_tree.py")
     for files in sizes:
@@ -232,15 +249,19 @@ def benchmark(
 
     def sweep_argv(size: int) -> list[str]:
         root = glob_root(os.path.join(workdir, str(size)))
-        return [*sweeper, "sweep", root, "--dry-run", "--json", "--ledger", ledger]
+        return [*sweeper, "sweep", root, "--dry-run", "--json", "--no-cache", "--ledger", ledger]
 
     all_series = [Series("sweeper", n, " ".join(sweep_argv(n)), sweep_argv(n)) for n in sizes]
     naive_argv = [*naive, glob_root(os.path.join(workdir, str(files)))]
     all_series.insert(sizes.index(files) + 1,
                       Series("naive", files, " ".join(naive_argv), naive_argv))  # fmt: skip
+    floor_argv = [sys.executable, os.path.join(BENCH_DIR, "floor_read.py"),
+                  glob_root(os.path.join(workdir, str(files)))]  # fmt: skip
+    all_series.insert(sizes.index(files) + 2,
+                      Series("floor", files, " ".join(floor_argv), floor_argv))  # fmt: skip
     if baseline is not None:
         command, env = baseline_command(baseline)
-        module = [*command, *sweep_argv(files)[len(sweeper):]]
+        module = [*command, *sweep_argv(files)[len(sweeper) :]]
         all_series.insert(sizes.index(files) + 1,
                           Series("baseline", files, f"PYTHONPATH={baseline} " + " ".join(module),
                                  module, env=env))  # fmt: skip
@@ -255,6 +276,8 @@ def benchmark(
             run = run_process(series.argv, stdout_path, log, series.env)
             if series.method == "naive":
                 naive_counts = check_naive(stdout_path, series.files)
+            elif series.method == "floor":
+                check_floor(stdout_path, series.files)
             else:
                 tree = os.path.join(workdir, str(series.files))
                 counts = check_plan(stdout_path, series.files, tree, ledger)
@@ -332,6 +355,14 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
         ],
         "naive_over_sweeper_wall": round(naive.median_wall_s / sweeper.median_wall_s, 3),
         "naive_over_sweeper_cpu": round(naive.median_cpu_s / sweeper.median_cpu_s, 3),
+        "sweeper_over_floor_wall": round(sweeper.median_wall_s / result.floor.median_wall_s, 3),
+        "sweeper_us_per_file_wall": round(sweeper.median_wall_s / result.files * 1e6, 1),
+        "floor_us_per_file_wall": round(result.floor.median_wall_s / result.files * 1e6, 1),
+        "baseline_over_floor_wall": (
+            round(result.baseline.median_wall_s / result.floor.median_wall_s, 3)
+            if result.baseline is not None
+            else None
+        ),
         "sweeper_over_baseline_wall": (
             round(sweeper.median_wall_s / result.baseline.median_wall_s, 3)
             if result.baseline is not None
@@ -344,7 +375,7 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
 
 
 def render(result: Result) -> str:
-    sweeper, naive = result.sweeper, result.naive
+    sweeper, naive, floor = result.sweeper, result.naive, result.floor
     lines = [
         f"{result.files} files ({result.files // PER_RUN} runs x {PER_RUN}); "
         f"{result.rounds} interleaved rounds; medians, with min and max wall",
@@ -367,6 +398,18 @@ def render(result: Result) -> str:
         f"plan: {result.plan_counts}; naive: {result.naive_counts}",
         f"naive / sweeper wall                 {naive.median_wall_s / sweeper.median_wall_s:8.2f}",
         f"naive / sweeper cpu                  {naive.median_cpu_s / sweeper.median_cpu_s:8.2f}",
+        f"sweeper / floor wall                 {sweeper.median_wall_s / floor.median_wall_s:8.2f}"
+        f"  ({_per_file_us(sweeper, result.files):.0f} vs "
+        f"{_per_file_us(floor, result.files):.0f} us per file)",
+        *(
+            [
+                f"baseline / floor wall                "
+                f"{base.median_wall_s / floor.median_wall_s:8.2f}"
+                f"  ({_per_file_us(base, result.files):.0f} us per file)",
+            ]
+            if (base := result.baseline) is not None
+            else []
+        ),
         *(
             [
                 f"sweeper / baseline wall              "
@@ -384,6 +427,10 @@ def render(result: Result) -> str:
         f"at {', '.join(str(s.files) for s in result.scaling)} files)",
     ]
     return "\n".join(lines)
+
+
+def _per_file_us(series: Series, files: int) -> float:
+    return series.median_wall_s / files * 1e6
 
 
 def parse_scales(text: str) -> list[int]:

@@ -1464,19 +1464,22 @@ def _read_checkpoint(
         return
     provenance = torchzip.provenance_of(checkpoint, name, info.st_mtime_ns, folder_identity(dir_fd))
     try:
-        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
+        # The copy's size alone (its pickle counted, not written) unless a copy is there to
+        # judge: the whole plan, CRCs and all, is what an existing copy is compared with.
+        output_bytes = torchzip.output_size(checkpoint, Mode.INFERENCE, provenance)
     except FileRefused as error:
         found["problem"] = error.reason
         return
-    expansion = expansion_problem(info, plan.total_size)
+    expansion = expansion_problem(info, output_bytes)
     if expansion is not None:
         found["problem"] = expansion
         return
     copy_name = output_name(name, Mode.INFERENCE)
     copy = CopyState(copy_name, CopyStatus.NONE)
     if copy_name in names:
+        plan = torchzip.plan_output(checkpoint, Mode.INFERENCE, provenance)
         copy = _copy_state(dir_fd, copy_name, plan, provenance, info, display, names)
-    found.update(output_bytes=plan.total_size, copy=copy)
+    found.update(output_bytes=output_bytes, copy=copy)
 
 
 def _read_checkpoint_folder(fd: int, name: str, display: str) -> dict[str, Any]:

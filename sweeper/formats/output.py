@@ -19,7 +19,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 from sweeper import extents
 from sweeper.errors import FileRefused
@@ -147,6 +147,8 @@ def _plain_config(value: object, path: str, budget: list[int] | None = None) -> 
 def _portable_metadata(value: object, key: str, path: str) -> object:
     """A kept metadata value in a form ``torch.load(weights_only=True)`` accepts: configs,
     namespaces and Lightning's ``AttributeDict`` anywhere in it make it all plain data."""
+    if type(value) in _PLAIN_SCALARS and key != "config":  # an epoch, a score: nothing to walk
+        return value
     foreign = (InertObject, InertDict)
     if key == "config" or any(isinstance(item, foreign) for item in walk_values(value)):
         try:
@@ -315,25 +317,58 @@ def plan_output(
 ) -> OutputPlan:
     """Lay out the output archive: a new data.pkl, the storage records it references, and
     (when given) the record of the source version it is made from."""
-    selected = select_output(checkpoint, mode)
     writer = _PickleWriter()
+    pickled = _written(checkpoint, mode, lambda selected: writer.dump(selected))
+    entries = _output_entries(checkpoint, _inline("data.pkl", pickled), writer.storages, provenance)
+    source_keys = {new_key: storage.key for new_key, storage in writer.storages}
+    return OutputPlan(tuple(entries), _layout(entries)[1], source_keys)
+
+
+def output_size(checkpoint: Checkpoint, mode: Mode, provenance: Provenance | None = None) -> int:
+    """``plan_output(checkpoint, mode, provenance).total_size``, without writing the pickle: its
+    length is counted by :class:`_PickleSizer`, the archive's from the records' sizes alone.
+    What a plan of every full checkpoint costs when only the bytes it frees are wanted; the
+    plan itself (its CRCs) is made when a copy is written or an existing one judged."""
+    sizer = _PickleSizer()
+    pickled = _written(checkpoint, mode, sizer.size)
+    entry = OutputEntry("data.pkl", pickled, 0, None, None)  # no CRC: it takes no room
+    return _archive_size(_output_entries(checkpoint, entry, sizer.storages, provenance))
+
+
+_W = TypeVar("_W")
+
+
+def _written(checkpoint: Checkpoint, mode: Mode, write: Callable[[object], _W]) -> _W:
+    """``write`` (a dump, or a count) of the object an extraction writes; FileRefused when it
+    cannot be written."""
+    selected = select_output(checkpoint, mode)
     try:
-        pickled = writer.dump(selected)
+        return write(selected)
     except _MalformedPickle as error:
         raise FileRefused(checkpoint.path, f"cannot write the output: {error}") from None
     except RecursionError:
         raise FileRefused(checkpoint.path, "refused: the pickle nests too deeply") from None
+
+
+def _output_entries(
+    checkpoint: Checkpoint,
+    pickle_entry: OutputEntry,
+    storages: list[tuple[str, StorageRef]],
+    provenance: Provenance | None,
+) -> list[OutputEntry]:
+    """The output's records, in the order torch writes them: the pickle, the version records,
+    the storages it names (copied from the source) and the provenance record."""
     byteorder = b"little"
     if "byteorder" in checkpoint.archive.records:
         byteorder = b"big" if checkpoint.archive.records["byteorder"].size == 3 else b"little"
     entries = [
-        _inline("data.pkl", pickled),
+        pickle_entry,
         _inline(".format_version", b"1"),
         _inline(".storage_alignment", str(_ALIGNMENT).encode()),
         _inline("byteorder", byteorder),
     ]
     prefix = checkpoint.archive.prefix
-    for new_key, storage in writer.storages:
+    for new_key, storage in storages:
         source = checkpoint.archive.data_record(storage.key)
         assert source is not None  # open_checkpoint checked every storage has its record
         at = _torch_data_offset(source, prefix) if source.size >= _SHARE_MIN_BYTES else None
@@ -341,8 +376,7 @@ def plan_output(
     entries.append(_inline("version", b"3\n"))
     if provenance is not None:
         entries.append(_inline(PROVENANCE_RECORD, provenance.encode()))
-    source_keys = {new_key: storage.key for new_key, storage in writer.storages}
-    return OutputPlan(tuple(entries), _layout(entries)[1], source_keys)
+    return entries
 
 
 # Sharing blocks with the source (sweeper.extents) needs each record's data at the same offset
@@ -414,6 +448,24 @@ def _layout(entries: list[OutputEntry]) -> tuple[list[tuple[int, bytes, bytes]],
         offset += len(header) + entry.size + len(descriptor)
     tail = _ZIP64_EOCD.size + _ZIP64_LOCATOR.size + _EOCD.size
     return placed, offset + central + tail
+
+
+def _archive_size(entries: list[OutputEntry]) -> int:
+    """``_layout(entries)[1]``, from the lengths alone: no header is built."""
+    offset = 0
+    central = 0
+    for entry in entries:
+        name = len(_ARCHIVE_PREFIX) + 1 + len(entry.name.encode())
+        zip64 = _needs_zip64(offset, entry.size)
+        start = offset + _LOCAL.size + name + (20 if zip64 else 0) + 4  # zip64 and FB fields
+        if entry.source_data_offset is not None:
+            start += (entry.source_data_offset - start) % _SHARE_BLOCK
+        else:
+            start += (-start) % _ALIGNMENT
+        descriptor = (24 if zip64 else 16) if entry.size else 0
+        central += _CENTRAL.size + name + (28 if zip64 else 0)
+        offset = start + entry.size + descriptor
+    return offset + central + _ZIP64_EOCD.size + _ZIP64_LOCATOR.size + _EOCD.size
 
 
 def _central_extra(offset: int, entry: OutputEntry) -> bytes:
@@ -957,9 +1009,16 @@ def _fingerprint(value: object, key_map: Mapping[str, str] | None) -> Iterator[o
 # The pickle writer: protocol 2, as torch.save writes it, for the inert values above.
 
 
+class _Output(Protocol):
+    """Where a writer appends its opcodes: a bytearray, or a count (:class:`_ByteCount`)."""
+
+    def __iadd__(self, data: bytes | memoryview, /) -> Self: ...
+
+
 class _PickleWriter:
     def __init__(self) -> None:
-        self._out = bytearray()
+        self._written = bytearray()
+        self._out: _Output = self._written
         self._memo: dict[int, int] = {}
         self._alive: list[object] = []  # keeps memoized objects alive so their ids stay unique
         self._globals: dict[str, int] = {}
@@ -970,7 +1029,7 @@ class _PickleWriter:
         self._out += b"\x80\x02"
         self._save(value)
         self._out += b"."
-        return bytes(self._out)
+        return bytes(self._written)
 
     def _put(self, value: object) -> None:
         index = len(self._memo)
@@ -1165,3 +1224,77 @@ class _PickleWriter:
         self._save("cpu")
         self._save(storage.numel)
         self._out += b"tQ"
+
+
+class _ByteCount:
+    """A :class:`_PickleSizer`'s output: counts what is appended, keeps nothing."""
+
+    __slots__ = ("length",)
+
+    def __init__(self) -> None:
+        self.length = 0
+
+    def __iadd__(self, data: bytes | memoryview, /) -> Self:
+        self.length += len(data)
+        return self
+
+
+class _PickleSizer(_PickleWriter):
+    """The length of what :class:`_PickleWriter` writes for a value, and the storages it
+    names, without writing it: the same walk, with the same memo, summing the opcodes'
+    lengths.  The values most pickles are made of (strings, ints, memo references, plain
+    configs) are counted without making their bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count = _ByteCount()
+        self._out = self._count
+
+    def size(self, value: object) -> int:
+        self._save(value)
+        return len(b"\x80\x02") + self._count.length + len(b".")
+
+    def _put(self, value: object) -> None:
+        index = len(self._memo)
+        self._memo[id(value)] = index
+        self._alive.append(value)
+        self._count.length += 2 if index < 256 else 5
+
+    def _get(self, index: int) -> None:
+        self._count.length += 2 if index < 256 else 5
+
+    def _save_plain(self, value: PlainData) -> None:
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=2)
+        pickler.fast = True
+        pickler.dump(value.value)
+        self._count.length += buffer.tell() - 3  # without PROTO and STOP
+
+    def _save(self, value: object) -> None:
+        kind = type(value)
+        if kind is str:
+            memo = self._memo.get(id(value))
+            if memo is not None:
+                self._get(memo)
+                return
+            assert isinstance(value, str)
+            length = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+            self._count.length += 5 + length  # BINUNICODE, its length, the text
+            self._put(value)
+        elif kind is int:
+            assert isinstance(value, int)
+            self._count.length += _int_size(value)
+        else:
+            super()._save(value)
+
+
+def _int_size(value: int) -> int:
+    """The length of ``_PickleWriter._save_int(value)``'s opcode."""
+    if 0 <= value < 256:
+        return 2
+    if 0 <= value < 65536:
+        return 3
+    if -(2**31) <= value < 2**31:
+        return 5
+    length = (value.bit_length() + 8) // 8
+    return 2 + length if length < 256 else 5 + length
