@@ -9,9 +9,9 @@ Rows, each the median of ``--rounds`` runs (peak RSS the largest):
 - warm: the cache filled by an earlier run and nothing changed (a ``stat`` and a row per file);
 - walk floor: a Python ``os.scandir`` + ``lstat`` walk of the same tree, in one process (what
   a warm run is measured against);
-- read floor: the same walk, and for each file its end record, central directory and
-  ``data.pkl`` read with ``pread`` (nothing parsed), in as many processes as sweeper uses (what
-  a cold run is measured against).
+- read floor: ``bench/floor_read.py`` as a whole process: the walk, and for each file its end
+  records, central directory and ``data.pkl`` read (nothing parsed), in as many processes as
+  sweeper uses (what a cold run is measured against).
 Then the cache file's size per file.  The tree is ``bench/make_tree.py --distinct``'s (no two
 pickles the same; reused when built).  ``--no-baseline`` leaves out the ``--no-cache`` row (for
 the largest trees, where it costs as much as the cold one).
@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
-import struct
 import sys
 import time
 from collections.abc import Sequence
 
-from harness import CHILD_ENV, machine, sweeper_command, timed_process
+from harness import CHILD_ENV, Timed, machine, sweeper_command, timed_process
 from make_tree import build_tree, glob_root
 
 
@@ -45,54 +43,6 @@ def floor_walk(top: str) -> float:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 del info
-    return time.perf_counter() - start
-
-
-def _read_pickle(path: str) -> int:
-    """End record, central directory and data.pkl of one torch archive, read and not parsed
-    beyond the offsets: the bytes a cold classification cannot do without."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        tail = os.pread(fd, min(size, 4096), max(0, size - 4096))
-        end = tail.rindex(b"PK\x05\x06")
-        cd_size, cd_offset = struct.unpack_from("<II", tail, end + 12)
-        cd_at = cd_offset - (size - len(tail))
-        inside = cd_at >= 0  # the directory is usually in the tail already read
-        directory = tail[cd_at : cd_at + cd_size] if inside else os.pread(fd, cd_size, cd_offset)
-        at = directory.rindex(b"PK\x01\x02", 0, directory.index(b"/data.pkl"))
-        (pickle_size,) = struct.unpack_from("<I", directory, at + 20)
-        (local,) = struct.unpack_from("<I", directory, at + 42)
-        header = os.pread(fd, 30, local)
-        name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        data = os.pread(fd, pickle_size, local + 30 + name_len + extra_len)
-        return len(data)
-    finally:
-        os.close(fd)
-
-
-def _read_folder(folder: str) -> int:
-    with os.scandir(folder) as entries:
-        return sum(_read_pickle(e.path) for e in entries if e.name.endswith(".pt"))
-
-
-def floor_read(top: str, processes: int) -> float:
-    """The walk, and each file's pickle read (``_read_pickle``) in ``processes`` workers, a run
-    folder to a task: the least a cold sweep must read."""
-    start = time.perf_counter()
-    folders = []
-    stack = [top]
-    while stack:
-        folder = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                entry.stat(follow_symlinks=False)
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif entry.name.endswith(".pt") and folder not in folders[-1:]:
-                    folders.append(folder)
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        sum(pool.imap_unordered(_read_folder, folders, chunksize=16))
     return time.perf_counter() - start
 
 
@@ -118,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = timed_process([*base, *extra], log, env=CHILD_ENV)
         return timing.wall_s, timing.cpu_s, timing.peak_rss_kib
 
+    floor_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_read.py")
+
+    def run_floor_read() -> Timed:
+        return timed_process([sys.executable, floor_script, glob_root(tree)], log, env=CHILD_ENV)
+
     def drop_cache() -> None:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(cache + suffix):
@@ -135,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows["cold"].append(run())
         rows["warm"].append(run())
         walks.append(floor_walk(tree))
-        reads.append(floor_read(tree, processes))
+        reads.append(run_floor_read().wall_s)
     cache_bytes = sum(
         os.path.getsize(cache + s) for s in ("", "-wal") if os.path.exists(cache + s)
     )

@@ -471,6 +471,7 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
             limits=limits,
             memory_limit=settings.classify_memory_limit,
             store=store,
+            stream=True,
         )
         render = functools.partial(plan_piece, rules=rules, now_ns=now_ns, verifier=verifier)
         pieces = (done.value for done in walk.rendered(render, progress.scanned, stop))

@@ -149,11 +149,13 @@ def verify_run(run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier)
 def verified_decisions(
     run: RunFolder, rules: Rules, *, now_ns: int, verifier: Verifier
 ) -> tuple[RunFolder, Decided | None]:
-    """:func:`verify_run`, and the candidates and decisions it ended on when they are still
-    those of the run it returns (nothing had to be read): ``plan_run`` need not decide again."""
+    """:func:`verify_run`, and the candidates and decisions it ended on when they are those of
+    the run it returns (its last decision needed no file read): ``plan_run`` need not decide
+    again."""
     files = {file.name: file for file in run.files}
     folder = _OpenedOnce(run.folder)
     decided: Decided | None = None
+    changed = False
     try:
         while True:
             candidates = to_candidates(files.values())
@@ -163,6 +165,7 @@ def verified_decisions(
                 decided = (tuple(candidates), decisions)
                 break
             corrupt = False
+            changed = True
             for name in sorted(todo):
                 file = files[name]
                 problem = verifier.check(folder, file)
@@ -176,9 +179,9 @@ def verified_decisions(
                 break
     finally:
         folder.close()
-    if decided is not None:
-        return run, decided  # (files unchanged)
-    return dataclasses.replace(run, files=tuple(files.values())), None
+    if changed:
+        run = dataclasses.replace(run, files=tuple(files.values()))
+    return run, decided
 
 
 def verify_inventory(

@@ -338,11 +338,12 @@ class _OnPath:
 
 
 class Scan:
-    """The walk of the roots, done twice: once up front (it finds every symlink's target, the
-    problems and the temporary files' folders), and once more as ``runs()`` is consumed, each
-    run folder listed and classified as the walk reaches it.  Memory holds the folders on the
-    walk's path and a few chunks in flight, never the tree: a caller can plan and print one
-    run folder at a time, at any size of tree."""
+    """The walk of the roots, done up front (it finds the run folders, every symlink's target,
+    the problems and the temporary files' folders), then ``runs()``: each run folder listed and
+    classified as it is consumed.  Memory holds folders, not files, so a caller can plan and
+    print one run folder at a time.  With ``stream``, not even the folders are kept: the run
+    folders are found by a second walk as they are classified, so memory holds the folders on
+    the walk's path and a few chunks in flight, at any size of tree."""
 
     def __init__(
         self,
@@ -359,6 +360,7 @@ class Scan:
         reader: FileReader | None = None,
         memory_limit: int = READER_MEMORY_LIMIT,
         store: PersistentCache | None = None,
+        stream: bool = False,
     ) -> None:
         self.patterns = tuple(patterns)
         self.processes = processes
@@ -386,8 +388,12 @@ class Scan:
             if not folders:
                 self.problems.append((pattern, "root matches no folder"))
             self._tops.extend((pattern, top) for top in folders)
-        for _ in self._walk(opened, capped, should_stop, first=True):
-            pass
+        # Streamed, the run folders are found again by a second walk as they are classified;
+        # otherwise the first walk's list of them is kept (each folder is opened once).
+        self._found: list[tuple[str, FolderRef, int]] | None = None if stream else []
+        for found in self._walk(opened, capped, should_stop, first=True):
+            if self._found is not None:
+                self._found.append(found)
 
     def _walk(
         self,
@@ -518,7 +524,11 @@ class Scan:
                 return pinned  # unverified: the plan deletes nothing that counts on it
 
         classified: Iterator[RunFolder | Rendered | tuple[str, str]]
-        folders = self._walk(None, None, should_stop, first=False)
+        folders: Iterator[tuple[str, FolderRef, int]]
+        if self._found is not None:
+            folders = iter(self._found)
+        else:
+            folders = self._walk(None, None, should_stop, first=False)
         if self.reader is not None or self.cache is not None:
             classified = _classify_here(
                 ((root, folder) for root, folder, _ in folders), self.patterns, self.cache,
