@@ -89,3 +89,35 @@ def test_the_example_tree_plans_every_kind_of_action_to_the_byte(sweeper: Sweepe
 
 def test_the_example_tree_swept_for_real_matches_its_plan_and_ledger(sweeper: Sweeper) -> None:
     sweep_and_account(sweeper, "-c", str(CONFIG), code=1)  # (the two refused files)
+
+
+def test_the_streamed_dry_run_plans_what_the_whole_tree_plan_does(sweeper: Sweeper) -> None:
+    """``--dry-run --json`` walks twice and plans in the classifiers (sweeper.dryrun); the
+    whole-tree plan (what a sweep executes; taken here with the undo window on, which needs the
+    whole tree) walks once and plans in this process.  On the example tree, with a nested root
+    and a symlink met after the file it points at, both give the same entries and problems."""
+    (sweeper.root / "zz").mkdir()
+    (sweeper.root / "zz" / "pin").symlink_to(sweeper.root / "checkpoint_epoch_1.pt")
+    roots = [sweeper.root, sweeper.root / "restarted"]  # (a root inside another)
+
+    def plan(*extra: str) -> dict[str, Any]:
+        done = sweeper._run("sweep", "-c", CONFIG, *roots, "--dry-run", "--json",
+                            "--ledger", sweeper.ledger, *extra)  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        result: dict[str, Any] = done.json()
+        for entry in result["entries"]:  # a deletion to the trash reclaims when it is purged
+            for key in ("trash", "undo_seconds", "bytes_deleted", "reclaimed_bytes"):
+                entry.pop(key, None)
+            entry["reason"] = entry["reason"].split("; held in the trash")[0]
+        return result
+
+    streamed, whole = plan(), plan("undo_seconds=60")
+
+    by_path = {e["path"]: e for e in streamed["entries"]}
+    assert len(by_path) == len(streamed["entries"])  # no folder classified twice
+    assert by_path == {e["path"]: e for e in whole["entries"]}
+    assert streamed["problems"] == whole["problems"]
+    assert streamed["counts"] == whole["counts"]
+    assert "symlink" in by_path[str(sweeper.root / "checkpoint_epoch_1.pt")]["reason"]
+    restarted = [e for e in streamed["entries"] if "/restarted/" in e["path"]]
+    assert {e["root"] for e in restarted} == {str(sweeper.root / "restarted")}
