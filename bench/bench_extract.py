@@ -1,6 +1,7 @@
-"""Extraction benchmark (issue 2): sweeper against the seed guide's method and against `cp`.
+"""Extraction benchmark (issues 2 and 11): sweeper against the seed guide's method and `cp`.
 
     python bench/bench_extract.py [--rounds R] [--workdir DIR] [--keep] [--json]
+                                  [--baseline TREE]
 
 Builds (with bench/make_checkpoint.py) a full training checkpoint the size of the seed guide's
 (84M fp32 parameters + AdamW state after one step + scheduler + OmegaConf config: ~1.0 GB) and
@@ -10,6 +11,15 @@ one a quarter of its size, then times, as whole processes, interleaved for R rou
   sweeper          sweeper extract SRC -o OUT   (copy, fsync, verify, rename, fsync dir)
   floor            cp F OUT && sync OUT         (F: a file exactly the size of sweeper's output)
   sweeper-quarter  sweeper extract on the quarter-size checkpoint (is peak RSS flat in size?)
+  sweeper-many     sweeper extract of a checkpoint of 2,000 tensors of 1-100 KB (~136 MB file,
+                   made by make_checkpoint.py --many 2000: a copy of 2,000 small records)
+  floor-many       cp F OUT && sync OUT, F the size of sweeper-many's output
+  baseline[-many]  with --baseline TREE: the sweeper source tree TREE (e.g. an export of an
+                   older commit) on the same two checkpoints, side by side
+
+sweeper is the source tree beside this bench (``python -P -S -m sweeper``, as the baseline),
+run with ``--json``: its own ``seconds`` (open to the folder's fsync, without the interpreter's
+start) are reported beside the wall time.
 
 Wall time is measured around each process, spawn to reap.  Peak RSS is the command's own
 ru_maxrss, taken through GNU time (``run_process`` says why not this process's wait4).
@@ -32,15 +42,17 @@ import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from harness import (
+    CHILD_ENV,
     GNU_TIME,
     CommandFailed,
+    baseline_command,
     describe_digests,
     machine,
-    sweeper_command,
     timed_process,
 )
 
@@ -53,10 +65,13 @@ FULL_SHAPE = (4096, 5)
 QUARTER_SHAPE = (2048, 5)
 
 TARGET_SWEEPER_OVER_SEED = 0.25
-TARGET_SWEEPER_OVER_FLOOR = 1.5
 TARGET_SWEEPER_PEAK_MIB = 64.0
 
-METHODS = ("seed", "sweeper", "floor", "sweeper-quarter")
+MANY_TENSORS = 2000
+METHODS = ("seed", "sweeper", "floor", "sweeper-quarter", "sweeper-many", "floor-many")
+BASELINE_METHODS = ("baseline", "baseline-many")
+TARGET_MANY_OVER_FLOOR = 2.0
+TARGET_LARGE_OVER_FLOOR = 1.3
 MIB = 1024 * 1024
 
 # Children may cache bytecode, as a normal install does.  A sandbox that sets
@@ -68,6 +83,7 @@ MIB = 1024 * 1024
 class Run:
     wall_s: float
     peak_rss_kib: int
+    own_s: float | None = None  # sweeper's own "seconds" (--json)
 
 
 @dataclass
@@ -87,6 +103,11 @@ class Series:
     def median_peak_mib(self) -> float:
         return statistics.median(r.peak_rss_kib for r in self.runs) / 1024
 
+    @property
+    def median_own_s(self) -> float | None:
+        own = [r.own_s for r in self.runs if r.own_s is not None]
+        return statistics.median(own) if own else None
+
 
 @dataclass(frozen=True)
 class Ratio:
@@ -104,6 +125,7 @@ class Result:
     rounds: int
     source_bytes: int
     quarter_source_bytes: int
+    many_source_bytes: int
     series: tuple[Series, ...]
     bench_self_peak_rss_kib: int
     sources_digest: str  # before the first run and after the last; both if they differ
@@ -111,30 +133,83 @@ class Result:
     def method(self, name: str) -> Series:
         return next(s for s in self.series if s.method == name)
 
+    def has(self, name: str) -> bool:
+        return any(s.method == name for s in self.series)
+
     @property
     def ratios(self) -> tuple[Ratio, ...]:
         seed, sweeper = self.method("seed"), self.method("sweeper")
         floor, quarter = self.method("floor"), self.method("sweeper-quarter")
-        return (
-            Ratio("sweeper / seed wall", sweeper.median_wall_s / seed.median_wall_s,
-                  TARGET_SWEEPER_OVER_SEED),
-            Ratio("sweeper / floor wall", sweeper.median_wall_s / floor.median_wall_s,
-                  TARGET_SWEEPER_OVER_FLOOR),
+        many, floor_many = self.method("sweeper-many"), self.method("floor-many")
+        ratios = [
+            Ratio(
+                "sweeper / seed wall",
+                sweeper.median_wall_s / seed.median_wall_s,
+                TARGET_SWEEPER_OVER_SEED,
+            ),
+            Ratio(
+                "sweeper / floor wall",
+                sweeper.median_wall_s / floor.median_wall_s,
+                TARGET_LARGE_OVER_FLOOR,
+            ),
+            Ratio(
+                "sweeper own time / floor wall",
+                (sweeper.median_own_s or 0) / floor.median_wall_s,
+                None,
+            ),
+            Ratio(
+                "sweeper-many / floor-many wall",
+                many.median_wall_s / floor_many.median_wall_s,
+                TARGET_MANY_OVER_FLOOR,
+            ),
+            Ratio(
+                "sweeper-many own time / floor-many wall",
+                (many.median_own_s or 0) / floor_many.median_wall_s,
+                None,
+            ),
             Ratio("sweeper peak RSS MiB", sweeper.median_peak_mib, TARGET_SWEEPER_PEAK_MIB),
+            Ratio("sweeper-many peak RSS MiB", many.median_peak_mib, TARGET_SWEEPER_PEAK_MIB),
             Ratio("sweeper peak RSS MiB, quarter size", quarter.median_peak_mib, None),
             Ratio("seed peak RSS MiB", seed.median_peak_mib, None),
-        )  # fmt: skip
+        ]
+        for name, base in (("", floor), ("-many", floor_many)):
+            if self.has(f"baseline{name}"):
+                old = self.method(f"baseline{name}")
+                ratios += [
+                    Ratio(
+                        f"baseline{name} / floor{name} wall",
+                        old.median_wall_s / base.median_wall_s,
+                        None,
+                    ),
+                    Ratio(
+                        f"baseline{name} own time / floor{name} wall",
+                        (old.median_own_s or 0) / base.median_wall_s,
+                        None,
+                    ),
+                ]
+        return tuple(ratios)  # fmt: skip
 
 
-def run_process(argv: Sequence[str], log_path: str) -> Run:
-    timed = timed_process(argv, log_path)
-    return Run(timed.wall_s, timed.peak_rss_kib)
+def run_process(argv: Sequence[str], log_path: str, env: Mapping[str, str] = CHILD_ENV) -> Run:
+    """One process; where it is a sweeper run with ``--json``, its own ``seconds`` too."""
+    if "--json" not in argv:
+        timed = timed_process(argv, log_path, env=env)
+        return Run(timed.wall_s, timed.peak_rss_kib)
+    with tempfile.TemporaryFile() as out:
+        timed = timed_process(argv, log_path, stdout=out, env=env)
+        out.seek(0)
+        seconds = float(json.loads(out.read().splitlines()[0])["seconds"])
+    return Run(timed.wall_s, timed.peak_rss_kib, seconds)
 
 
-def run_sequence(commands: Sequence[Sequence[str]], log_path: str) -> Run:
+def run_sequence(
+    commands: Sequence[Sequence[str]], log_path: str, env: Mapping[str, str] = CHILD_ENV
+) -> Run:
     """Processes one after another, timed as one: wall times add up, peak RSS is the max."""
-    runs = [run_process(argv, log_path) for argv in commands]
-    return Run(sum(r.wall_s for r in runs), max(r.peak_rss_kib for r in runs))
+    runs = [run_process(argv, log_path, env) for argv in commands]
+    own = [r.own_s for r in runs if r.own_s is not None]
+    return Run(sum(r.wall_s for r in runs), max(r.peak_rss_kib for r in runs),
+               sum(own) if own else None)  # fmt: skip
 
 
 def read_through(path: str) -> None:
@@ -150,64 +225,88 @@ def remove(path: str) -> None:
         os.unlink(path)
 
 
-def build_checkpoint(path: str, shape: tuple[int, int], log_path: str) -> None:
+def build_checkpoint(path: str, shape: tuple[int, int], log_path: str, many: int = 0) -> None:
     if os.path.exists(path):  # make_checkpoint.py writes atomically: a file here is whole
         print(f"reusing {path}", file=sys.stderr)
         return
     width, layers = shape
-    print(f"building {path} ({layers} x Linear({width}, {width}) + AdamW) ...", file=sys.stderr)
+    what = f"{many} tensors of 1-100 KB" if many else f"{layers} x Linear({width}, {width})"
+    print(f"building {path} ({what} + AdamW) ...", file=sys.stderr)
     maker = os.path.join(BENCH_DIR, "make_checkpoint.py")
     argv = [sys.executable, maker, path, "--width", str(width), "--layers", str(layers)]
+    argv += ["--many", str(many)] if many else []
     run = run_process(argv, log_path)
     print(f"  built in {run.wall_s:.1f} s, peak RSS {run.peak_rss_kib / 1024:.0f} MiB",
           file=sys.stderr)  # fmt: skip
 
 
-def benchmark(rounds: int, workdir: str, keep: bool) -> Result:
+def benchmark(rounds: int, workdir: str, keep: bool, baseline: str | None = None) -> Result:
     os.makedirs(workdir, exist_ok=True)
     log = os.path.join(workdir, "stderr.log")
     full = os.path.join(workdir, "full-{}x{}.pt".format(*FULL_SHAPE))
     quarter = os.path.join(workdir, "quarter-{}x{}.pt".format(*QUARTER_SHAPE))
+    many = os.path.join(workdir, f"many-{MANY_TENSORS}.pt")
     floor_source = os.path.join(workdir, "floor-source.bin")
-    outputs = {m: os.path.join(workdir, f"out-{m}.pt") for m in METHODS}
-    sweeper = sweeper_command()
+    floor_many_source = os.path.join(workdir, "floor-many-source.bin")
+    methods = METHODS + (BASELINE_METHODS if baseline else ())
+    outputs = {m: os.path.join(workdir, f"out-{m}.pt") for m in methods}
+    # The tree beside this bench (the one its digest names), whatever is installed.
+    sweeper, env = baseline_command(os.path.dirname(BENCH_DIR))
+    envs = {m: env for m in methods}
     seed = [sys.executable, os.path.join(BENCH_DIR, "seed_method.py")]
     commands: dict[str, list[list[str]]] = {
         "seed": [[*seed, full, outputs["seed"]]],
-        "sweeper": [[*sweeper, "extract", full, "-o", outputs["sweeper"]]],
+        "sweeper": [[*sweeper, "extract", full, "-o", outputs["sweeper"], "--json"]],
         "floor": [["cp", floor_source, outputs["floor"]], ["sync", outputs["floor"]]],
         "sweeper-quarter": [[*sweeper, "extract", quarter, "-o", outputs["sweeper-quarter"]]],
+        "sweeper-many": [[*sweeper, "extract", many, "-o", outputs["sweeper-many"], "--json"]],
+        "floor-many": [
+            ["cp", floor_many_source, outputs["floor-many"]],
+            ["sync", outputs["floor-many"]],
+        ],
     }
+    if baseline:
+        old, envs["baseline"] = baseline_command(baseline)
+        envs["baseline-many"] = envs["baseline"]
+        commands["baseline"] = [[*old, "extract", full, "-o", outputs["baseline"], "--json"]]
+        commands["baseline-many"] = [
+            [*old, "extract", many, "-o", outputs["baseline-many"], "--json"]
+        ]
     digest_before = sweeper_sources_digest()
-    created = [floor_source, *outputs.values()]
+    created = [floor_source, floor_many_source, *outputs.values()]
     if not keep:
-        created += [full, quarter]
+        created += [full, quarter, many]
     succeeded = False
     try:
         build_checkpoint(full, FULL_SHAPE, log)
         build_checkpoint(quarter, QUARTER_SHAPE, log)
+        build_checkpoint(many, FULL_SHAPE, log, MANY_TENSORS)
 
         print("warming up (untimed) ...", file=sys.stderr)
-        for path in (full, quarter):
+        for path in (full, quarter, many):
             read_through(path)
-        for method in ("seed", "sweeper", "sweeper-quarter"):
-            run_sequence(commands[method], log)
-        # The floor copies a file of exactly the size sweeper writes: sweeper's own output.
+        for method in methods:
+            if not method.startswith("floor"):
+                run_sequence(commands[method], log, envs[method])
+        # The floors copy a file of exactly the size sweeper writes: sweeper's own output.
         os.replace(outputs["sweeper"], floor_source)
-        read_through(floor_source)
-        sizes = {m: os.path.getsize(outputs[m]) for m in ("seed", "sweeper-quarter")}
+        os.replace(outputs["sweeper-many"], floor_many_source)
+        for path in (floor_source, floor_many_source):
+            read_through(path)
+        sizes = {m: os.path.getsize(outputs[m]) for m in methods if os.path.exists(outputs[m])}
         sizes["sweeper"] = sizes["floor"] = os.path.getsize(floor_source)
+        sizes["sweeper-many"] = sizes["floor-many"] = os.path.getsize(floor_many_source)
         for path in outputs.values():
             remove(path)
         os.sync()
 
         series = {
             m: Series(m, " && ".join(" ".join(argv) for argv in commands[m]), sizes[m])
-            for m in METHODS
+            for m in methods
         }
         for number in range(1, rounds + 1):
-            for method in METHODS:
-                run = run_sequence(commands[method], log)
+            for method in methods:
+                run = run_sequence(commands[method], log, envs[method])
                 written = os.path.getsize(outputs[method])
                 if written != sizes[method]:
                     raise CommandFailed(f"{method} wrote {written} bytes, not {sizes[method]}")
@@ -220,6 +319,7 @@ def benchmark(rounds: int, workdir: str, keep: bool) -> Result:
             rounds,
             os.path.getsize(full),
             os.path.getsize(quarter),
+            os.path.getsize(many),
             tuple(series.values()),
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             describe_digests(digest_before, sweeper_sources_digest()),
@@ -260,6 +360,7 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
         "machine": describe_machine(workdir),
         "source_bytes": result.source_bytes,
         "quarter_source_bytes": result.quarter_source_bytes,
+        "many_source_bytes": result.many_source_bytes,
         "peak_rss_from": "GNU time %M" if GNU_TIME else "os.wait4 (includes this process's RSS)",
         "bench_self_peak_rss_kib": result.bench_self_peak_rss_kib,
         "methods": {
@@ -268,6 +369,7 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
                 "output_bytes": s.output_bytes,
                 "median_wall_s": round(s.median_wall_s, 4),
                 "median_peak_rss_kib": round(s.median_peak_mib * 1024),
+                "median_own_s": s.median_own_s,
                 "wall_s": [round(r.wall_s, 4) for r in s.runs],
                 "peak_rss_kib": [r.peak_rss_kib for r in s.runs],
             }
@@ -283,18 +385,20 @@ def to_json(result: Result, workdir: str) -> dict[str, object]:
 def render(result: Result) -> str:
     lines = [
         f"source {result.source_bytes / MIB:.1f} MiB "
-        f"(quarter {result.quarter_source_bytes / MIB:.1f} MiB); "
+        f"(quarter {result.quarter_source_bytes / MIB:.1f} MiB, "
+        f"{MANY_TENSORS} tensors {result.many_source_bytes / MIB:.1f} MiB); "
         f"{result.rounds} interleaved rounds; medians, with min and max wall",
         f"sweeper sources sha256: {result.sources_digest}",
         "",
-        f"{'method':<16} {'wall s':>8} {'min':>8} {'max':>8} {'peak RSS MiB':>13} "
+        f"{'method':<16} {'wall s':>8} {'min':>8} {'max':>8} {'own s':>8} {'peak RSS MiB':>13} "
         f"{'output MiB':>11}",
     ]
     for s in result.series:
         walls = [r.wall_s for r in s.runs]
+        own = "" if s.median_own_s is None else f"{s.median_own_s:8.3f}"
         lines.append(
             f"{s.method:<16} {s.median_wall_s:8.3f} {min(walls):8.3f} {max(walls):8.3f} "
-            f"{s.median_peak_mib:13.1f} {s.output_bytes / MIB:11.1f}"
+            f"{own:>8} {s.median_peak_mib:13.1f} {s.output_bytes / MIB:11.1f}"
         )
     lines.append("")
     for ratio in result.ratios:
@@ -313,12 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the built checkpoints, and reuse them next time")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also time the sweeper source tree TREE, side by side")  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     workdir = os.path.abspath(args.workdir)
     try:
-        result = benchmark(args.rounds, workdir, args.keep)
+        result = benchmark(args.rounds, workdir, args.keep, args.baseline)
     except CommandFailed as error:
         print(f"bench_extract: {error}", file=sys.stderr)
         return 1

@@ -8,8 +8,12 @@ and scheduler state are exactly what ``state_dict()`` gives after a step, and sa
 ``torch.save`` under the seed guide's keys, with an OmegaConf ``DictConfig`` as ``config``.
 
     python bench/make_checkpoint.py OUT [--width 4096] [--layers 5]
+    python bench/make_checkpoint.py OUT --many 2000
 
-The defaults give 83,906,560 parameters (335.6 MB of fp32), a file of about 1.0 GB.  The file
+The defaults give 83,906,560 parameters (335.6 MB of fp32), a file of about 1.0 GB.  ``--many N``
+builds instead a model of N fp32 tensors of 1-100 KB (sizes log-uniform, seeded: ~21 KB on
+average), trained one step the same way: with 2,000 tensors, a file of about 136 MB whose
+inference copy holds 2,000 small records.  The file
 appears atomically (temp name, fsync, rename), so a half-written one is never reused.
 """
 
@@ -31,6 +35,21 @@ def build_model(width: int, layers: int) -> nn.Module:
     return nn.Sequential(*blocks)
 
 
+class ManySmall(nn.Module):
+    """``count`` parameters of 1-100 KB, as a model of many small layers (norms, biases,
+    adapters) saves them."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        sizes = torch.exp(torch.empty(count).uniform_(0.0, float(torch.log(torch.tensor(100.0)))))
+        self.tensors = nn.ParameterList(
+            nn.Parameter(torch.randn(int(256 * size))) for size in sizes.tolist()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum((p.sum() for p in self.tensors), x.sum())
+
+
 def training_config(width: int, layers: int) -> object:
     """A DictConfig like a Hydra/OmegaConf training run's, interpolations included."""
     return OmegaConf.create(
@@ -46,9 +65,9 @@ def training_config(width: int, layers: int) -> object:
     )
 
 
-def build_checkpoint(width: int, layers: int) -> dict[str, object]:
+def build_checkpoint(width: int, layers: int, many: int = 0) -> dict[str, object]:
     torch.manual_seed(0)
-    model = build_model(width, layers)
+    model = ManySmall(many) if many else build_model(width, layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
     batch = torch.randn(8, width)
@@ -88,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="where to write the checkpoint")
     parser.add_argument("--width", type=int, default=4096, help="Linear layer width (4096)")
     parser.add_argument("--layers", type=int, default=5, help="number of Linear layers (5)")
+    parser.add_argument("--many", type=int, default=0,
+                        help="N small tensors (1-100 KB) instead of the Linear layers")  # fmt: skip
     args = parser.parse_args(argv)
-    checkpoint = build_checkpoint(args.width, args.layers)
+    checkpoint = build_checkpoint(args.width, args.layers, args.many)
     save_atomically(checkpoint, args.out)
     params = sum(t.numel() for t in checkpoint["model_state_dict"].values())  # type: ignore[attr-defined]
     print(f"{args.out}: {params} parameters, {os.path.getsize(args.out)} bytes", file=sys.stderr)

@@ -4,6 +4,7 @@ and verification.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import io
@@ -51,7 +52,6 @@ from sweeper.formats.records import (
     Record,
     _data_offset,
     _pread_exact,
-    crc_of_range,
     crcs_of_ranges,
     read_archive,
     read_record,
@@ -533,8 +533,16 @@ def _central_directory(
 class Written:
     """What :func:`write_output` did."""
 
-    read_back: dict[str, int]  # CRC-32 by record, as read back from the output file
+    # By record: where its local header is and the CRC-32 of its data, both read back from the
+    # output file, the header found byte for byte as planned.
+    read_back: dict[str, tuple[int, int]]
     shared_bytes: int  # bytes of records whose blocks are the source's own: cloned, not written
+
+
+# A record whose slot in the source (its local header up to the next record's) is larger than
+# this, or an inline one larger than this, is written alone; smaller ones are written in runs
+# of about this much output: buffers that stay in the CPU's caches, reused from run to run.
+_RUN_BYTES = 1024 * 1024
 
 
 def write_output(
@@ -548,67 +556,213 @@ def write_output(
     make_room: Callable[[int, int], None] = lambda unshared, shared: None,
 ) -> Written:
     """Write the planned archive to ``out_fd`` (positioned at 0), copying storage records from
-    ``source_fd`` in the kernel where it can.  ``should_stop`` is polled between chunks so a
-    daemon can abort a long copy promptly.
+    ``source_fd``.  ``should_stop`` is polled between runs and chunks so a daemon can abort a
+    long copy promptly.
+
+    Small records (a few KB each, thousands of them in some models) are written in runs of
+    about 1 MiB of output (``_RUN_BYTES``), so that they cost a few system calls per run
+    rather than several per record.  A run's source records, where they follow one another
+    in the source, are read with one pread, and each one's local header is checked against
+    the central directory from those bytes; the run's output (sweeper's own local headers,
+    the data, the data descriptors) is assembled in one buffer and written with one pwrite.
+    The output's layout is the one :func:`_layout` plans, whatever the source's: the source's
+    local headers cannot be copied as they are (other names, other alignment), and copies
+    already on disk must keep matching their plan.  A record too large for a run is copied
+    alone, in the kernel (``copy_file_range``), 8 MiB at a time.
+
+    Everything written is read back through the output file on a second thread while the
+    next run or chunk is written: each local header is compared byte for byte with the
+    planned one and each record's data is CRC'd (``verify_output`` compares the CRCs with the
+    source's, so a corrupt source record is refused).  Writeback is started every ~8 MiB
+    (``sync_file_range``), so the final fsync finds little left to do.
 
     With ``share``, the whole blocks of each storage record are first cloned from the source
     (``sweeper.extents``: no data read or written, no new space), where the filesystem can;
     only the bytes around them are then written.  Before the first byte is written,
     ``make_room(unshared, shared)`` is told how many bytes still need space: a full disk is
-    refused there, with nothing written.
-
-    The copied chunks are read back on a second thread right after each is copied, so the
-    check overlaps the copy; a record with cloned blocks is read back whole at the end, from
-    the disk itself where the filesystem allows (else ``verify_output`` reads it).
-    ``verify_output`` compares these CRCs with the source's.
+    refused there, with nothing written.  A record with cloned blocks is read back whole at
+    the end, from the disk itself where the filesystem allows (else ``verify_output`` reads it).
     """
-    placed, total = _layout(list(plan.entries))
-    starts = [
-        None
-        if entry.source is None
-        else record_data_offset(source_fd, source.archive, entry.source, source.path)
-        for entry in plan.entries
-    ]
-    cloned = _clone_records(source_fd, out_fd, plan, placed, starts, should_stop) if share else {}
+    entries = plan.entries
+    placed, total = _layout(list(entries))
+    archive = source.archive
+    starts: dict[int, int] = {}
+
+    def source_start(index: int) -> int:  # asked only for records copied alone or cloned
+        if index not in starts:
+            record = entries[index].source
+            assert record is not None
+            starts[index] = record_data_offset(source_fd, archive, record, source.path)
+        return starts[index]
+
+    cloned = (
+        _clone_records(source_fd, out_fd, plan, placed, source_start, should_stop) if share else {}
+    )
     shared = sum(length for _, length in cloned.values())
     make_room(total - shared, shared)
-    offset = 0
     read_back = _ReadBack(out_fd, source.path)
+    writeback = _Writeback(out_fd)
+    runs = _RunWriter(source_fd, archive, source.path, out_fd)
     try:
-        for index, (entry, (header_offset, header, descriptor)) in enumerate(
-            zip(plan.entries, placed, strict=True)
-        ):
-            assert header_offset == offset
-            _write_all(out_fd, header, offset)
-            offset += len(header)
-            start = starts[index]
-            if entry.inline is not None:
-                _write_all(out_fd, entry.inline, offset)
+        run: list[int] = []
+        run_source = 0  # source bytes the run reads
+        for index, entry in enumerate(entries):
+            header_offset, header, descriptor = placed[index]
+            record = entry.source
+            slot = 0 if record is None else runs.slot_end(record) - record.header_offset
+            alone = index in cloned or max(slot, entry.size) > _RUN_BYTES
+            end = header_offset + len(header) + entry.size + len(descriptor)
+            if run and (alone or end - placed[run[0]][0] > _RUN_BYTES or run_source > _RUN_BYTES):
+                read_back.feed(*runs.write(entries, placed, run, should_stop))
+                writeback.wrote_up_to(header_offset)
+                run, run_source = [], 0
+            if not alone:
+                run.append(index)
+                run_source += slot
+                continue
+            _write_all(out_fd, header, header_offset)
+            data_at = header_offset + len(header)
+            if entry.inline is not None:  # read back by verify_output
+                _write_all(out_fd, entry.inline, data_at)
             else:
-                assert start is not None
                 head, middle = cloned.get(index, (entry.size, 0))
-                feed = functools.partial(read_back.feed, entry.name) if not middle else _unread
+                feed = _unread
+                if not middle:
+                    read_back.feed(header_offset, len(header), [(entry.name, header_offset, header,
+                                                                 data_at, 0)])  # fmt: skip
+                    feed = functools.partial(read_back.feed_chunk, entry.name)
+                start = source_start(index)
                 try:
                     for at, length in ((0, head), (head + middle, entry.size - head - middle)):
-                        _copy_range(
-                            source_fd, start + at, out_fd, offset + at, length, should_stop, feed
-                        )
+                        _copy_range(source_fd, start + at, out_fd, data_at + at, length,
+                                    should_stop, feed, writeback.wrote_up_to)  # fmt: skip
                 except EOFError:
                     raise FileRefused(source.path, "truncated while it was being read") from None
-            offset += entry.size
-            _write_all(out_fd, descriptor, offset)
-            offset += len(descriptor)
-        _write_all(out_fd, _central_directory(plan.entries, placed, offset), offset)
+            _write_all(out_fd, descriptor, end - len(descriptor))
+            writeback.wrote_up_to(end)
+        if run:
+            read_back.feed(*runs.write(entries, placed, run, should_stop))
+        offset = placed[-1][0] + len(placed[-1][1]) + entries[-1].size + len(placed[-1][2])
+        _write_all(out_fd, _central_directory(entries, placed, offset), offset)
         if os.fstat(out_fd).st_size != total:
             os.ftruncate(out_fd, total)
     finally:
         crcs = read_back.finish()
-    sharing = [i for i in cloned if plan.entries[i].name not in crcs]
-    spans = [(placed[i][0] + len(placed[i][1]), plan.entries[i].size) for i in sharing]
+    sharing = [i for i in cloned if entries[i].name not in crcs]
+    spans = [(placed[i][0] + len(placed[i][1]), entries[i].size) for i in sharing]
     from_disk = _crcs_from_disk(out_fd, spans, source.path, should_stop) if spans else None
     if from_disk is not None:
-        crcs.update(zip((plan.entries[i].name for i in sharing), from_disk, strict=True))
+        for index, crc in zip(sharing, from_disk, strict=True):
+            header_offset, header, _ = placed[index]
+            if os.pread(out_fd, len(header), header_offset) == header:
+                crcs[entries[index].name] = (header_offset, crc)
     return Written(crcs, shared)
+
+
+class _RunWriter:
+    """Writes runs of small records: one read of the source per stretch of consecutive
+    records, one write of the output, through two buffers reused from run to run."""
+
+    def __init__(self, source_fd: int, archive: Archive, path: str, out_fd: int) -> None:
+        self._source_fd = source_fd
+        self._archive = archive
+        self._path = path
+        self._out_fd = out_fd
+        self._source = bytearray()
+        self._out = bytearray()
+        # Where each source record's slot ends: at the next record's local header, as the
+        # central directory orders them (it has checked that none overlaps the next).
+        self._offsets = sorted(record.header_offset for record in archive.records.values())
+
+    def slot_end(self, record: Record) -> int:
+        after = bisect.bisect_right(self._offsets, record.header_offset)
+        return self._offsets[after] if after < len(self._offsets) else self._archive.central_offset
+
+    def write(
+        self, entries: tuple[OutputEntry, ...], placed: list[tuple[int, bytes, bytes]],
+        run: list[int], should_stop: Callable[[], bool],
+    ) -> tuple[int, int, list[_Check]]:  # fmt: skip
+        """Write the entries ``run`` (consecutive in the output); returns what to read back."""
+        if should_stop():
+            raise Interrupted
+        start = placed[run[0]][0]
+        last = placed[run[-1]]
+        length = last[0] + len(last[1]) + entries[run[-1]].size + len(last[2]) - start
+        datas = iter(self._read_source([e.source for i in run if (e := entries[i]).source]))
+        if len(self._out) < length:
+            self._out = bytearray(length)
+        out = memoryview(self._out)
+        checks: list[_Check] = []
+        for index in run:
+            entry = entries[index]
+            header_offset, header, descriptor = placed[index]
+            at = header_offset - start
+            out[at : at + len(header)] = header
+            at += len(header)
+            out[at : at + entry.size] = entry.inline if entry.inline is not None else next(datas)
+            out[at + entry.size : at + entry.size + len(descriptor)] = descriptor
+            checks.append((entry.name, header_offset, header, start + at, entry.size))
+        _write_all(self._out_fd, out[:length], start)
+        return start, length, checks
+
+    def _read_source(self, records: list[Record]) -> list[memoryview]:
+        """The data of ``records``, each local header checked against the directory, read
+        with one pread per stretch of records that follow one another in the source."""
+        ends = [self.slot_end(record) for record in records]
+        needed = sum(end - record.header_offset for record, end in zip(records, ends, strict=True))
+        if len(self._source) < needed:
+            self._source = bytearray(needed)
+        buffer = memoryview(self._source)
+        datas: list[memoryview] = []
+        into = 0
+        first = 0
+        while first < len(records):
+            last = first
+            while last + 1 < len(records) and records[last + 1].header_offset == ends[last]:
+                last += 1
+            low, high = records[first].header_offset, ends[last]
+            view = buffer[into : into + high - low]
+            done = 0
+            while done < len(view):
+                got = os.preadv(self._source_fd, [view[done:]], low + done)
+                if got == 0:
+                    raise FileRefused(self._path, "truncated while it was being read")
+                done += got
+
+            def read(length: int, offset: int, what: str, view: memoryview = view,
+                     low: int = low, high: int = high) -> bytes:  # fmt: skip
+                if offset + length > high:
+                    raise FileRefused(self._path, f"malformed archive: {what} runs into the next")
+                return bytes(view[offset - low : offset - low + length])
+
+            for record, end in zip(records[first : last + 1], ends[first : last + 1], strict=True):
+                at = _data_offset(read, self._archive, record, self._path)
+                if at + record.size > end:
+                    raise FileRefused(
+                        self._path, f"malformed archive: record {record.name!r} overlaps the next"
+                    )
+                datas.append(view[at - low : at - low + record.size])
+            into += high - low
+            first = last + 1
+        return datas
+
+
+# What to read back and check: (record, local header offset or -1 to carry on the record's CRC,
+# the planned local header, data offset, data length).
+_Check = tuple[str, int, bytes, int, int]
+
+
+class _Writeback:
+    """Starts the disk writing the output every ~8 MiB written (``sync_file_range``)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._started = 0  # writeback started for the bytes before this offset
+
+    def wrote_up_to(self, end: int) -> None:
+        if end - self._started >= COPY_CHUNK:
+            _start_writeback(self._fd, self._started, end - self._started)
+            self._started = end
 
 
 def _unread(offset: int, length: int) -> None:
@@ -686,7 +840,7 @@ def _clone_records(
     out_fd: int,
     plan: OutputPlan,
     placed: list[tuple[int, bytes, bytes]],
-    starts: list[int | None],
+    source_start: Callable[[int], int],
     should_stop: Callable[[], bool],
 ) -> dict[int, tuple[int, int]]:
     """Clone the whole blocks of each storage record laid out for it (``source_data_offset``)
@@ -701,11 +855,11 @@ def _clone_records(
     for index, (entry, (header_offset, header, _)) in enumerate(
         zip(plan.entries, placed, strict=True)
     ):
-        source_start = starts[index]
         start = header_offset + len(header)
-        if entry.source_data_offset is None or source_start is None:
+        if entry.source_data_offset is None or entry.source is None:
             continue
-        if (source_start - start) % block:  # torch did not write it; or blocks of over 4 KiB
+        source_at = source_start(index)
+        if (source_at - start) % block:  # torch did not write it; or blocks of over 4 KiB
             continue
         head = (-start) % block
         middle = max(0, entry.size - head) // block * block
@@ -716,7 +870,7 @@ def _clone_records(
                     raise Interrupted
                 length = min(_CLONE_CHUNK, middle - done)
                 at = head + done
-                extents.clone_range(source_fd, source_start + at, out_fd, start + at, length)
+                extents.clone_range(source_fd, source_at + at, out_fd, start + at, length)
                 done += length
         except extents.CannotShare as refused:
             log.debug("%s: blocks not shared (%s); copying", entry.name, refused)
@@ -727,33 +881,56 @@ def _clone_records(
 
 
 class _ReadBack:
-    """Reads copied chunks back from the output on a helper thread, keeping a CRC per record."""
+    """Reads what was written back from the output on a helper thread: compares each local
+    header with the planned one and keeps a CRC per record."""
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
         self._path = path
-        self._chunks: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
-        self._crcs: dict[str, int] = {}
+        self._jobs: queue.SimpleQueue[tuple[int, int, list[_Check]] | None] = queue.SimpleQueue()
+        self._crcs: dict[str, tuple[int, int]] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="read-back", daemon=True)
         self._thread.start()
 
-    def feed(self, name: str, offset: int, length: int) -> None:
-        self._chunks.put((name, offset, length))
+    def feed(self, offset: int, length: int, checks: list[_Check]) -> None:
+        """Read back ``length`` bytes at ``offset`` and make the checks on them."""
+        self._jobs.put((offset, length, checks))
+
+    def feed_chunk(self, name: str, offset: int, length: int) -> None:
+        """Read back a chunk of record ``name``'s data, carrying on its CRC."""
+        self._jobs.put((offset, length, [(name, -1, b"", offset, length)]))
 
     def _run(self) -> None:
-        while (chunk := self._chunks.get()) is not None:
-            name, offset, length = chunk
+        buffer = bytearray()
+        while (job := self._jobs.get()) is not None:
             if self._error is not None:
                 continue
+            offset, length, checks = job
             try:
-                crc = self._crcs.get(name, 0)
-                self._crcs[name] = crc_of_range(self._fd, offset, length, self._path, crc)
+                if len(buffer) < length:
+                    buffer = bytearray(length)
+                view = memoryview(buffer)[:length]
+                done = 0
+                while done < length:
+                    got = os.preadv(self._fd, [view[done:]], offset + done)
+                    if got <= 0:
+                        raise FileRefused(self._path, "read back: the copy ends early")
+                    done += got
+                for name, header_at, header, data_at, size in checks:
+                    crc = 0
+                    if header_at < 0:
+                        header_at, crc = self._crcs[name]
+                    elif view[header_at - offset : header_at - offset + len(header)] != header:
+                        raise FileRefused(self._path, f"read back: record {name!r}'s local "
+                                                      "header differs: write error")  # fmt: skip
+                    data = view[data_at - offset : data_at - offset + size]
+                    self._crcs[name] = (header_at, zlib.crc32(data, crc))
             except BaseException as error:  # re-raised by finish()
                 self._error = error
 
-    def finish(self) -> dict[str, int]:
-        self._chunks.put(None)
+    def finish(self) -> dict[str, tuple[int, int]]:
+        self._jobs.put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -800,6 +977,7 @@ def _copy_range(
     length: int,
     should_stop: Callable[[], bool],
     copied_chunk: Callable[[int, int], None],
+    wrote_up_to: Callable[[int], None],
 ) -> None:
     done = 0
     use_kernel = hasattr(os, "copy_file_range")
@@ -825,9 +1003,9 @@ def _copy_range(
             if copied == 0:
                 raise EOFError("source record ends early")
             _write_all(dst, bytes(view[:copied]) if copied < want else view, dst_offset + done)
-        _start_writeback(dst, dst_offset + done, copied)
         copied_chunk(dst_offset + done, copied)
         done += copied
+        wrote_up_to(dst_offset + done)
 
 
 _WHOLE_READ_BYTES = 4 * 1024 * 1024  # below this, one read of the records beats one per record
@@ -901,27 +1079,30 @@ def verify_output(
     source: Checkpoint,
     mode: Mode,
     path: str,
-    read_back: Mapping[str, int] | None = None,
+    read_back: Mapping[str, tuple[int, int]] | None = None,
 ) -> None:
     """Prove the written archive is exactly the plan: every record's CRC matches the source's
-    (``read_back`` holds CRCs already read back from this file by ``write_output``),
+    (``read_back`` holds, by record, the local header offset and the CRC already read back
+    from this file by ``write_output``: used where the directory points at that header),
     and its pickle describes the same tensors (dtype, shape, stride, offset, storage sharing)
     and the same metadata as the kept part of the source.  Raises FileRefused otherwise."""
     archive = read_archive(out_fd, path)
-    if archive.file_size not in (plan.total_size, _packed_size(plan)):
+    if archive.file_size != plan.total_size and archive.file_size != _packed_size(plan):
         raise FileRefused(path, "verification failed: output size differs from the plan")
-    spans = []
-    for entry in plan.entries:
+    read_back = read_back or {}
+    crcs = [0] * len(plan.entries)
+    unread, spans = [], []
+    for index, entry in enumerate(plan.entries):
         record = archive.records.get(entry.name)
         if record is None or record.size != entry.size or record.crc32 != entry.crc32:
             raise FileRefused(path, f"verification failed: record {entry.name!r} differs")
-        spans.append((record_data_offset(out_fd, archive, record, path), record.size))
-    read_back = read_back or {}
-    unread = [i for i, entry in enumerate(plan.entries) if entry.name not in read_back]
-    crcs = [read_back.get(entry.name, 0) for entry in plan.entries]
-    for index, crc in zip(
-        unread, crcs_of_ranges(out_fd, [spans[i] for i in unread], path), strict=True
-    ):
+        header_offset, crc = read_back.get(entry.name, (-1, 0))
+        if header_offset == record.header_offset:  # its local header and data, read back
+            crcs[index] = crc
+        else:
+            unread.append(index)
+            spans.append((record_data_offset(out_fd, archive, record, path), record.size))
+    for index, crc in zip(unread, crcs_of_ranges(out_fd, spans, path), strict=True):
         crcs[index] = crc
     for entry, crc in zip(plan.entries, crcs, strict=True):
         if crc != entry.crc32:
