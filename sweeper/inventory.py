@@ -824,7 +824,9 @@ def _list_at_most(fd: int, limit: int) -> list[Listed] | None:
 
 def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | None:
     """The configured root and safe reference for ``path``, a folder below one of the roots as
-    the observer reported it; None when it is not below any (or is reached through a symlink)."""
+    the observer reported it; None when it is not below any (or is reached through a symlink).
+    Below a root folder inside another, the inner one, as a full scan walks it (``Scan``)."""
+    matching: list[tuple[str, FolderRef]] = []
     for pattern in roots:
         try:
             tops = list(expand_root(pattern))
@@ -832,26 +834,30 @@ def locate_folder(roots: Sequence[str], path: str) -> tuple[str, FolderRef] | No
             continue
         for top in tops:
             base = top.display.rstrip("/") + "/"
-            if path != top.display and not path.startswith(base):
-                continue
-            folder = top
-            relative = path[len(base) :] if path != top.display else ""
+            if path == top.display or path.startswith(base):
+                matching.append((pattern, top))
+    if not matching:
+        return None
+    # (both are prefixes of path: the longer is the deeper; the first listed among equals)
+    pattern, top = max(matching, key=lambda found: len(found[1].display.rstrip("/")))
+    base = top.display.rstrip("/") + "/"
+    folder = top
+    relative = path[len(base) :] if path != top.display else ""
+    try:
+        for name in [part for part in relative.split("/") if part]:
+            fd = open_folder(folder)
             try:
-                for name in [part for part in relative.split("/") if part]:
-                    fd = open_folder(folder)
-                    try:
-                        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    finally:
-                        os.close(fd)
-                    if not stat.S_ISDIR(info.st_mode) or info.st_dev != top.dev:
-                        return None
-                    folder = folder.child(name, info)
-                if not _same_mount(top, folder):
-                    return None
-            except (OSError, FileRefused):
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+            if not stat.S_ISDIR(info.st_mode) or info.st_dev != top.dev:
                 return None
-            return pattern, folder
-    return None
+            folder = folder.child(name, info)
+        if not _same_mount(top, folder):
+            return None
+    except (OSError, FileRefused):
+        return None
+    return pattern, folder
 
 
 def scan_folder(

@@ -231,6 +231,8 @@ class PersistentCache:
         except (TypeError, ValueError):
             return
         dev, ino, size, mtime, ctime, copy = _columns(key)
+        if not _storable(dev, ino, size, mtime, ctime - mtime):
+            return  # (an mtime set centuries ahead: such a file is read every time)
         with self._lock:
             self._pending.append((dev, ino, size, mtime, ctime - mtime, copy, *encoded, _today()))
             full = len(self._pending) >= _BATCH
@@ -262,7 +264,7 @@ class PersistentCache:
         identity as the scan that just classified it saw it: its row is written first)."""
         self.flush()
         db = self._connect()
-        if db is None:
+        if db is None or not _storable(dev, ino, size, mtime_ns, ctime_ns - mtime_ns):
             return False
         try:
             row = db.execute(
@@ -279,7 +281,7 @@ class PersistentCache:
     def mark_verified(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
         self.flush()
         db = self._connect()
-        if db is None:
+        if db is None or not _storable(dev, ino, size, mtime_ns, ctime_ns - mtime_ns):
             return
         try:
             db.execute(
@@ -294,7 +296,7 @@ class PersistentCache:
 
     def _rows(self, keys: list[tuple[object, ...]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
         """The stored rows of ``keys`` whose identity still matches, by their columns."""
-        wanted = [_columns(key) for key in keys]
+        wanted = [c for c in map(_columns, keys) if _storable(*c[:4], c[4] - c[3])]
         db = self._connect()
         if db is None or not wanted:
             return {}
@@ -315,7 +317,7 @@ class PersistentCache:
                         query, (dev, *some)
                     ):
                         matched[(dev, ino, size, mtime, ctime, copy)] = tuple(found)
-                        if seen < today:
+                        if not isinstance(seen, int) or seen < today:  # (or damaged)
                             stale.append((today, dev, ino))
             if stale:  # met again: kept another FORGET_SECONDS
                 db.executemany("UPDATE files SET seen = ? WHERE dev = ? AND ino = ?", stale)
@@ -346,6 +348,10 @@ class PersistentCache:
                 rows,
             )
             db.execute("COMMIT")
+        except (OverflowError, ValueError) as error:  # a value sqlite cannot hold: not kept
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            log.debug("%s: %d rows not kept: %s", self.path, len(rows), error)
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
@@ -368,6 +374,12 @@ def _code_version() -> str:
     for path in sorted([*top.glob("formats/**/*.py"), top / "inventory.py", top / "extract.py"]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _storable(*values: int) -> bool:
+    """Whether sqlite can hold these (64-bit signed integers): an inode number past 2**63, an
+    mtime set centuries ahead, are not cached (a miss, every time), never an error."""
+    return all(-(2**63) <= value < 2**63 for value in values)
 
 
 def _columns(key: tuple[object, ...]) -> tuple[int, int, int, int, int, int | None]:
@@ -427,6 +439,9 @@ def _encode(found: dict[str, Any]) -> _Encoded:
         else:
             raise ValueError(key)  # something this cache does not know how to keep
     rest = json.dumps(out, separators=(",", ":"), allow_nan=True) if out else None
+    numbers = [int(n) for n in (epoch, step, output) if n is not None]
+    if not _storable(*numbers):  # (an epoch of 2**70 in a user's file)
+        raise ValueError("a number past 64 bits")
     return (
         None if kind is None else _KINDS[kind],
         None if epoch is None else int(epoch),

@@ -164,3 +164,22 @@ def test_no_cache_in_a_folder_others_can_write(sweeper: Sweeper, tmp_path: Path)
     _cache(sweeper).symlink_to(victim)
     assert _plan(sweeper) == first
     assert victim.read_bytes() == b""
+
+
+def test_a_file_dated_centuries_ahead_is_read_each_time_and_harms_no_other(
+    sweeper: Sweeper,
+) -> None:
+    """sqlite holds 64-bit integers; a user's `touch -d 2400-01-01` puts an mtime past them.
+    That file is not cached (read every time); the other files' rows are kept, no file is
+    called unreadable, and the cache goes on working for the next run."""
+    _tree(sweeper.root)
+    future = sweeper.root / "run" / "epoch9.pt"
+    save_full(future, epoch=9, seed=9, mtime_ns=BASE)
+    os.utime(future, ns=(13_250_000_000 * 10**9, 13_250_000_000 * 10**9))  # the year 2389
+    assert future.stat().st_mtime_ns >= 2**63
+
+    first = _plan(sweeper)
+    assert not any("unreadable" in why for why in first.values()), first
+    assert len(_rows(sweeper)) == 4  # every file but the one from the future
+    assert _plan(sweeper) == first
+    assert len(_rows(sweeper)) == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import CliRun
 from trees import save_full
 
-from sweeper.inventory import FolderRef, WalkLimits, expand_root, walk_folders
+from sweeper.inventory import FolderRef, WalkLimits, expand_root, locate_folder, walk_folders
 
 
 def top_of(folder: Path) -> FolderRef:
@@ -83,3 +83,18 @@ def test_a_sweep_leaves_folders_past_max_depth_alone(
     assert (tmp_path / "root" / "a" / "epoch1_inference.pt").exists()
     assert not (deep / "epoch1_inference.pt").exists()
     assert f"{deep}: more than 1 folders below {tmp_path / 'root'} (max_depth)" in done.stderr
+
+
+def test_a_folder_below_nested_roots_belongs_to_the_inner_one(tmp_path: Path) -> None:
+    """A full scan walks a root inside another as its own root; an event's folder is located
+    the same way, whatever the order the roots are listed in."""
+    (tmp_path / "outer" / "inner" / "run").mkdir(parents=True)
+    outer, inner = str(tmp_path / "outer"), str(tmp_path / "outer" / "inner")
+    run = str(tmp_path / "outer" / "inner" / "run")
+    for roots in ([outer, inner], [inner, outer]):
+        located = locate_folder(roots, run)
+        assert located is not None
+        assert located[0] == inner
+        assert located[1].display == run
+    assert locate_folder([outer, inner], outer) is not None
+    assert locate_folder([outer, inner], outer)[0] == outer  # type: ignore[index]
