@@ -402,7 +402,9 @@ def _sweep(args: argparse.Namespace, progress: _Progress) -> int:
     pressured = settings.rules(pressure=True)
     limits = WalkLimits(settings.max_depth, settings.max_folder_entries)
     store = scan_cache.open_beside(settings.ledger) if settings.scan_cache and args.cache else None
-    verifier = Verifier(store=store)
+    # (a sweep checks a file once: what it remembers is for the daemon's rescans, and the
+    # forked classifiers' copies of it would otherwise grow with the tree)
+    verifier = Verifier(store=store, remember=1024)
     processes = len(os.sched_getaffinity(0))
 
     def verified(now_ns: int, under: Sequence[Pressure] = ()) -> Callable[[RunFolder], RunFolder]:

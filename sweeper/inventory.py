@@ -243,13 +243,18 @@ def expand_root(pattern: str) -> Iterator[FolderRef]:
     fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     info = os.fstat(fd)
     os.close(fd)
-    level = [FolderRef.top(prefix, info)]
-    for part in rest:
-        following: list[FolderRef] = []
-        for folder in level:
-            following.extend(_matching_children(folder, part))
-        level = following
-    yield from sorted(level, key=lambda f: f.components)
+    yield from _expand(FolderRef.top(prefix, info), rest)
+
+
+def _expand(folder: FolderRef, rest: tuple[str, ...]) -> Iterator[FolderRef]:
+    """Depth first, each level's matches in name order: the folders in the order of their
+    components, holding one level's matches at a time, not every root folder (a root such as
+    ``/data/*/*/results`` may match tens of thousands)."""
+    if not rest:
+        yield folder
+        return
+    for child in _matching_children(folder, rest[0]):
+        yield from _expand(child, rest[1:])
 
 
 def _matching_children(folder: FolderRef, part: str) -> list[FolderRef]:
@@ -378,16 +383,12 @@ class Scan:
         # A symlink anywhere under the roots pins its target, wherever that target sits.
         self.symlink_targets: set[tuple[int, int]] = set()
         self._path: dict[int, _OnPath] = {}  # the walk's current folder at each depth
-        self._tops: list[tuple[str, FolderRef]] = []
-        for pattern in roots:
-            try:
-                folders = list(expand_root(pattern))
-            except OSError as error:
-                self.problems.append((pattern, f"cannot open root: {error.strerror}"))
-                continue
-            if not folders:
-                self.problems.append((pattern, "root matches no folder"))
-            self._tops.extend((pattern, top) for top in folders)
+        self._roots = tuple(roots)
+        # Root folders (dev, ino), when there are several patterns: one inside another's tree
+        # is walked as its own root, not as part of the other (one pattern's never nest).
+        self._tops: set[tuple[int, int]] | None = None
+        if len(self._roots) > 1:
+            self._tops = {(top.dev, top.ino) for _, top in self._root_folders([])}
         # Streamed, the run folders are found again by a second walk as they are classified;
         # otherwise the first walk's list of them is kept (each folder is opened once).
         self._found: list[tuple[str, FolderRef, int]] | None = None if stream else []
@@ -408,12 +409,13 @@ class Scan:
         folders and problems; the next ones only find run folders again.  A root folder
         inside another root's tree is walked as its own root, not as part of the other."""
         problems = self.problems if first else []
-        tops = {(top.dev, top.ino) for _, top in self._tops}
+        tops = self._tops or set()
         walked: set[tuple[int, int]] = set()
-        for pattern, top in self._tops:
-            if (top.dev, top.ino) in walked:
-                continue  # (two patterns matching one folder)
-            walked.add((top.dev, top.ino))
+        for pattern, top in self._root_folders(problems if first else []):
+            if self._tops is not None:
+                if (top.dev, top.ino) in walked:
+                    continue  # (two patterns matching one folder)
+                walked.add((top.dev, top.ino))
             self._path.clear()
             walk = walk_folders(
                 top,
@@ -422,7 +424,7 @@ class Scan:
                 opened=opened if first else None,
                 capped=capped if first else _not_again,
                 should_stop=should_stop,
-                skip=tops - {(top.dev, top.ino)},
+                skip=tops,  # (never the top itself: it is no child of its own walk)
             )
             for folder, files in walk:
                 if first:
@@ -439,6 +441,20 @@ class Scan:
                 if wanted:
                     self._path[len(folder.components)].queued = True
                     yield pattern, folder, wanted
+
+    def _root_folders(self, problems: list[tuple[str, str]]) -> Iterator[tuple[str, FolderRef]]:
+        """Each root pattern's folders as they are matched; what fails goes to ``problems``."""
+        for pattern in self._roots:
+            matched = False
+            try:
+                for top in expand_root(pattern):
+                    matched = True
+                    yield pattern, top
+            except OSError as error:
+                problems.append((pattern, f"cannot open root: {error.strerror}"))
+                continue
+            if not matched:
+                problems.append((pattern, "root matches no folder"))
 
     def _checkpoint_folder(
         self, pattern: str, folder: FolderRef, files: list[Listed]
