@@ -748,6 +748,17 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tree_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """The roots and overrides, and the config file, of a command that works on the tree."""
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="ROOT|KEY=VALUE",
+        help=f"{what} (replace config roots) and config overrides",
+    )
+    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sweeper",
@@ -809,13 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep", parents=[common], help="extract, keep the newest full checkpoints, delete older"
     )
-    p.add_argument(
-        "items",
-        nargs="*",
-        metavar="ROOT|KEY=VALUE",
-        help="folders to sweep (replace config roots) and config overrides",
-    )
-    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    _tree_arguments(p, "folders to sweep")
     p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     p.add_argument(
         "--all", action="store_true", help="list sweeper's own outputs too (folded by default)"
@@ -834,13 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "watch", parents=[common], help="the daemon: extract and prune as checkpoints appear"
     )
-    p.add_argument(
-        "items",
-        nargs="*",
-        metavar="ROOT|KEY=VALUE",
-        help="folders to watch (replace config roots) and config overrides",
-    )
-    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    _tree_arguments(p, "folders to watch")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
     p.set_defaults(func=cmd_watch, parser=p)
 
@@ -855,13 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "trash", parents=[common], help="what the undo window holds, and when it is purged"
     )
-    p.add_argument(
-        "items",
-        nargs="*",
-        metavar="ROOT|KEY=VALUE",
-        help="roots whose trash to list (replace config roots) and config overrides",
-    )
-    p.add_argument("-c", "--config", metavar="CONFIG", help="config file (YAML)")
+    _tree_arguments(p, "roots whose trash to list")
     p.add_argument("--ledger", metavar="PATH", help="ledger file")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_trash, parser=p)

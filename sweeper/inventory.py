@@ -181,15 +181,22 @@ class Inventory:
 def open_folder(folder: FolderRef) -> int:
     """Reopen a scanned folder; fails if any component became a symlink or another directory."""
     fd = os.open(folder.prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _require_same_folder(open_below(fd, folder.components), folder)
+
+
+def open_below(fd: int, names: Sequence[str]) -> int:
+    """The folder reached from the open folder ``fd`` through ``names``, each opened with
+    O_NOFOLLOW relative to the last; ``fd`` is consumed (closed, or returned when ``names`` is
+    empty), also when this raises."""
     try:
-        for name in folder.components:
+        for name in names:
             child = os.open(name, _OPEN_DIR, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
-    return _require_same_folder(fd, folder)
+    return fd
 
 
 def _require_same_folder(fd: int, folder: FolderRef) -> int:
@@ -1665,6 +1672,13 @@ Cache = ScanCache | PersistentCache
 _Known = tuple[tuple[object, ...], dict[str, Any] | None]
 
 
+def _cache_key(
+    name: str, info: os.stat_result, copy: os.stat_result | None
+) -> tuple[object, ...]:
+    """A file's key in the scan cache: its name, its identity and its copy's (None: none)."""
+    return (name, _identity(info), None if copy is None else _identity(copy))
+
+
 def _identity(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
@@ -1681,11 +1695,10 @@ class _Probes:
         if self.cache is None or not wanted:
             return {}
         infos = {entry.name: entry.info for entry in entries}
-        keys: list[tuple[object, ...]] = []
-        for entry in wanted:
-            copy = infos.get(output_name(entry.name, Mode.INFERENCE))
-            copied = None if copy is None else _identity(copy)
-            keys.append((entry.name, _identity(entry.info), copied))
+        keys = [
+            _cache_key(e.name, e.info, infos.get(output_name(e.name, Mode.INFERENCE)))
+            for e in wanted
+        ]
         answers = self.cache.get_many(keys)
         return {str(key[0]): (key, found) for key, found in zip(keys, answers, strict=True)}
 
@@ -1695,13 +1708,12 @@ class _Probes:
         if self.cache is None:
             return ()
         copy_name = output_name(name, Mode.INFERENCE)
-        copy: tuple[int, ...] | None = None
-        if copy_name in names:
-            try:
-                copy = _identity(os.stat(copy_name, dir_fd=dir_fd, follow_symlinks=False))
-            except OSError:
-                copy = (-1,)
-        return (name, _identity(info), copy)
+        if copy_name not in names:
+            return _cache_key(name, info, None)
+        try:
+            return _cache_key(name, info, os.stat(copy_name, dir_fd=dir_fd, follow_symlinks=False))
+        except OSError:
+            return (name, _identity(info), (-1,))  # listed, and gone: no answer can match
 
 
 class _OpenForWriting:

@@ -212,9 +212,10 @@ class PersistentCache:
         """What each key's file was found to hold, or None (a miss): one query for the files
         of a folder."""
         found: list[dict[str, Any] | None] = [None] * len(keys)
-        rows = self._rows(keys)
+        columns = [_columns(key) for key in keys]
+        rows = self._rows(columns)
         for index, key in enumerate(keys):
-            row = rows.get(_columns(key))
+            row = rows.get(columns[index])
             if row is None:
                 continue
             with contextlib.suppress(ValueError, KeyError, TypeError, IndexError):
@@ -294,9 +295,12 @@ class PersistentCache:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def _rows(self, keys: list[tuple[object, ...]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-        """The stored rows of ``keys`` whose identity still matches, by their columns."""
-        wanted = [c for c in map(_columns, keys) if _storable(*c[:4], c[4] - c[3])]
+    def _rows(
+        self, columns: list[tuple[int, int, int, int, int, int | None]]
+    ) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+        """The stored rows of these files (``_columns`` of their keys) whose identity still
+        matches, by their columns."""
+        wanted = [c for c in columns if _storable(*c[:4], c[4] - c[3])]
         db = self._connect()
         if db is None or not wanted:
             return {}

@@ -29,7 +29,14 @@ from dataclasses import asdict, dataclass
 
 from sweeper.errors import FileRefused
 from sweeper.extract import FileIdentity, _rename_no_replace
-from sweeper.inventory import TRASH_NAME, FolderRef, expand_root, open_folder, split_root
+from sweeper.inventory import (
+    TRASH_NAME,
+    FolderRef,
+    expand_root,
+    open_below,
+    open_folder,
+    split_root,
+)
 
 __all__ = [
     "TRASH_NAME",
@@ -124,15 +131,7 @@ def open_root_folder(folder: FolderRef, root: str) -> tuple[int, str]:
     prefix, rest = split_root(root)
     names = folder.components[: len(rest)]
     fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in names:
-            child = os.open(name, _OPEN_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, os.path.join(prefix, *names)
+    return open_below(fd, names), os.path.join(prefix, *names)
 
 
 def open_trash(top_fd: int, top: str, *, create: bool) -> int | None:
@@ -290,16 +289,13 @@ def restore_item(top_fd: int, trash_fd: int, item: TrashItem) -> None:
     Raises FileRefused when the folder is gone or replaced, or the name is taken."""
     if not _present(trash_fd, item):
         raise FileRefused(item.path, "not in the trash any more")
-    fd = os.dup(top_fd)
+    start = os.dup(top_fd)
     try:
-        try:
-            for name in item.folder:
-                child = os.open(name, _OPEN_DIR, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except OSError as error:
-            why = f"not restored: its folder is gone ({error.strerror})"
-            raise FileRefused(item.path, why) from None
+        fd = open_below(start, item.folder)
+    except OSError as error:
+        why = f"not restored: its folder is gone ({error.strerror})"
+        raise FileRefused(item.path, why) from None
+    try:
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) != item.folder_id:
             raise FileRefused(item.path, "not restored: its folder is gone (replaced since)")
